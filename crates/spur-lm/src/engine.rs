@@ -1,0 +1,394 @@
+//! Generation engines: one trait, and the candle implementation that decodes batches of
+//! sequences with a KV cache from the same [`Transformer`] the trainer updates.
+//!
+//! A second implementation (mistral.rs) can be added behind the same trait; it would report
+//! through [`EngineCapabilities`] what it cannot honour (per-request seeds, natural-log
+//! log-probabilities) so that callers refuse such settings up front.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::{KvCache, Transformer};
+use crate::tokenizer::Tokenizer;
+
+/// How to sample one request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy decoding.
+    pub temperature: f64,
+    /// Nucleus sampling mass; 1 disables it.
+    pub top_p: f64,
+    /// Keep only the k most likely tokens; 0 disables it.
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    /// Generation ends once the generated text contains one of these.
+    pub stop_strings: Vec<String>,
+    /// Sample i of a request draws from an RNG seeded with (seed, i) alone.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_new_tokens: 256,
+            stop_strings: Vec::new(),
+            seed: 0,
+        }
+    }
+}
+
+/// One prompt to complete `n` times.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationRequest {
+    pub prompt_ids: Vec<u32>,
+    pub n: usize,
+    pub params: SamplingParams,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// The model produced an end-of-sequence token (it is the last of `token_ids`).
+    Eos,
+    /// The text reached a stop string (the tokens that completed it are kept).
+    Stop,
+    /// `max_new_tokens` were generated.
+    Length,
+}
+
+/// One sampled completion.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    pub prompt_index: usize,
+    pub sample_index: usize,
+    /// Generated tokens, an ending EOS token included.
+    pub token_ids: Vec<u32>,
+    /// Natural-log probability of each token under the distribution it was drawn from
+    /// (temperature, top-k and top-p applied, renormalised). For greedy decoding, where that
+    /// distribution is a point mass, it is the model's plain log-softmax instead.
+    pub logprobs: Vec<f32>,
+    /// Decoded `token_ids`, without an ending EOS token.
+    pub text: String,
+    pub finish_reason: FinishReason,
+}
+
+/// What an engine honours exactly; callers refuse settings an engine cannot honour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineCapabilities {
+    /// Same request seed → same tokens, whatever else is in the batch.
+    pub per_request_seed: bool,
+    /// `Completion::logprobs` are natural logs under the sampling distribution.
+    pub natural_logprobs: bool,
+}
+
+/// A text generator over one model.
+pub trait Engine {
+    /// Short name used in experiment files (`candle`, later `mistralrs`).
+    fn name(&self) -> &'static str;
+    fn capabilities(&self) -> EngineCapabilities;
+    fn tokenizer(&self) -> &Tokenizer;
+    /// Completions of all requests, ordered by (prompt_index, sample_index).
+    fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Completion>>;
+}
+
+/// Batched decoding with candle.
+pub struct CandleEngine {
+    model: Arc<Transformer>,
+    tokenizer: Arc<Tokenizer>,
+    max_batch: usize,
+}
+
+/// Per-sequence random numbers: SplitMix64, seeded from (request seed, sample index) only,
+/// so a sequence's draws do not depend on which other sequences share its batch.
+struct SeqRng(u64);
+
+impl SeqRng {
+    fn new(seed: u64, sample_index: u64) -> Self {
+        let mut rng = SeqRng(seed ^ 0x5350_5552_5f4c_4d00);
+        let mixed = rng.next_u64() ^ sample_index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        SeqRng(mixed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Draws the next token from `logits`; returns it with its log-probability (see
+/// [`Completion::logprobs`]).
+fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut SeqRng) -> (u32, f32) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    if params.temperature == 0.0 {
+        let best = logits
+            .iter()
+            .enumerate()
+            .fold(0, |best, (i, &l)| if l > logits[best] { i } else { best });
+        let log_z = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+        return (best as u32, (logits[best] as f64 - max - log_z) as f32);
+    }
+    let t = params.temperature;
+    let mut cands: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l as f64 - max) / t).exp()))
+        .collect();
+    // Larger weight first; ties broken by token id so that the order is deterministic.
+    let desc = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if params.top_k > 0 && params.top_k < cands.len() {
+        cands.select_nth_unstable_by(params.top_k - 1, desc);
+        cands.truncate(params.top_k);
+    }
+    if params.top_p < 1.0 {
+        let total: f64 = cands.iter().map(|c| c.1).sum();
+        // The nucleus is usually small: sort only the top few unless they fall short.
+        let head = cands.len().min(64);
+        if head < cands.len() {
+            cands.select_nth_unstable_by(head - 1, desc);
+        }
+        let head_mass: f64 = cands[..head].iter().map(|c| c.1).sum();
+        if head_mass >= params.top_p * total {
+            cands.truncate(head);
+        }
+        cands.sort_unstable_by(desc);
+        let mut acc = 0.0;
+        let mut keep = cands.len();
+        for (i, c) in cands.iter().enumerate() {
+            acc += c.1;
+            if acc >= params.top_p * total {
+                keep = i + 1;
+                break;
+            }
+        }
+        cands.truncate(keep);
+    }
+    let kept: f64 = cands.iter().map(|c| c.1).sum();
+    let target = rng.next_f64() * kept;
+    let mut acc = 0.0;
+    let mut chosen = cands[cands.len() - 1];
+    for &c in &cands {
+        acc += c.1;
+        if acc > target {
+            chosen = c;
+            break;
+        }
+    }
+    (chosen.0, (chosen.1 / kept).ln() as f32)
+}
+
+/// One sequence being generated.
+struct Sequence {
+    prompt_index: usize,
+    sample_index: usize,
+    rng: SeqRng,
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    finish: Option<FinishReason>,
+}
+
+impl Sequence {
+    /// Appends a sampled token and decides whether the sequence is finished.
+    fn push(
+        &mut self,
+        token: u32,
+        logprob: f32,
+        params: &SamplingParams,
+        tokenizer: &Tokenizer,
+        stop_window: usize,
+    ) -> Result<()> {
+        self.tokens.push(token);
+        self.logprobs.push(logprob);
+        if tokenizer.eos_token_ids().contains(&token) {
+            self.finish = Some(FinishReason::Eos);
+        } else if !params.stop_strings.is_empty() && {
+            // A stop string can only have been completed by the newest token, so the text of
+            // the last few tokens suffices.
+            let from = self.tokens.len().saturating_sub(stop_window);
+            let tail = tokenizer.decode(&self.tokens[from..])?;
+            params.stop_strings.iter().any(|s| tail.contains(s.as_str()))
+        } {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.tokens.len() >= params.max_new_tokens {
+            self.finish = Some(FinishReason::Length);
+        }
+        Ok(())
+    }
+}
+
+impl CandleEngine {
+    /// An engine over `model`. Sharing the `Arc` with a trainer means each generation uses
+    /// the weights as they are at that moment, with no copy.
+    pub fn new(model: Arc<Transformer>, tokenizer: Arc<Tokenizer>) -> Self {
+        CandleEngine {
+            model,
+            tokenizer,
+            max_batch: 32,
+        }
+    }
+
+    /// Most sequences decoded together (default 32); bounds KV-cache memory.
+    pub fn with_max_batch(mut self, max_batch: usize) -> Self {
+        self.max_batch = max_batch.max(1);
+        self
+    }
+
+    pub fn model(&self) -> &Arc<Transformer> {
+        &self.model
+    }
+
+    fn validate(&self, requests: &[GenerationRequest]) -> Result<()> {
+        let context = self.model.config().max_position_embeddings;
+        for (i, r) in requests.iter().enumerate() {
+            let p = &r.params;
+            let problem = if r.prompt_ids.is_empty() {
+                Some("the prompt is empty".to_string())
+            } else if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
+                Some(format!("temperature {} must be finite and >= 0", p.temperature))
+            } else if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+                Some(format!("top_p {} must be in (0, 1]", p.top_p))
+            } else if p.max_new_tokens == 0 {
+                Some("max_new_tokens must be at least 1".to_string())
+            } else if r.prompt_ids.len() + p.max_new_tokens > context {
+                Some(format!(
+                    "{} prompt tokens + {} new tokens exceed the model's context of {context}",
+                    r.prompt_ids.len(),
+                    p.max_new_tokens
+                ))
+            } else {
+                r.prompt_ids
+                    .iter()
+                    .find(|&&t| t as usize >= self.model.config().vocab_size)
+                    .map(|t| format!("token id {t} is outside the vocabulary"))
+            };
+            if let Some(problem) = problem {
+                return Err(Error::Request(format!("request {i}: {problem}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the prompt once; returns its cache and the logits of its last position.
+    fn prefill(&self, prompt: &[u32]) -> Result<(KvCache, Vec<f32>)> {
+        let mut cache = self.model.new_cache(1, prompt.len())?;
+        let input = Tensor::new(prompt, self.model.device())?.unsqueeze(0)?;
+        let logits = self.model.forward_cached(&input, &mut cache)?;
+        let logits = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        Ok((cache, logits))
+    }
+}
+
+impl Engine for CandleEngine {
+    fn name(&self) -> &'static str {
+        "candle"
+    }
+
+    fn capabilities(&self) -> EngineCapabilities {
+        EngineCapabilities {
+            per_request_seed: true,
+            natural_logprobs: true,
+        }
+    }
+
+    fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Completion>> {
+        self.validate(requests)?;
+        let tokenizer = &*self.tokenizer;
+        let order: Vec<(usize, usize)> = requests
+            .iter()
+            .enumerate()
+            .flat_map(|(p, r)| (0..r.n).map(move |s| (p, s)))
+            .collect();
+        let stop_window = |p: &SamplingParams| {
+            p.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0) + 2
+        };
+        let mut done = Vec::with_capacity(order.len());
+        let mut prefills: HashMap<usize, (KvCache, Vec<f32>)> = HashMap::new();
+        for chunk in order.chunks(self.max_batch) {
+            // Prefill each prompt once, however many of its samples the chunk holds.
+            prefills.retain(|&p, _| p >= chunk[0].0);
+            for &(p, _) in chunk {
+                if !prefills.contains_key(&p) {
+                    prefills.insert(p, self.prefill(&requests[p].prompt_ids)?);
+                }
+            }
+            let mut seqs = Vec::with_capacity(chunk.len());
+            for &(p, s) in chunk {
+                let params = &requests[p].params;
+                let mut seq = Sequence {
+                    prompt_index: p,
+                    sample_index: s,
+                    rng: SeqRng::new(params.seed, s as u64),
+                    tokens: Vec::new(),
+                    logprobs: Vec::new(),
+                    finish: None,
+                };
+                let (token, logprob) = sample_token(&prefills[&p].1, params, &mut seq.rng);
+                seq.push(token, logprob, params, tokenizer, stop_window(params))?;
+                seqs.push(seq);
+            }
+            let mut active: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
+            if active.is_empty() {
+                done.extend(seqs);
+                continue;
+            }
+            let rows: Vec<&KvCache> = active.iter().map(|&i| &prefills[&seqs[i].prompt_index].0).collect();
+            let mut cache = KvCache::stack(&rows, 64)?;
+            while !active.is_empty() {
+                let last: Vec<u32> = active.iter().map(|&i| seqs[i].tokens[seqs[i].tokens.len() - 1]).collect();
+                let input = Tensor::new(last, self.model.device())?.unsqueeze(1)?;
+                let logits = self
+                    .model
+                    .forward_cached(&input, &mut cache)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()?;
+                for (row, &i) in active.iter().enumerate() {
+                    let params = &requests[seqs[i].prompt_index].params;
+                    let (token, logprob) = sample_token(&logits[row], params, &mut seqs[i].rng);
+                    seqs[i].push(token, logprob, params, tokenizer, stop_window(params))?;
+                }
+                let keep: Vec<usize> = (0..active.len()).filter(|&r| seqs[active[r]].finish.is_none()).collect();
+                if keep.len() < active.len() {
+                    active = keep.iter().map(|&r| active[r]).collect();
+                    if !active.is_empty() {
+                        cache.retain_rows(&keep)?;
+                    }
+                }
+            }
+            done.extend(seqs);
+        }
+        done.into_iter()
+            .map(|seq| {
+                let text_ids = match seq.finish {
+                    Some(FinishReason::Eos) => &seq.tokens[..seq.tokens.len() - 1],
+                    _ => &seq.tokens[..],
+                };
+                Ok(Completion {
+                    prompt_index: seq.prompt_index,
+                    sample_index: seq.sample_index,
+                    text: tokenizer.decode(text_ids)?,
+                    token_ids: seq.tokens,
+                    logprobs: seq.logprobs,
+                    finish_reason: seq.finish.unwrap_or(FinishReason::Length),
+                })
+            })
+            .collect()
+    }
+}

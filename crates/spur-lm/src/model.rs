@@ -1,0 +1,688 @@
+//! One decoder-only transformer for Llama, Qwen2 and OLMo2, written with differentiable candle
+//! ops only (composite softmax, hand-written RMS norm and rotary embedding), so that the model
+//! that samples rollouts is also the policy the trainer differentiates.
+//!
+//! Weights are either trainable f32 [`Var`]s held in a [`VarMap`] (loaded from safetensors or a
+//! dequantised GGUF) or, for fast evaluation, the quantised GGUF tensors behind [`QMatMul`].
+
+use std::collections::HashMap;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_nn::VarMap;
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{Error, Result};
+
+/// How rotary embeddings pair up head dimensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RopeStyle {
+    /// Hugging Face layout: dimension i pairs with i + head_dim/2.
+    Half,
+    /// llama.cpp layout: dimension 2i pairs with 2i+1. GGUF files of Llama models store the
+    /// q/k rows permuted for this; the quantised path keeps them permuted and uses this style.
+    Interleaved,
+}
+
+/// A projection `y = x Wᵀ (+ b)`, dense (trainable) or quantised.
+#[derive(Debug)]
+enum Linear {
+    Dense { weight: Tensor, bias: Option<Tensor> },
+    Quant { weight: QMatMul, bias: Option<Tensor> },
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim;
+        // One 2-D matmul over all rows: the weight is read once per call, whatever the batch.
+        let x2 = x.reshape((rows, in_dim))?;
+        let (y, bias) = match self {
+            Linear::Dense { weight, bias } => (x2.matmul(&weight.t()?)?, bias),
+            Linear::Quant { weight, bias } => (weight.forward(&x2)?, bias),
+        };
+        let y = match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = y.dim(1)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    /// Llama/Qwen2: norm before attention. OLMo2: none.
+    input_norm: Option<Tensor>,
+    /// Llama/Qwen2: norm before the MLP. OLMo2: norm of the attention output.
+    post_attention_norm: Tensor,
+    /// OLMo2 only: norm of the MLP output.
+    post_feedforward_norm: Option<Tensor>,
+    /// OLMo2 only: RMS norms over the whole q and k projections.
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+}
+
+/// Keys and values of past positions for a batch of sequences.
+///
+/// Rows are left-padded: row `i` holds nothing in columns `0..pad[i]`, and every row writes its
+/// next position at column `len`, so one decode step serves sequences of different lengths.
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+    capacity: usize,
+    pad: Vec<usize>,
+}
+
+impl KvCache {
+    /// Number of rows (sequences).
+    pub fn batch_size(&self) -> usize {
+        self.pad.len()
+    }
+
+    /// Number of columns written so far (padding included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Real tokens held for row `row`.
+    pub fn row_len(&self, row: usize) -> usize {
+        self.len - self.pad[row]
+    }
+
+    /// Stacks single-row caches into one left-padded batch with room for `extra` more columns.
+    /// `rows[i]` is the cache (of batch size 1) that row i starts from; a cache may repeat.
+    pub fn stack(rows: &[&KvCache], extra: usize) -> Result<KvCache> {
+        let first = rows
+            .first()
+            .ok_or_else(|| Error::Request("cannot stack an empty list of caches".into()))?;
+        let width = rows.iter().map(|c| c.len).max().unwrap_or(0);
+        let capacity = width + extra;
+        let mut layers = Vec::with_capacity(first.layers.len());
+        for layer in 0..first.layers.len() {
+            let mut ks = Vec::with_capacity(rows.len());
+            let mut vs = Vec::with_capacity(rows.len());
+            for cache in rows {
+                if cache.batch_size() != 1 {
+                    return Err(Error::Request("only single-row caches can be stacked".into()));
+                }
+                let (k, v) = &cache.layers[layer];
+                ks.push(pad_columns(&k.narrow(2, 0, cache.len)?, width - cache.len, capacity)?);
+                vs.push(pad_columns(&v.narrow(2, 0, cache.len)?, width - cache.len, capacity)?);
+            }
+            layers.push((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
+        }
+        let pad = rows.iter().map(|c| width - c.len + c.pad[0]).collect();
+        Ok(KvCache {
+            layers,
+            len: width,
+            capacity,
+            pad,
+        })
+    }
+
+    /// Makes room for at least `additional` more columns, growing the buffers geometrically.
+    pub fn reserve(&mut self, additional: usize) -> Result<()> {
+        let needed = self.len + additional;
+        if needed <= self.capacity {
+            return Ok(());
+        }
+        let capacity = needed.max(self.capacity + self.capacity / 2);
+        for (k, v) in self.layers.iter_mut() {
+            *k = pad_columns(&k.narrow(2, 0, self.len)?, 0, capacity)?;
+            *v = pad_columns(&v.narrow(2, 0, self.len)?, 0, capacity)?;
+        }
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Keeps only the given rows, in that order (drops finished sequences from a batch).
+    pub fn retain_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let device = self.layers[0].0.device().clone();
+        let index = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &device)?;
+        for (k, v) in self.layers.iter_mut() {
+            *k = k.index_select(&index, 0)?;
+            *v = v.index_select(&index, 0)?;
+        }
+        self.pad = rows.iter().map(|&r| self.pad[r]).collect();
+        Ok(())
+    }
+}
+
+/// `x` ([1, kv, n, d]) shifted right by `left` zero columns inside a buffer of `capacity` columns.
+fn pad_columns(x: &Tensor, left: usize, capacity: usize) -> Result<Tensor> {
+    let (b, h, n, d) = x.dims4()?;
+    let mut parts = Vec::with_capacity(3);
+    if left > 0 {
+        parts.push(Tensor::zeros((b, h, left, d), x.dtype(), x.device())?);
+    }
+    parts.push(x.clone());
+    if capacity > left + n {
+        parts.push(Tensor::zeros((b, h, capacity - left - n, d), x.dtype(), x.device())?);
+    }
+    Ok(Tensor::cat(&parts, 2)?.contiguous()?)
+}
+
+/// A decoder-only language model.
+pub struct Transformer {
+    config: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope_style: RopeStyle,
+    inv_freq: Vec<f64>,
+    varmap: Option<VarMap>,
+    device: Device,
+}
+
+/// The Hugging Face tensor names and shapes a model of `config` needs, in a stable order.
+pub fn parameter_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let c = config;
+    let (d, hd) = (c.hidden_size, c.head_dim);
+    let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, d])];
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let mut push = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
+        push("self_attn.q_proj.weight", vec![q_out, d]);
+        push("self_attn.k_proj.weight", vec![kv_out, d]);
+        push("self_attn.v_proj.weight", vec![kv_out, d]);
+        push("self_attn.o_proj.weight", vec![d, q_out]);
+        if c.architecture == Architecture::Qwen2 {
+            push("self_attn.q_proj.bias", vec![q_out]);
+            push("self_attn.k_proj.bias", vec![kv_out]);
+            push("self_attn.v_proj.bias", vec![kv_out]);
+        }
+        push("mlp.gate_proj.weight", vec![c.intermediate_size, d]);
+        push("mlp.up_proj.weight", vec![c.intermediate_size, d]);
+        push("mlp.down_proj.weight", vec![d, c.intermediate_size]);
+        push("post_attention_layernorm.weight", vec![d]);
+        match c.architecture {
+            Architecture::Llama | Architecture::Qwen2 => {
+                push("input_layernorm.weight", vec![d]);
+            }
+            Architecture::Olmo2 => {
+                push("post_feedforward_layernorm.weight", vec![d]);
+                push("self_attn.q_norm.weight", vec![q_out]);
+                push("self_attn.k_norm.weight", vec![kv_out]);
+            }
+        }
+    }
+    out.push(("model.norm.weight".to_string(), vec![d]));
+    if !c.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![c.vocab_size, d]));
+    }
+    out
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    // Written out (not candle_nn::ops::rms_norm) so that the weight gets a gradient.
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?;
+    Ok(normed.broadcast_mul(weight)?)
+}
+
+/// Rotary embedding of `x` ([b, heads, t, d]) with `cos`/`sin` of shape [b, 1, t, d/2].
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let half = d / 2;
+    match style {
+        RopeStyle::Half => {
+            let x1 = x.narrow(D::Minus1, 0, half)?;
+            let x2 = x.narrow(D::Minus1, half, half)?;
+            let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+            let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+            Ok(Tensor::cat(&[a, b], D::Minus1)?)
+        }
+        RopeStyle::Interleaved => {
+            let pairs = x.reshape((b, h, t, half, 2))?;
+            let even = pairs.narrow(D::Minus1, 0, 1)?;
+            let odd = pairs.narrow(D::Minus1, 1, 1)?;
+            let cos = cos.unsqueeze(D::Minus1)?;
+            let sin = sin.unsqueeze(D::Minus1)?;
+            let a = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
+            let b2 = (odd.broadcast_mul(&cos)? + even.broadcast_mul(&sin)?)?;
+            Ok(Tensor::cat(&[a, b2], D::Minus1)?.reshape((b, h, t, d))?)
+        }
+    }
+}
+
+impl Transformer {
+    /// Builds a trainable model from f32-convertible tensors keyed by Hugging Face names.
+    /// Every tensor becomes a [`Var`] in the model's [`VarMap`].
+    pub fn from_tensors(
+        config: ModelConfig,
+        mut tensors: HashMap<String, Tensor>,
+        origin: &std::path::Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let varmap = VarMap::new();
+        let mut vars: HashMap<String, Tensor> = HashMap::new();
+        for (name, shape) in parameter_shapes(&config) {
+            let t = tensors.remove(&name).ok_or_else(|| Error::MissingTensor {
+                path: origin.to_path_buf(),
+                tensor: name.clone(),
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    path: origin.to_path_buf(),
+                    tensor: name,
+                    expected: shape,
+                    actual: t.dims().to_vec(),
+                });
+            }
+            let var = Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(device)?)?;
+            vars.insert(name.clone(), var.as_tensor().clone());
+            varmap
+                .data()
+                .lock()
+                .expect("VarMap lock poisoned")
+                .insert(name, var);
+        }
+        let take = |name: &str| vars[name].clone();
+        let dense = |name: &str, bias: bool| Linear::Dense {
+            weight: take(&format!("{name}.weight")),
+            bias: bias.then(|| take(&format!("{name}.bias"))),
+        };
+        let is_qwen = config.architecture == Architecture::Qwen2;
+        let is_olmo = config.architecture == Architecture::Olmo2;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Layer {
+                    q: dense(&format!("{p}.self_attn.q_proj"), is_qwen),
+                    k: dense(&format!("{p}.self_attn.k_proj"), is_qwen),
+                    v: dense(&format!("{p}.self_attn.v_proj"), is_qwen),
+                    o: dense(&format!("{p}.self_attn.o_proj"), false),
+                    gate: dense(&format!("{p}.mlp.gate_proj"), false),
+                    up: dense(&format!("{p}.mlp.up_proj"), false),
+                    down: dense(&format!("{p}.mlp.down_proj"), false),
+                    input_norm: (!is_olmo).then(|| take(&format!("{p}.input_layernorm.weight"))),
+                    post_attention_norm: take(&format!("{p}.post_attention_layernorm.weight")),
+                    post_feedforward_norm: is_olmo
+                        .then(|| take(&format!("{p}.post_feedforward_layernorm.weight"))),
+                    q_norm: is_olmo.then(|| take(&format!("{p}.self_attn.q_norm.weight"))),
+                    k_norm: is_olmo.then(|| take(&format!("{p}.self_attn.k_norm.weight"))),
+                }
+            })
+            .collect();
+        let embed = take("model.embed_tokens.weight");
+        let lm_head = Linear::Dense {
+            weight: if config.tie_word_embeddings {
+                embed.clone()
+            } else {
+                take("lm_head.weight")
+            },
+            bias: None,
+        };
+        Ok(Transformer {
+            inv_freq: config.rope_inv_freq(),
+            embed,
+            layers,
+            norm: take("model.norm.weight"),
+            lm_head,
+            rope_style: RopeStyle::Half,
+            varmap: Some(varmap),
+            device: device.clone(),
+            config,
+        })
+    }
+
+    /// Builds the fast, non-trainable model that multiplies by the quantised GGUF weights.
+    /// `tensors` are keyed by GGUF names; Llama q/k rows stay in llama.cpp's permuted order.
+    pub(crate) fn from_qtensors(
+        config: ModelConfig,
+        mut tensors: HashMap<String, QTensor>,
+        origin: &std::path::Path,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut take = |name: &str| {
+            tensors.remove(name).ok_or_else(|| Error::MissingTensor {
+                path: origin.to_path_buf(),
+                tensor: name.to_string(),
+            })
+        };
+        let plain = |take: &mut dyn FnMut(&str) -> Result<QTensor>, name: &str| -> Result<Tensor> {
+            Ok(take(name)?.dequantize(device)?)
+        };
+        let is_qwen = config.architecture == Architecture::Qwen2;
+        let is_olmo = config.architecture == Architecture::Olmo2;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("blk.{i}");
+            let mut quant = |name: &str, bias: bool| -> Result<Linear> {
+                Ok(Linear::Quant {
+                    weight: QMatMul::from_qtensor(take(&format!("{p}.{name}.weight"))?)?,
+                    bias: if bias {
+                        Some(take(&format!("{p}.{name}.bias"))?.dequantize(device)?)
+                    } else {
+                        None
+                    },
+                })
+            };
+            let q = quant("attn_q", is_qwen)?;
+            let k = quant("attn_k", is_qwen)?;
+            let v = quant("attn_v", is_qwen)?;
+            let o = quant("attn_output", false)?;
+            let gate = quant("ffn_gate", false)?;
+            let up = quant("ffn_up", false)?;
+            let down = quant("ffn_down", false)?;
+            let layer = if is_olmo {
+                Layer {
+                    q,
+                    k,
+                    v,
+                    o,
+                    gate,
+                    up,
+                    down,
+                    input_norm: None,
+                    post_attention_norm: plain(&mut take, &format!("{p}.post_attention_norm.weight"))?,
+                    post_feedforward_norm: Some(plain(&mut take, &format!("{p}.post_ffw_norm.weight"))?),
+                    q_norm: Some(plain(&mut take, &format!("{p}.attn_q_norm.weight"))?),
+                    k_norm: Some(plain(&mut take, &format!("{p}.attn_k_norm.weight"))?),
+                }
+            } else {
+                Layer {
+                    q,
+                    k,
+                    v,
+                    o,
+                    gate,
+                    up,
+                    down,
+                    input_norm: Some(plain(&mut take, &format!("{p}.attn_norm.weight"))?),
+                    post_attention_norm: plain(&mut take, &format!("{p}.ffn_norm.weight"))?,
+                    post_feedforward_norm: None,
+                    q_norm: None,
+                    k_norm: None,
+                }
+            };
+            layers.push(layer);
+        }
+        let embed_q = take("token_embd.weight")?;
+        let embed = embed_q.dequantize(device)?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::Quant {
+                weight: QMatMul::from_qtensor(embed_q)?,
+                bias: None,
+            }
+        } else {
+            Linear::Quant {
+                weight: QMatMul::from_qtensor(take("output.weight")?)?,
+                bias: None,
+            }
+        };
+        let norm = plain(&mut take, "output_norm.weight")?;
+        let rope_style = if config.architecture == Architecture::Llama {
+            RopeStyle::Interleaved
+        } else {
+            RopeStyle::Half
+        };
+        Ok(Transformer {
+            inv_freq: config.rope_inv_freq(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope_style,
+            varmap: None,
+            device: device.clone(),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// True when the weights are trainable f32 vars (not the quantised fast path).
+    pub fn is_trainable(&self) -> bool {
+        self.varmap.is_some()
+    }
+
+    /// The trainable weights, keyed by Hugging Face tensor names; `None` for a quantised model.
+    /// Updating a var in place (e.g. with an optimizer) changes what this model computes.
+    pub fn varmap(&self) -> Option<&VarMap> {
+        self.varmap.as_ref()
+    }
+
+    /// The trainable weights as (name, var), sorted by name; empty for a quantised model.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let Some(varmap) = &self.varmap else {
+            return Vec::new();
+        };
+        let data = varmap.data().lock().expect("VarMap lock poisoned");
+        let mut vars: Vec<(String, Var)> =
+            data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// cos and sin of shape [b, 1, t, d/2] for per-row positions `positions[row][j]`.
+    fn rope_tables(&self, positions: &[Vec<usize>]) -> Result<(Tensor, Tensor)> {
+        let b = positions.len();
+        let t = positions.first().map_or(0, |p| p.len());
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(b * t * half);
+        let mut sin = Vec::with_capacity(b * t * half);
+        for row in positions {
+            for &pos in row {
+                for &f in &self.inv_freq {
+                    let angle = pos as f64 * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (b, 1, t, half), &self.device)?;
+        let sin = Tensor::from_vec(sin, (b, 1, t, half), &self.device)?;
+        Ok((cos, sin))
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        rope_cs: &(Tensor, Tensor),
+        mask: &Tensor,
+        cache: Option<(&mut (Tensor, Tensor), usize)>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let mut q = layer.q.forward(x)?;
+        let mut k = layer.k.forward(x)?;
+        let v = layer.v.forward(x)?;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = rms_norm(&q, qn, c.rms_norm_eps)?;
+            k = rms_norm(&k, kn, c.rms_norm_eps)?;
+        }
+        let q = q.reshape((b, t, heads, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = rope(&q.contiguous()?, &rope_cs.0, &rope_cs.1, self.rope_style)?;
+        let k = rope(&k.contiguous()?, &rope_cs.0, &rope_cs.1, self.rope_style)?.contiguous()?;
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(((ck, cv), offset)) => {
+                ck.slice_set(&k, 2, offset)?;
+                cv.slice_set(&v, 2, offset)?;
+                (ck.narrow(2, 0, offset + t)?, cv.narrow(2, 0, offset + t)?)
+            }
+        };
+        let tk = k.dim(2)?;
+        let n_rep = heads / kv_heads;
+        // Grouped-query attention without copying k/v: the n_rep query heads that share a
+        // key/value head are stacked along the query axis.
+        let q = q.contiguous()?.reshape((b, kv_heads, n_rep * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.reshape((b, kv_heads, n_rep, t, tk))?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = probs.reshape((b, kv_heads, n_rep * t, tk))?.matmul(&v)?;
+        let out = out.reshape((b, heads, t, hd))?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+        layer.o.forward(&out)
+    }
+
+    fn mlp(layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        let h = (layer.gate.forward(x)?.silu()? * layer.up.forward(x)?)?;
+        layer.down.forward(&h)
+    }
+
+    fn run_layers(
+        &self,
+        tokens: &Tensor,
+        positions: &[Vec<usize>],
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let eps = self.config.rms_norm_eps;
+        let mut x = self
+            .embed
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        let rope_cs = self.rope_tables(positions)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = match cache.as_deref_mut() {
+                Some(c) => {
+                    let offset = c.len;
+                    Some((&mut c.layers[i], offset))
+                }
+                None => None,
+            };
+            x = match &layer.input_norm {
+                Some(input_norm) => {
+                    let h = rms_norm(&x, input_norm, eps)?;
+                    let h = (x + self.attention(layer, &h, &rope_cs, mask, layer_cache)?)?;
+                    let m = Self::mlp(layer, &rms_norm(&h, &layer.post_attention_norm, eps)?)?;
+                    (h + m)?
+                }
+                None => {
+                    let a = self.attention(layer, &x, &rope_cs, mask, layer_cache)?;
+                    let h = (x + rms_norm(&a, &layer.post_attention_norm, eps)?)?;
+                    let ff_norm = layer
+                        .post_feedforward_norm
+                        .as_ref()
+                        .expect("OLMo2 layers have a post-feedforward norm");
+                    let m = Self::mlp(layer, &h)?;
+                    (&h + rms_norm(&m, ff_norm, eps)?)?
+                }
+            };
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        Ok(x)
+    }
+
+    /// Logits at every position of a right-padded batch of full sequences.
+    ///
+    /// `tokens`: u32 [batch, seq]. Returns f32 [batch, seq, vocab]; the logits at position j
+    /// predict token j+1. With causal attention and right padding, positions of a row before
+    /// its padding do not depend on the padding; the caller masks padded positions out.
+    pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let positions: Vec<Vec<usize>> = vec![(0..t).collect(); b];
+        let mut mask = vec![0f32; t * t];
+        for q in 0..t {
+            for k in q + 1..t {
+                mask[q * t + k] = f32::NEG_INFINITY;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (1, 1, 1, t, t), &self.device)?;
+        let x = self.run_layers(tokens, &positions, &mask, None)?;
+        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        self.lm_head.forward(&x)
+    }
+
+    /// Log-probabilities of `targets` ([batch, seq] u32) under the logits at the same positions
+    /// of `tokens`: out[b, j] = log p(targets[b, j] | tokens[b, ..=j]). Differentiable.
+    pub fn token_logprobs(&self, tokens: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let logits = self.forward(tokens)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        Ok(logp
+            .gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?
+            .squeeze(D::Minus1)?)
+    }
+
+    /// Log-probability of each next token of `tokens` ([batch, seq]): [batch, seq - 1], where
+    /// out[b, j] = log p(tokens[b, j+1] | tokens[b, ..=j]). Differentiable.
+    pub fn sequence_logprobs(&self, tokens: &Tensor) -> Result<Tensor> {
+        let t = tokens.dim(1)?;
+        let inputs = tokens.narrow(1, 0, t - 1)?;
+        let targets = tokens.narrow(1, 1, t - 1)?;
+        self.token_logprobs(&inputs, &targets)
+    }
+
+    /// An empty cache for `batch` rows with room for `capacity` positions.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        let c = &self.config;
+        let shape = (batch, c.num_key_value_heads, capacity, c.head_dim);
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, DType::F32, &self.device)?,
+                    Tensor::zeros(shape, DType::F32, &self.device)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            len: 0,
+            capacity,
+            pad: vec![0; batch],
+        })
+    }
+
+    /// Feeds `tokens` (u32 [batch, t]) after the positions held in `cache`, appends their keys
+    /// and values, and returns the logits of the last fed position, f32 [batch, vocab].
+    pub fn forward_cached(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        if b != cache.batch_size() {
+            return Err(Error::Request(format!(
+                "{b} rows of tokens for a cache of {} rows",
+                cache.batch_size()
+            )));
+        }
+        cache.reserve(t)?;
+        let total = cache.len + t;
+        let mut positions = Vec::with_capacity(b);
+        let mut mask = vec![0f32; b * t * total];
+        for (row, &pad) in cache.pad.iter().enumerate() {
+            positions.push((0..t).map(|j| cache.len - pad + j).collect::<Vec<_>>());
+            for j in 0..t {
+                let visible = pad..=cache.len + j;
+                for col in 0..total {
+                    if !visible.contains(&col) {
+                        mask[(row * t + j) * total + col] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, 1, t, total), &self.device)?;
+        let x = self.run_layers(tokens, &positions, &mask, Some(cache))?;
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let last = rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
+        self.lm_head.forward(&last)
+    }
+}

@@ -1,0 +1,294 @@
+//! Tiny random-weight checkpoints of each architecture, written here: loading, shapes,
+//! gradients, KV-cache consistency and seeded sampling.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+use spur_lm::engine::{CandleEngine, Completion, Engine, FinishReason, GenerationRequest, SamplingParams};
+use spur_lm::model::KvCache;
+use spur_lm::{load_model, Architecture, LoadOptions, LoadedModel, PromptTemplate};
+
+const ARCHS: [Architecture; 3] = [Architecture::Llama, Architecture::Qwen2, Architecture::Olmo2];
+
+fn checkpoint(arch: Architecture, dtype: DType) -> (tempfile::TempDir, LoadedModel) {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_checkpoint(dir.path(), &common::tiny_config(arch), 7, dtype);
+    let loaded = load_model(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    (dir, loaded)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn tokens(rows: &[&[u32]]) -> Tensor {
+    Tensor::new(rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn loads_each_architecture_with_expected_shapes() {
+    for arch in ARCHS {
+        let (_dir, loaded) = checkpoint(arch, DType::F32);
+        let c = loaded.model.config().clone();
+        assert_eq!(c.architecture, arch);
+        let logits = loaded.model.forward(&tokens(&[&[1, 2, 3, 4, 5], &[6, 7, 8, 9, 10]])).unwrap();
+        assert_eq!(logits.dims(), &[2, 5, c.vocab_size]);
+        let lp = loaded.model.sequence_logprobs(&tokens(&[&[1, 2, 3, 4, 5]])).unwrap();
+        assert_eq!(lp.dims(), &[1, 4]);
+        let values = lp.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(values.iter().all(|v| v.is_finite() && *v < 0.0));
+        // Tied models have no separate head var.
+        let names: Vec<String> = loaded.model.named_vars().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names.contains(&"lm_head.weight".to_string()), !c.tie_word_embeddings);
+        // Deterministic: the same input gives the same logits.
+        let again = loaded.model.forward(&tokens(&[&[1, 2, 3, 4, 5], &[6, 7, 8, 9, 10]])).unwrap();
+        assert_eq!(max_diff(&logits, &again), 0.0);
+    }
+}
+
+#[test]
+fn bf16_checkpoint_loads_as_f32_vars() {
+    let (_dir, loaded) = checkpoint(Architecture::Qwen2, DType::BF16);
+    for (name, var) in loaded.model.named_vars() {
+        assert_eq!(var.dtype(), DType::F32, "{name}");
+    }
+}
+
+/// Every parameter must receive a non-zero gradient: candle's fused ops (softmax_last_dim,
+/// rms_norm, rope) would silently cut it.
+#[test]
+fn every_parameter_gets_a_gradient() {
+    for arch in ARCHS {
+        let (_dir, loaded) = checkpoint(arch, DType::F32);
+        let model = &loaded.model;
+        let lp = model
+            .sequence_logprobs(&tokens(&[&[1, 20, 3, 40, 5, 60, 7], &[8, 90, 10, 110, 12, 130, 14]]))
+            .unwrap();
+        let loss = lp.sum_all().unwrap().neg().unwrap();
+        let grads = loss.backward().unwrap();
+        let vars = model.named_vars();
+        assert!(!vars.is_empty());
+        for (name, var) in vars {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{arch:?}: no gradient for {name}"));
+            let norm = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(norm > 0.0 && norm.is_finite(), "{arch:?}: gradient of {name} is {norm}");
+        }
+    }
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_forward() {
+    for arch in ARCHS {
+        let (_dir, loaded) = checkpoint(arch, DType::F32);
+        let model = &loaded.model;
+        let seq: Vec<u32> = vec![5, 17, 200, 3, 99, 42, 7, 1, 150, 33];
+        let full = model.forward(&tokens(&[&seq])).unwrap().squeeze(0).unwrap();
+        let mut cache = model.new_cache(1, 4).unwrap();
+        let first = model.forward_cached(&tokens(&[&seq[..4]]), &mut cache).unwrap();
+        assert!(max_diff(&first.squeeze(0).unwrap(), &full.get(3).unwrap()) < 1e-4);
+        for (j, &t) in seq.iter().enumerate().skip(4) {
+            let step = model.forward_cached(&tokens(&[&[t]]), &mut cache).unwrap();
+            let d = max_diff(&step.squeeze(0).unwrap(), &full.get(j).unwrap());
+            assert!(d < 1e-4, "{arch:?}: position {j} differs by {d}");
+        }
+    }
+}
+
+/// Prompts of different lengths stacked into one left-padded batch decode exactly as they
+/// would alone.
+#[test]
+fn left_padded_batch_decodes_like_single_rows() {
+    for arch in ARCHS {
+        let (_dir, loaded) = checkpoint(arch, DType::F32);
+        let model = &loaded.model;
+        let prompts: [&[u32]; 3] = [&[5, 6, 7], &[9, 10, 11, 12, 13, 14], &[100]];
+        let mut singles = Vec::new();
+        for p in prompts {
+            let mut c = model.new_cache(1, p.len()).unwrap();
+            model.forward_cached(&tokens(&[p]), &mut c).unwrap();
+            singles.push(c);
+        }
+        let refs: Vec<&KvCache> = singles.iter().collect();
+        let mut batch = KvCache::stack(&refs, 4).unwrap();
+        let next = [[21u32], [22], [23]];
+        let batched = model.forward_cached(&Tensor::new(&next, &Device::Cpu).unwrap(), &mut batch).unwrap();
+        for (i, p) in prompts.iter().enumerate() {
+            let mut seq = p.to_vec();
+            seq.push(next[i][0]);
+            let full = model.forward(&tokens(&[&seq])).unwrap().squeeze(0).unwrap();
+            let want = full.get(seq.len() - 1).unwrap();
+            let d = max_diff(&batched.get(i).unwrap(), &want);
+            assert!(d < 1e-4, "{arch:?}: row {i} differs by {d}");
+        }
+        // Dropping a row keeps the others intact.
+        batch.retain_rows(&[2, 0]).unwrap();
+        assert_eq!(batch.batch_size(), 2);
+        assert_eq!(batch.row_len(0), 2);
+        assert_eq!(batch.row_len(1), 4);
+    }
+}
+
+fn engine(loaded: LoadedModel, max_batch: usize) -> CandleEngine {
+    CandleEngine::new(Arc::new(loaded.model), Arc::new(loaded.tokenizer)).with_max_batch(max_batch)
+}
+
+fn request(prompt: &[u32], n: usize, seed: u64) -> GenerationRequest {
+    GenerationRequest {
+        prompt_ids: prompt.to_vec(),
+        n,
+        params: SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            top_k: 50,
+            max_new_tokens: 12,
+            stop_strings: Vec::new(),
+            seed,
+        },
+    }
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_independent_of_batch_composition() {
+    for arch in ARCHS {
+        let (_dir, loaded) = checkpoint(arch, DType::F32);
+        let engine = engine(loaded, 8);
+        let a = request(&[1, 2, 3, 4], 3, 11);
+        let b = request(&[50, 60, 70, 80, 90, 100, 110], 4, 99);
+        let alone = engine.generate(std::slice::from_ref(&a)).unwrap();
+        let again = engine.generate(std::slice::from_ref(&a)).unwrap();
+        assert_eq!(alone, again, "{arch:?}: same seed, different output");
+        let mixed = engine.generate(&[b.clone(), a.clone()]).unwrap();
+        let a_in_mixed: Vec<_> = mixed.iter().filter(|c| c.prompt_index == 1).cloned().collect();
+        assert_same_samples(&alone, &a_in_mixed);
+        // Samples of one request differ from each other (distinct per-sample RNG streams).
+        assert!(alone.windows(2).any(|w| w[0].token_ids != w[1].token_ids));
+        // A small max_batch (chunks split requests) gives the same result.
+        let (_dir2, loaded2) = checkpoint(arch, DType::F32);
+        let small = self::engine(loaded2, 2).generate(&[b, a]).unwrap();
+        assert_same_samples(&small, &mixed);
+    }
+}
+
+/// Same tokens and text; log-probs equal up to float rounding (batch shapes change the
+/// order of floating-point sums, not the sampled tokens).
+fn assert_same_samples(a: &[Completion], b: &[Completion]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.sample_index, y.sample_index);
+        assert_eq!(x.token_ids, y.token_ids, "batch composition changed tokens");
+        assert_eq!(x.text, y.text);
+        assert_eq!(x.finish_reason, y.finish_reason);
+        for (p, q) in x.logprobs.iter().zip(&y.logprobs) {
+            assert!((p - q).abs() < 1e-4, "log-probs {p} vs {q}");
+        }
+    }
+}
+
+#[test]
+fn sampling_logprobs_follow_the_sampling_distribution() {
+    let (_dir, loaded) = checkpoint(Architecture::Llama, DType::F32);
+    let model = Arc::new(loaded.model);
+    let engine = CandleEngine::new(model.clone(), Arc::new(loaded.tokenizer));
+    let prompt = [1u32, 2, 3];
+    let mut greedy = request(&prompt, 1, 0);
+    greedy.params.temperature = 0.0;
+    greedy.params.top_p = 1.0;
+    greedy.params.top_k = 0;
+    let out = &engine.generate(&[greedy]).unwrap()[0];
+    // Greedy: each token is the argmax and its log-prob is the model's log-softmax.
+    let mut seq = prompt.to_vec();
+    seq.extend(&out.token_ids);
+    let logits = model.forward(&tokens(&[&seq])).unwrap().squeeze(0).unwrap();
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+    for (j, (&t, &lp)) in out.token_ids.iter().zip(&out.logprobs).enumerate() {
+        let row = logits.get(prompt.len() - 1 + j).unwrap();
+        assert_eq!(row.argmax(0).unwrap().to_scalar::<u32>().unwrap(), t);
+        let want = logp.get(prompt.len() - 1 + j).unwrap().get(t as usize).unwrap();
+        assert!((want.to_scalar::<f32>().unwrap() - lp).abs() < 1e-4);
+    }
+    // Pure sampling at temperature 2: the log-prob is that of softmax(logits / 2).
+    let mut hot = request(&prompt, 1, 3);
+    hot.params.temperature = 2.0;
+    hot.params.top_p = 1.0;
+    hot.params.top_k = 0;
+    let out = &engine.generate(&[hot]).unwrap()[0];
+    let mut seq = prompt.to_vec();
+    seq.extend(&out.token_ids);
+    let logits = model.forward(&tokens(&[&seq])).unwrap().squeeze(0).unwrap();
+    let logp = candle_nn::ops::log_softmax(&(logits / 2.0).unwrap(), D::Minus1).unwrap();
+    for (j, (&t, &lp)) in out.token_ids.iter().zip(&out.logprobs).enumerate() {
+        let want = logp.get(prompt.len() - 1 + j).unwrap().get(t as usize).unwrap();
+        assert!((want.to_scalar::<f32>().unwrap() - lp).abs() < 1e-4);
+    }
+    // top_k = 1 is greedy with log-prob 0 (a point mass).
+    let mut k1 = request(&prompt, 1, 5);
+    k1.params.top_k = 1;
+    let out = &engine.generate(&[k1]).unwrap()[0];
+    assert!(out.logprobs.iter().all(|&l| l == 0.0));
+}
+
+#[test]
+fn stops_at_eos_stop_string_and_length() {
+    let (_dir, loaded) = checkpoint(Architecture::Qwen2, DType::F32);
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let engine = CandleEngine::new(Arc::new(loaded.model), tokenizer.clone());
+    let mut req = request(&[1, 2, 3], 16, 1);
+    req.params.max_new_tokens = 40;
+    let outs = engine.generate(&[req.clone()]).unwrap();
+    for c in &outs {
+        assert_eq!(c.token_ids.len(), c.logprobs.len());
+        match c.finish_reason {
+            FinishReason::Length => assert_eq!(c.token_ids.len(), 40),
+            FinishReason::Eos => assert_eq!(*c.token_ids.last().unwrap(), 257),
+            FinishReason::Stop => unreachable!("no stop strings were given"),
+        }
+    }
+    // Use a character the first completion produced as a stop string.
+    let first = &outs[0];
+    let stop: String = first.text.chars().nth(first.text.chars().count() / 2).unwrap().to_string();
+    req.params.stop_strings = vec![stop.clone()];
+    let stopped = engine.generate(&[req]).unwrap();
+    let c = &stopped[0];
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+    assert!(c.text.contains(&stop));
+    assert_eq!(c.text, tokenizer.decode(&c.token_ids).unwrap());
+    // Stopped exactly at the token that completed the stop string.
+    let before = tokenizer.decode(&c.token_ids[..c.token_ids.len() - 1]).unwrap();
+    assert!(!before.contains(&stop));
+    assert!(first.token_ids.starts_with(&c.token_ids));
+}
+
+#[test]
+fn templates_render() {
+    let (_dir, loaded) = checkpoint(Architecture::Llama, DType::F32);
+    let tok = &loaded.tokenizer;
+    let chat = PromptTemplate::Chat { system: None }.render(tok, "1+1?").unwrap();
+    assert_eq!(chat, "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n");
+    let math = PromptTemplate::parse("qwen-math").render(tok, "1+1?").unwrap();
+    assert_eq!(
+        math,
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let r1 = PromptTemplate::parse("r1");
+    let text = r1.render(tok, "1+1?").unwrap();
+    assert!(text.starts_with("A conversation between User and Assistant."));
+    assert!(text.ends_with("\n\n<|user|>\n1+1?\n<|assistant|>\n<think>"));
+    assert_eq!(r1.stop_strings(), ["</answer>"]);
+    let custom = PromptTemplate::parse("Q: {{ problem }}\nA:").render(tok, "1+1?").unwrap();
+    assert_eq!(custom, "Q: 1+1?\nA:");
+    let err = PromptTemplate::parse("{{ raise_exception('no') }}").render(tok, "x");
+    assert!(err.is_err());
+}

@@ -1,0 +1,33 @@
+//! GRPO for spur: the objective of "Spurious Rewards" (arXiv 2506.10947) as its code computed it,
+//! on candle tensors with autograd, plus the Adam optimiser, the update step and checkpoints that
+//! resume bit-identically on CPU.
+//!
+//! The pieces, in the order data flows through them:
+//! - [`objective`]: group advantages and the clipped token loss of one micro-batch;
+//! - [`loss_json`]: `spur loss`, the objective for log-probs given as JSON (same code path);
+//! - [`policy`]: the small trait a trainable model implements, and per-token log-probs from logits
+//!   ([`lm`] implements it for spur-lm's transformer);
+//! - [`optim`]: Adam(W) with f32 moments, gradient-norm clipping and learning-rate schedules;
+//! - [`trainer`]: one GRPO step over a scored rollout (mini-batches, micro-batches, metrics);
+//! - [`checkpoint`]: weights, optimiser moments, RNG state and step on disk.
+
+pub mod checkpoint;
+mod error;
+pub mod lm;
+pub mod loss_json;
+pub mod objective;
+pub mod optim;
+pub mod policy;
+mod rng;
+pub mod trainer;
+
+pub use error::{Error, Result};
+pub use loss_json::{loss_from_json, LossOutput};
+pub use objective::{
+    group_advantages, micro_batch_objective, AdvantageKind, Aggregation, KlEstimator, MicroBatch,
+    MicroBatchOutput, MiniBatchShape, ObjectiveConfig, TokenStats,
+};
+pub use optim::{Adam, AdamConfig, LrSchedule};
+pub use policy::{sequence_logprobs, Policy, SeqLogprobs};
+pub use rng::Rng;
+pub use trainer::{Rollout, RolloutGroup, RolloutSample, StepMetrics, TrainConfig, Trainer};

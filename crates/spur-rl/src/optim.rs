@@ -1,0 +1,223 @@
+//! Adam(W) as the paper's runs used it: β = (0.9, 0.95), ε = 1e-8, no weight decay, constant
+//! learning rate 5e-7, gradient-norm clipping at 1.0 over all parameters together.
+//!
+//! Moments are f32 whatever the weights' dtype; weights that are not f32 (bf16 on a GPU) get an
+//! f32 master copy that the update is applied to, then cast back into the `Var`.
+
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdamConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled (AdamW) weight decay.
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this; 0 turns clipping off.
+    pub max_grad_norm: f64,
+    pub schedule: LrSchedule,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        Self {
+            lr: 5e-7,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            schedule: LrSchedule::Constant,
+        }
+    }
+}
+
+impl AdamConfig {
+    pub fn validate(&self) -> Result<()> {
+        let ok = self.lr >= 0.0
+            && self.lr.is_finite()
+            && (0.0..1.0).contains(&self.beta1)
+            && (0.0..1.0).contains(&self.beta2)
+            && self.eps > 0.0
+            && self.weight_decay >= 0.0
+            && self.max_grad_norm >= 0.0;
+        if !ok {
+            return Err(Error::Config(format!(
+                "optimizer: need lr >= 0, betas in [0, 1), eps > 0, weight_decay >= 0, \
+                 max_grad_norm >= 0; got {self:?}"
+            )));
+        }
+        if let LrSchedule::WarmupCosine {
+            warmup_updates,
+            total_updates,
+            min_lr_ratio,
+        } = self.schedule
+        {
+            if total_updates <= warmup_updates || !(0.0..=1.0).contains(&min_lr_ratio) {
+                return Err(Error::Config(format!(
+                    "optimizer.schedule: warmup_cosine needs total_updates > warmup_updates and \
+                     min_lr_ratio in [0, 1]; got warmup_updates {warmup_updates}, \
+                     total_updates {total_updates}, min_lr_ratio {min_lr_ratio}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Learning rate as a function of the optimizer update count.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LrSchedule {
+    #[default]
+    Constant,
+    /// Linear warm-up from lr/warmup to lr over `warmup_updates`, then a half cosine down to
+    /// `min_lr_ratio × lr` at `total_updates` (and flat after).
+    WarmupCosine {
+        warmup_updates: u64,
+        total_updates: u64,
+        min_lr_ratio: f64,
+    },
+}
+
+/// Global L2 norm of all gradients together (computed in f64).
+pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sum = 0.0;
+    for g in grads {
+        sum += sq_sum(g)?;
+    }
+    Ok(sum.sqrt())
+}
+
+pub(crate) fn sq_sum(t: &Tensor) -> Result<f64> {
+    let t = t.to_dtype(DType::F32)?;
+    Ok(t.sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
+}
+
+pub struct Adam {
+    pub(crate) cfg: AdamConfig,
+    /// Updates applied so far.
+    pub(crate) t: u64,
+    pub(crate) m: Vec<Tensor>,
+    pub(crate) v: Vec<Tensor>,
+    /// f32 copies of weights whose `Var` is not f32.
+    pub(crate) master: Vec<Option<Tensor>>,
+}
+
+impl Adam {
+    pub fn new(cfg: AdamConfig, vars: &[Var]) -> Result<Self> {
+        cfg.validate()?;
+        let mut m = Vec::with_capacity(vars.len());
+        let mut v = Vec::with_capacity(vars.len());
+        let mut master = Vec::with_capacity(vars.len());
+        for var in vars {
+            m.push(var.zeros_like()?.to_dtype(DType::F32)?);
+            v.push(var.zeros_like()?.to_dtype(DType::F32)?);
+            master.push(match var.dtype() {
+                DType::F32 => None,
+                _ => Some(var.as_tensor().to_dtype(DType::F32)?),
+            });
+        }
+        Ok(Self {
+            cfg,
+            t: 0,
+            m,
+            v,
+            master,
+        })
+    }
+
+    pub fn config(&self) -> &AdamConfig {
+        &self.cfg
+    }
+
+    /// Number of updates applied.
+    pub fn updates(&self) -> u64 {
+        self.t
+    }
+
+    /// The learning rate of the next update.
+    pub fn next_lr(&self) -> f64 {
+        let lr = self.cfg.lr;
+        match self.cfg.schedule {
+            LrSchedule::Constant => lr,
+            LrSchedule::WarmupCosine {
+                warmup_updates,
+                total_updates,
+                min_lr_ratio,
+            } => {
+                if self.t < warmup_updates {
+                    return lr * (self.t + 1) as f64 / warmup_updates as f64;
+                }
+                let span = (total_updates - warmup_updates) as f64;
+                let progress = ((self.t - warmup_updates) as f64 / span).min(1.0);
+                let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+                lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+            }
+        }
+    }
+
+    /// One update with `grads` (one per var, any dtype) whose global norm is `norm`
+    /// (from [`grad_norm`]; the caller checks it is finite). Returns the learning rate used.
+    pub fn step(&mut self, vars: &[Var], grads: &[Tensor], norm: f64) -> Result<f64> {
+        if vars.len() != self.m.len() || grads.len() != vars.len() {
+            return Err(Error::Config(format!(
+                "optimizer built for {} parameters, stepped with {} vars and {} gradients",
+                self.m.len(),
+                vars.len(),
+                grads.len()
+            )));
+        }
+        let lr = self.next_lr();
+        self.t += 1;
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        // torch.nn.utils.clip_grad_norm_: scale by min(1, max / (norm + 1e-6)).
+        let max = self.cfg.max_grad_norm;
+        let clip = if max > 0.0 {
+            (max / (norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        let bias1 = 1.0 - b1.powi(self.t as i32);
+        let bias2_sqrt = (1.0 - b2.powi(self.t as i32)).sqrt();
+        let step_size = lr / bias1;
+        for (i, var) in vars.iter().enumerate() {
+            let mut g = grads[i].to_dtype(DType::F32)?;
+            if clip < 1.0 {
+                g = (g * clip)?;
+            }
+            let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
+            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let denom = ((v.sqrt()? / bias2_sqrt)? + self.cfg.eps)?;
+            let weight = match &self.master[i] {
+                Some(w) => w.clone(),
+                None => var.as_tensor().detach(),
+            };
+            let wd = self.cfg.weight_decay;
+            let decayed = if wd > 0.0 {
+                (weight * (1.0 - lr * wd))?
+            } else {
+                weight
+            };
+            let next = (decayed - (m.div(&denom)? * step_size)?)?;
+            match &mut self.master[i] {
+                Some(w) => {
+                    var.set(&next.to_dtype(var.dtype())?)?;
+                    *w = next;
+                }
+                None => var.set(&next)?,
+            }
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(lr)
+    }
+}

@@ -1,0 +1,490 @@
+//! One GRPO step over a scored rollout: advantages per group, the rollout shuffled and split into
+//! mini-batches (one optimizer update each) and micro-batches (gradient accumulation).
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::objective::{
+    group_advantages, micro_batch_objective, MicroBatch, MiniBatchShape, ObjectiveConfig,
+    TokenStats,
+};
+use crate::optim::{grad_norm, sq_sum, Adam, AdamConfig};
+use crate::policy::{sequence_logprobs, Entropy, Policy};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Everything that decides what a step computes. Defaults are the paper's code's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub objective: ObjectiveConfig,
+    pub optimizer: AdamConfig,
+    /// Rollouts per optimizer update (128 of 1024 → 8 updates per step). A value at least the
+    /// rollout size gives one update per step, where ρ ≡ 1 (the paper's ablation ii).
+    pub mini_batch: usize,
+    /// Rollouts per forward/backward pass; gradients are accumulated over a mini-batch.
+    pub micro_batch: usize,
+    /// Shuffle the rollout before splitting it into mini-batches (as the paper's code does).
+    pub shuffle: bool,
+    /// Seed of the shuffling generator; its state is saved in checkpoints.
+    pub seed: u64,
+    /// Compute the policy's entropy for the metrics (costs a pass over the vocabulary).
+    pub entropy_metric: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            objective: ObjectiveConfig::default(),
+            optimizer: AdamConfig::default(),
+            mini_batch: 128,
+            micro_batch: 4,
+            shuffle: true,
+            seed: 42,
+            entropy_metric: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.objective.validate()?;
+        self.optimizer.validate()?;
+        if self.mini_batch == 0 || self.micro_batch == 0 {
+            return Err(Error::Config(format!(
+                "mini_batch and micro_batch must be at least 1, got {} and {}",
+                self.mini_batch, self.micro_batch
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A scored rollout: for each prompt, its samples with their rewards.
+#[derive(Clone, Debug, Default)]
+pub struct Rollout {
+    pub groups: Vec<RolloutGroup>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RolloutGroup {
+    /// Prompt token ids (chat template applied).
+    pub prompt: Vec<u32>,
+    pub samples: Vec<RolloutSample>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RolloutSample {
+    /// Completion token ids, stop token included when the sampler emitted one.
+    pub completion: Vec<u32>,
+    pub reward: f64,
+    /// log π_old per completion token. When absent the trainer computes them with the policy
+    /// before the first update, as the paper's code does (sampler log-probs differ slightly).
+    pub old_logprobs: Option<Vec<f32>>,
+    /// Decoded completion, for the code-reasoning metric.
+    pub text: Option<String>,
+}
+
+/// What one step did, with the quantities the paper plots. Token-level figures are means over
+/// all response tokens of the step; `loss` and `grad_norm` are means over its updates.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepMetrics {
+    /// Steps completed, this one included (the first step is 1).
+    pub step: u64,
+    pub rollouts: usize,
+    pub updates: usize,
+    pub tokens: usize,
+    pub reward_mean: f64,
+    pub reward_std: f64,
+    /// Share of groups whose rewards are all equal (zero advantage, no signal).
+    pub zero_advantage_groups: f64,
+    pub loss: f64,
+    pub clip_fraction_low: f64,
+    pub clip_fraction_high: f64,
+    /// Mean k3 estimate of KL(π_old‖π) while updating.
+    pub approx_kl: f64,
+    /// Mean KL estimate to the reference model, when one is used.
+    pub ref_kl: Option<f64>,
+    pub entropy: Option<f64>,
+    /// Global gradient norm before clipping: mean and max over the updates.
+    pub grad_norm: f64,
+    pub grad_norm_max: f64,
+    /// Learning rate of the last update.
+    pub lr: f64,
+    /// Mean completion length in tokens.
+    pub response_length: f64,
+    /// Share of completions whose text contains "python" (case-insensitive), the paper's
+    /// code-reasoning frequency; `None` unless every sample has a text.
+    pub code_reasoning: Option<f64>,
+}
+
+/// Runs GRPO steps on a policy and owns the optimizer and shuffling state.
+pub struct Trainer {
+    pub(crate) cfg: TrainConfig,
+    pub(crate) names: Vec<String>,
+    pub(crate) vars: Vec<Var>,
+    pub(crate) optimizer: Adam,
+    pub(crate) rng: Rng,
+    pub(crate) step: u64,
+}
+
+/// One sample, flattened out of its group.
+struct Item<'a> {
+    prompt: &'a [u32],
+    completion: &'a [u32],
+    advantage: f32,
+    old: Option<&'a [f32]>,
+}
+
+impl Trainer {
+    pub fn new(cfg: TrainConfig, policy: &dyn Policy) -> Result<Self> {
+        cfg.validate()?;
+        let (names, vars): (Vec<String>, Vec<Var>) = policy.named_vars().into_iter().unzip();
+        if vars.is_empty() {
+            return Err(Error::Config(
+                "the policy has no trainable weights (a quantised model cannot be trained; \
+                 load it dequantised)"
+                    .into(),
+            ));
+        }
+        let optimizer = Adam::new(cfg.optimizer.clone(), &vars)?;
+        let rng = Rng::new(cfg.seed);
+        Ok(Self {
+            cfg,
+            names,
+            vars,
+            optimizer,
+            rng,
+            step: 0,
+        })
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// Steps completed.
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    /// Optimizer updates applied.
+    pub fn updates_done(&self) -> u64 {
+        self.optimizer.updates()
+    }
+
+    /// One GRPO step. `reference` is needed when `kl_coef > 0`.
+    ///
+    /// On a NaN/Inf loss or gradient the step stops with [`Error::NonFinite`] before the
+    /// update that would have used it; updates of earlier mini-batches of the same step stay
+    /// applied, so recover by resuming from the last checkpoint.
+    pub fn step(
+        &mut self,
+        policy: &dyn Policy,
+        reference: Option<&dyn Policy>,
+        rollout: &Rollout,
+    ) -> Result<StepMetrics> {
+        let step = self.step + 1;
+        self.check_policy(policy)?;
+        let objective = &self.cfg.objective;
+        let need_ref = objective.kl_coef > 0.0;
+        if need_ref && reference.is_none() {
+            return Err(Error::Config(
+                "objective.kl_coef > 0 needs a reference model".into(),
+            ));
+        }
+        let (items, group_stats) = flatten(rollout, objective)?;
+        let n = items.len();
+        let micro = self.cfg.micro_batch;
+        let device = policy.device();
+
+        // π_old: the sampler's log-probs when given, else this policy's before any update.
+        let mut old: Vec<Vec<f32>> = Vec::with_capacity(n);
+        let missing: Vec<usize> = (0..n).filter(|&i| items[i].old.is_none()).collect();
+        let mut computed = score(policy, &items, &missing, micro)?.into_iter();
+        for item in &items {
+            match item.old {
+                Some(o) => old.push(o.to_vec()),
+                None => old.push(computed.next().unwrap_or_default()),
+            }
+        }
+        let reference_logprobs = match reference.filter(|_| need_ref) {
+            Some(r) => Some(score(r, &items, &(0..n).collect::<Vec<_>>(), micro)?),
+            None => None,
+        };
+
+        let mut order: Vec<usize> = (0..n).collect();
+        if self.cfg.shuffle {
+            self.rng.shuffle(&mut order);
+        }
+        let entropy = match (objective.entropy_coef > 0.0, self.cfg.entropy_metric) {
+            (true, _) => Entropy::Trainable,
+            (false, true) => Entropy::Metric,
+            (false, false) => Entropy::Skip,
+        };
+
+        let mut stats = TokenStats::default();
+        let mut losses = Vec::new();
+        let mut norms = Vec::new();
+        let mut lr = self.optimizer.next_lr();
+        for (mini_index, mini) in order.chunks(self.cfg.mini_batch).enumerate() {
+            let shape = MiniBatchShape {
+                micro_batches: mini.len().div_ceil(micro),
+                sequences: mini.len(),
+            };
+            let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+            let mut mini_loss = 0.0;
+            for (micro_index, chunk) in mini.chunks(micro).enumerate() {
+                let non_finite = |what, value| Error::NonFinite {
+                    step,
+                    mini_batch: mini_index,
+                    micro_batch: micro_index,
+                    what,
+                    value,
+                };
+                let seqs: Vec<(&[u32], &[u32])> = chunk
+                    .iter()
+                    .map(|&i| (items[i].prompt, items[i].completion))
+                    .collect();
+                let scored = sequence_logprobs(policy, &seqs, entropy)?;
+                let width = scored.logprobs.dim(1)?;
+                let old_t = padded(chunk.iter().map(|&i| &old[i][..]), width, &device)?;
+                let ref_t = match &reference_logprobs {
+                    Some(r) => Some(padded(chunk.iter().map(|&i| &r[i][..]), width, &device)?),
+                    None => None,
+                };
+                let adv: Vec<f32> = chunk.iter().map(|&i| items[i].advantage).collect();
+                let adv = Tensor::from_vec(adv, chunk.len(), &device)?;
+                let out = micro_batch_objective(
+                    objective,
+                    &MicroBatch {
+                        logprobs: &scored.logprobs,
+                        old_logprobs: &old_t,
+                        ref_logprobs: ref_t.as_ref(),
+                        entropy: scored.entropy.as_ref(),
+                        mask: &scored.mask,
+                        advantages: &adv,
+                    },
+                    shape,
+                )?;
+                let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !loss.is_finite() {
+                    return Err(non_finite("loss", loss));
+                }
+                let mut store = out.loss.backward()?;
+                let mut sq = 0.0;
+                for (acc, var) in grads.iter_mut().zip(&self.vars) {
+                    if let Some(g) = store.remove(var.as_tensor()) {
+                        sq += sq_sum(&g)?;
+                        *acc = Some(match acc.take() {
+                            Some(a) => (a + g)?,
+                            None => g,
+                        });
+                    }
+                }
+                if !sq.is_finite() {
+                    return Err(non_finite("gradient", sq.sqrt()));
+                }
+                mini_loss += loss;
+                stats.add(&out.stats);
+            }
+            let grads = grads
+                .into_iter()
+                .zip(&self.vars)
+                .map(|(g, var)| match g {
+                    Some(g) => Ok(g),
+                    None => Ok(var.zeros_like()?),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let norm = grad_norm(&grads)?;
+            if !norm.is_finite() {
+                let last = mini.len().div_ceil(micro) - 1;
+                return Err(Error::NonFinite {
+                    step,
+                    mini_batch: mini_index,
+                    micro_batch: last,
+                    what: "accumulated gradient",
+                    value: norm,
+                });
+            }
+            lr = self.optimizer.step(&self.vars, &grads, norm)?;
+            losses.push(mini_loss);
+            norms.push(norm);
+        }
+        self.step = step;
+
+        let tokens = stats.tokens.max(1.0);
+        let texts: Option<Vec<&str>> = rollout
+            .groups
+            .iter()
+            .flat_map(|g| &g.samples)
+            .map(|s| s.text.as_deref())
+            .collect();
+        Ok(StepMetrics {
+            step,
+            rollouts: n,
+            updates: losses.len(),
+            tokens: stats.tokens as usize,
+            reward_mean: group_stats.reward_mean,
+            reward_std: group_stats.reward_std,
+            zero_advantage_groups: group_stats.zero_advantage_groups,
+            loss: mean(&losses),
+            clip_fraction_low: stats.clipped_low / tokens,
+            clip_fraction_high: stats.clipped_high / tokens,
+            approx_kl: stats.approx_kl / tokens,
+            ref_kl: need_ref.then(|| stats.ref_kl / tokens),
+            entropy: (entropy != Entropy::Skip).then(|| stats.entropy / tokens),
+            grad_norm: mean(&norms),
+            grad_norm_max: norms.iter().cloned().fold(0.0, f64::max),
+            lr,
+            response_length: items.iter().map(|i| i.completion.len()).sum::<usize>() as f64
+                / n as f64,
+            code_reasoning: texts.map(|t| {
+                let hits = t
+                    .iter()
+                    .filter(|s| s.to_lowercase().contains("python"))
+                    .count();
+                hits as f64 / t.len() as f64
+            }),
+        })
+    }
+
+    pub(crate) fn check_policy(&self, policy: &dyn Policy) -> Result<()> {
+        let vars = policy.named_vars();
+        let same = vars.len() == self.vars.len()
+            && vars
+                .iter()
+                .zip(self.names.iter().zip(&self.vars))
+                .all(|((name, var), (n, v))| name == n && var.as_tensor().id() == v.id());
+        if !same {
+            return Err(Error::Config(
+                "the policy's weights are not the ones this trainer was built for".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+struct GroupStats {
+    reward_mean: f64,
+    reward_std: f64,
+    zero_advantage_groups: f64,
+}
+
+fn flatten<'a>(
+    rollout: &'a Rollout,
+    objective: &ObjectiveConfig,
+) -> Result<(Vec<Item<'a>>, GroupStats)> {
+    if rollout.groups.is_empty() {
+        return Err(Error::Rollout("the rollout has no groups".into()));
+    }
+    let mut items = Vec::new();
+    let mut rewards_all = Vec::new();
+    let mut zero_groups = 0;
+    for (g, group) in rollout.groups.iter().enumerate() {
+        if group.prompt.is_empty() || group.samples.is_empty() {
+            return Err(Error::Rollout(format!(
+                "group {g} has an empty prompt or no samples"
+            )));
+        }
+        let rewards: Vec<f64> = group.samples.iter().map(|s| s.reward).collect();
+        for (s, sample) in group.samples.iter().enumerate() {
+            if !sample.reward.is_finite() {
+                return Err(Error::Rollout(format!(
+                    "group {g} sample {s}: reward {} is not finite",
+                    sample.reward
+                )));
+            }
+            if sample.completion.is_empty() {
+                return Err(Error::Rollout(format!(
+                    "group {g} sample {s}: empty completion"
+                )));
+            }
+            if let Some(old) = &sample.old_logprobs {
+                if old.len() != sample.completion.len() {
+                    return Err(Error::Rollout(format!(
+                        "group {g} sample {s}: {} old log-probs for {} completion tokens",
+                        old.len(),
+                        sample.completion.len()
+                    )));
+                }
+            }
+        }
+        let advantages = group_advantages(&rewards, objective.advantage);
+        if advantages.iter().all(|&a| a == 0.0) {
+            zero_groups += 1;
+        }
+        for (sample, adv) in group.samples.iter().zip(advantages) {
+            items.push(Item {
+                prompt: &group.prompt,
+                completion: &sample.completion,
+                advantage: adv as f32,
+                old: sample.old_logprobs.as_deref(),
+            });
+        }
+        rewards_all.extend(rewards);
+    }
+    let n = rewards_all.len() as f64;
+    let reward_mean = rewards_all.iter().sum::<f64>() / n;
+    let reward_std = if rewards_all.len() > 1 {
+        let ss: f64 = rewards_all.iter().map(|r| (r - reward_mean).powi(2)).sum();
+        (ss / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    let stats = GroupStats {
+        reward_mean,
+        reward_std,
+        zero_advantage_groups: zero_groups as f64 / rollout.groups.len() as f64,
+    };
+    Ok((items, stats))
+}
+
+/// Log-probs of the completions of `items[which]` under `policy`, without keeping a graph.
+fn score(
+    policy: &dyn Policy,
+    items: &[Item],
+    which: &[usize],
+    micro: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(which.len());
+    for chunk in which.chunks(micro) {
+        let seqs: Vec<(&[u32], &[u32])> = chunk
+            .iter()
+            .map(|&i| (items[i].prompt, items[i].completion))
+            .collect();
+        let scored = sequence_logprobs(policy, &seqs, Entropy::Skip)?;
+        let rows = scored
+            .logprobs
+            .detach()
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        for (&i, row) in chunk.iter().zip(rows) {
+            out.push(row[..items[i].completion.len()].to_vec());
+        }
+    }
+    Ok(out)
+}
+
+/// Rows right-padded with zeros to `width`, as an f32 `[rows, width]` tensor.
+fn padded<'a>(
+    rows: impl ExactSizeIterator<Item = &'a [f32]>,
+    width: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let n = rows.len();
+    let mut data = Vec::with_capacity(n * width);
+    for row in rows {
+        data.extend_from_slice(row);
+        data.resize(data.len() + width - row.len(), 0.0);
+    }
+    Ok(Tensor::from_vec(data, (n, width), device)?)
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        0.0
+    } else {
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+}

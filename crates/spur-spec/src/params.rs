@@ -1,0 +1,295 @@
+//! The parameters of one run (one grid cell), with the paper's defaults.
+//!
+//! `defaults`, grid axes and overrides all write into this one tree; a grid
+//! axis is a dotted path into it (`update.lr`) or a free variable used via
+//! `${name}`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything that varies between runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunParams {
+    /// Name from the `models` block.
+    pub model: Option<String>,
+    /// Name from the `datasets` block used for training rollouts.
+    pub train_data: Option<String>,
+    /// Name from the `rewards` block.
+    pub reward: Option<String>,
+    pub seed: u64,
+    /// GRPO steps (rollout → reward → update).
+    pub steps: u32,
+    /// Evaluate every this many steps (and at step 0 and at the end).
+    pub eval_every: u32,
+    pub rollout: RolloutParams,
+    pub update: UpdateParams,
+    /// Named evaluations, e.g. `math500`, `aime24`.
+    pub evals: BTreeMap<String, EvalParams>,
+    /// Which artifacts are kept.
+    pub materialize: Materialize,
+}
+
+impl Default for RunParams {
+    fn default() -> Self {
+        RunParams {
+            model: None,
+            train_data: None,
+            reward: None,
+            seed: 42,
+            steps: 300,
+            eval_every: 10,
+            rollout: RolloutParams::default(),
+            update: UpdateParams::default(),
+            evals: BTreeMap::new(),
+            materialize: Materialize::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RolloutParams {
+    pub prompts_per_step: u32,
+    pub samples_per_prompt: u32,
+    pub temperature: f64,
+    pub top_p: f64,
+    /// 0 disables top-k.
+    pub top_k: u32,
+    pub max_prompt_tokens: u32,
+    pub max_response_tokens: u32,
+}
+
+impl Default for RolloutParams {
+    fn default() -> Self {
+        RolloutParams {
+            prompts_per_step: 64,
+            samples_per_prompt: 16,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_prompt_tokens: 1024,
+            max_response_tokens: 3072,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Advantage {
+    Grpo,
+    DrGrpo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    TokenMean,
+    SeqMean,
+    /// Dr. GRPO: token sum divided by a constant (max response length).
+    SeqSumConst,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlEstimator {
+    K1,
+    K3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    Constant,
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpdateParams {
+    pub lr: f64,
+    pub lr_schedule: LrSchedule,
+    pub warmup_steps: u32,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    /// Rollouts per optimizer update (1024 / 128 = 8 updates per step).
+    pub mini_batch: u32,
+    /// Rollouts per forward/backward pass (gradient accumulation unit).
+    pub micro_batch: u32,
+    /// PPO clipping; `false` removes the clip term (loss −ρ·A).
+    pub clip: bool,
+    pub eps_low: f64,
+    pub eps_high: f64,
+    pub advantage: Advantage,
+    pub aggregation: Aggregation,
+    pub kl_coef: f64,
+    pub kl_estimator: KlEstimator,
+    pub entropy_coef: f64,
+}
+
+impl Default for UpdateParams {
+    fn default() -> Self {
+        UpdateParams {
+            lr: 5e-7,
+            lr_schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+            beta1: 0.9,
+            beta2: 0.95,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            mini_batch: 128,
+            micro_batch: 4,
+            clip: true,
+            eps_low: 0.2,
+            eps_high: 0.2,
+            advantage: Advantage::Grpo,
+            aggregation: Aggregation::TokenMean,
+            kl_coef: 0.0,
+            kl_estimator: KlEstimator::K1,
+            entropy_coef: 0.0,
+        }
+    }
+}
+
+/// When an evaluation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalAt {
+    /// Step 0, every `eval_every` steps, and the end.
+    Every,
+    /// Step 0 and the end.
+    StartEnd,
+    /// The end only.
+    End,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalParams {
+    /// Name from the `datasets` block.
+    pub dataset: Option<String>,
+    pub temperature: f64,
+    pub top_p: f64,
+    /// Samples per problem (avg@k / pass@k when > 1).
+    pub samples: u32,
+    pub max_tokens: u32,
+    pub at: EvalAt,
+    /// Seed for sampled evals; fixed so every arm sees the same eval noise.
+    pub seed: u64,
+}
+
+impl Default for EvalParams {
+    fn default() -> Self {
+        EvalParams {
+            dataset: None,
+            temperature: 0.0,
+            top_p: 1.0,
+            samples: 1,
+            max_tokens: 3072,
+            at: EvalAt::Every,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Materialize {
+    /// Keep the policy checkpoint of every Nth step (the latest is always kept).
+    pub checkpoint_every: u32,
+}
+
+impl Default for Materialize {
+    fn default() -> Self {
+        Materialize {
+            checkpoint_every: 50,
+        }
+    }
+}
+
+impl RunParams {
+    /// Steps at which an evaluation with `at` runs, ascending, for this run.
+    pub fn eval_steps(&self, at: EvalAt) -> Vec<u32> {
+        let mut steps = match at {
+            EvalAt::Every if self.eval_every > 0 => {
+                (0..=self.steps).step_by(self.eval_every as usize).collect()
+            }
+            EvalAt::Every | EvalAt::StartEnd => vec![0],
+            EvalAt::End => vec![],
+        };
+        if steps.last() != Some(&self.steps) {
+            steps.push(self.steps);
+        }
+        steps
+    }
+
+    /// Range checks; each problem is (key path, message).
+    pub fn check_ranges(&self) -> Vec<(String, String)> {
+        let mut bad = Vec::new();
+        let mut check = |ok: bool, key: &str, msg: &str| {
+            if !ok {
+                bad.push((key.to_string(), msg.to_string()));
+            }
+        };
+        let r = &self.rollout;
+        check(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be at least 1");
+        check(r.samples_per_prompt > 0, "rollout.samples_per_prompt", "must be at least 1 (zero samples per prompt gives nothing to train on)");
+        check(r.temperature >= 0.0 && r.temperature.is_finite(), "rollout.temperature", "must be a finite number >= 0");
+        check(r.top_p > 0.0 && r.top_p <= 1.0, "rollout.top_p", "must be in (0, 1]");
+        check(r.max_response_tokens > 0, "rollout.max_response_tokens", "must be at least 1");
+        check(r.max_prompt_tokens > 0, "rollout.max_prompt_tokens", "must be at least 1");
+        let u = &self.update;
+        check(u.lr > 0.0 && u.lr.is_finite(), "update.lr", "the learning rate must be a positive finite number");
+        check((0.0..1.0).contains(&u.beta1), "update.beta1", "must be in [0, 1)");
+        check((0.0..1.0).contains(&u.beta2), "update.beta2", "must be in [0, 1)");
+        check(u.weight_decay >= 0.0, "update.weight_decay", "must be >= 0");
+        check(u.grad_clip > 0.0, "update.grad_clip", "must be > 0");
+        check(u.mini_batch > 0, "update.mini_batch", "must be at least 1");
+        check(u.micro_batch > 0, "update.micro_batch", "must be at least 1");
+        check(u.micro_batch <= u.mini_batch, "update.micro_batch", "must not exceed update.mini_batch");
+        check((0.0..1.0).contains(&u.eps_low), "update.eps_low", "must be in [0, 1)");
+        check(u.eps_high >= 0.0, "update.eps_high", "must be >= 0");
+        check(u.kl_coef >= 0.0, "update.kl_coef", "must be >= 0");
+        let rollouts = r.prompts_per_step as u64 * r.samples_per_prompt as u64;
+        check(
+            u.mini_batch as u64 <= rollouts.max(1) || rollouts == 0,
+            "update.mini_batch",
+            "must not exceed the rollouts per step (rollout.prompts_per_step × rollout.samples_per_prompt)",
+        );
+        for (name, e) in &self.evals {
+            let key = format!("evals.{name}");
+            check(e.samples > 0, &format!("{key}.samples"), "must be at least 1");
+            check(e.temperature >= 0.0, &format!("{key}.temperature"), "must be >= 0");
+            check(e.max_tokens > 0, &format!("{key}.max_tokens"), "must be at least 1");
+        }
+        bad
+    }
+}
+
+/// Every leaf path of the parameter tree (for axis-name hints).
+pub fn param_paths() -> Vec<String> {
+    let mut out = Vec::new();
+    let value = serde_json::to_value(RunParams::default()).expect("params serialise");
+    collect_paths(&value, "", &mut out);
+    out.push("evals.<name>.dataset".into());
+    out
+}
+
+fn collect_paths(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) if !map.is_empty() => {
+            for (k, child) in map {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                collect_paths(child, &p, out);
+            }
+        }
+        _ => out.push(prefix.to_string()),
+    }
+}

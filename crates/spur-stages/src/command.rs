@@ -1,0 +1,114 @@
+//! The generic `command` stage: a shell command with declared inputs and
+//! outputs, like a Snakemake rule.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+use spur_plan::{Node, Role, StageKind};
+
+use crate::{NodeContext, Resource, Stage, StageError};
+
+pub struct CommandStage;
+
+fn strings(v: &Value, key: &str) -> Vec<String> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+/// Last `n` bytes of a log, for error messages.
+fn tail(path: &std::path::Path, n: u64) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(n)));
+    let mut s = String::new();
+    let _ = f.read_to_string(&mut s);
+    s
+}
+
+impl Stage for CommandStage {
+    fn kind(&self) -> StageKind {
+        StageKind::Command
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn resource(&self, node: &Node) -> Resource {
+        if node.params.get("accelerator").and_then(Value::as_bool) == Some(true) {
+            Resource::Accelerator
+        } else {
+            Resource::Cpu
+        }
+    }
+
+    fn declared_outputs(&self, node: &Node) -> Vec<String> {
+        strings(&node.params, "outputs")
+    }
+
+    fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
+        let params = &ctx.node.params;
+        let template = params.get("run").and_then(Value::as_str).unwrap_or_default();
+        let input_names = strings(params, "inputs");
+        let needs = strings(params, "needs");
+        let step = ctx.node.step;
+        let mut lookup = |name: &str| -> Option<Value> {
+            let path = |p: &std::path::Path| Some(Value::String(p.display().to_string()));
+            match name {
+                "out" => path(ctx.out),
+                "step" => Some(Value::from(step)),
+                // Step 1 has no previous step: an empty string, testable with [ -n ].
+                "prev" => Some(Value::String(
+                    ctx.input(Role::Prev).map(|i| i.out.display().to_string()).unwrap_or_default(),
+                )),
+                _ => {
+                    if let Some(input) = name.strip_prefix("inputs.") {
+                        let i = input_names.iter().position(|n| n == input)?;
+                        return ctx.externals.get(i)?.local.as_deref().and_then(path);
+                    }
+                    let i = needs.iter().position(|n| n == name)?;
+                    ctx.input(Role::Need(i as u16)).and_then(|d| path(&d.out))
+                }
+            }
+        };
+        let script = spur_spec::substitute_str(template, &mut lookup)
+            .map(|v| spur_spec::scalar_text(&v))
+            .map_err(|name| StageError::Failed(format!("`${{{name}}}` has no value for this node")))?;
+        let log = File::create(ctx.log)?;
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("SPUR_OUT", ctx.out)
+            .env("SPUR_STEP", step.to_string())
+            .env("SPUR_NODE", ctx.node.id.hex());
+        if !ctx.devices.is_empty() {
+            cmd.env("CUDA_VISIBLE_DEVICES", ctx.devices.join(","));
+        }
+        let status = cmd.status()?;
+        if !status.success() {
+            return Err(StageError::CommandFailed {
+                status: status.to_string(),
+                log: ctx.log.to_path_buf(),
+                tail: tail(ctx.log, 2000),
+            });
+        }
+        // A command may report metrics by writing `${out}/metrics.json`.
+        let metrics_path = ctx.out.join("metrics.json");
+        let metrics = match std::fs::read(&metrics_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                StageError::Failed(format!("{}: not valid JSON: {e}", metrics_path.display()))
+            })?,
+            Err(_) => Value::Object(Default::default()),
+        };
+        Ok(metrics)
+    }
+}

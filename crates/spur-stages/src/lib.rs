@@ -1,0 +1,154 @@
+//! Stages: what a node of the DAG does when it runs.
+//!
+//! A stage reads its inputs' artifacts and external files and writes its own
+//! artifacts into a fresh directory; the executor decides when and where it
+//! runs, and the store publishes what it wrote. Stages know nothing of
+//! scheduling, caching or clusters.
+
+mod command;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use spur_plan::{External, Node, Role, StageKind};
+
+pub use command::CommandStage;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("command exited with {status}; last lines of {log}:\n{tail}")]
+    CommandFailed {
+        status: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("input {role:?} ({path}) is missing `{artifact}`: {why}")]
+    MissingInput {
+        role: Role,
+        path: PathBuf,
+        artifact: String,
+        why: String,
+    },
+    #[error("`{kind}` stages are not available in this build of spur")]
+    Unavailable { kind: StageKind },
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The device class a node needs; accelerator nodes are serialised per device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    Cpu,
+    Accelerator,
+}
+
+/// State a worker keeps between the consecutive nodes of a fused run chain
+/// (e.g. a loaded model), one slot per type.
+#[derive(Default)]
+pub struct Session {
+    slots: HashMap<std::any::TypeId, Box<dyn Any + Send>>,
+}
+
+impl Session {
+    pub fn get_mut<T: Any + Send>(&mut self) -> Option<&mut T> {
+        self.slots
+            .get_mut(&std::any::TypeId::of::<T>())
+            .and_then(|b| b.downcast_mut())
+    }
+
+    pub fn insert<T: Any + Send>(&mut self, value: T) {
+        self.slots
+            .insert(std::any::TypeId::of::<T>(), Box::new(value));
+    }
+}
+
+/// An input node as a stage sees it.
+#[derive(Debug, Clone)]
+pub struct InputDir {
+    pub role: Role,
+    pub node: spur_plan::Hash,
+    /// Its published artifacts.
+    pub out: PathBuf,
+}
+
+/// Everything a stage may read or write while running one node.
+pub struct NodeContext<'a> {
+    pub node: &'a Node,
+    pub inputs: Vec<InputDir>,
+    pub externals: Vec<&'a External>,
+    /// Where to write artifacts (a temporary directory until published).
+    pub out: &'a Path,
+    /// Where to write a log (kept beside the artifacts, not hashed).
+    pub log: &'a Path,
+    /// Devices assigned to an accelerator node (e.g. `0`), empty for CPU.
+    pub devices: &'a [String],
+    pub session: &'a mut Session,
+}
+
+impl NodeContext<'_> {
+    pub fn input(&self, role: Role) -> Option<&InputDir> {
+        self.inputs.iter().find(|i| i.role == role)
+    }
+}
+
+pub trait Stage: Send + Sync {
+    fn kind(&self) -> StageKind;
+
+    /// Bump when the stage's output for the same inputs changes.
+    fn version(&self) -> u32;
+
+    fn resource(&self, _node: &Node) -> Resource {
+        Resource::Cpu
+    }
+
+    /// Large artifacts the materialisation policy may delete once a later
+    /// step supersedes them (e.g. policy checkpoints).
+    fn prunable(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Files that must exist in `out` when the stage returns.
+    fn declared_outputs(&self, _node: &Node) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Compute the node; returns its metrics (a JSON object).
+    fn run(&self, ctx: &mut NodeContext<'_>) -> Result<serde_json::Value, StageError>;
+}
+
+/// The stage implementations this build knows, by kind.
+pub struct Registry {
+    stages: HashMap<StageKind, Box<dyn Stage>>,
+}
+
+impl Registry {
+    pub fn empty() -> Registry {
+        Registry {
+            stages: HashMap::new(),
+        }
+    }
+
+    /// The stages of this crate; model stages are added by their crates.
+    pub fn with_builtin() -> Registry {
+        let mut r = Registry::empty();
+        r.add(Box::new(CommandStage));
+        r
+    }
+
+    pub fn add(&mut self, stage: Box<dyn Stage>) {
+        self.stages.insert(stage.kind(), stage);
+    }
+
+    pub fn get(&self, kind: StageKind) -> Option<&dyn Stage> {
+        self.stages.get(&kind).map(|b| b.as_ref())
+    }
+
+    /// Implementation version of `kind` (1 for kinds not in this build, so
+    /// experiments that use them still plan).
+    pub fn version(&self, kind: StageKind) -> u32 {
+        self.get(kind).map_or(1, Stage::version)
+    }
+}

@@ -1,0 +1,62 @@
+//! The record a finished node leaves in the cache.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{hash_file, io_err, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeManifest {
+    pub id: String,
+    pub kind: String,
+    pub version: u32,
+    pub step: u32,
+    /// Input node ids, in role order.
+    pub inputs: Vec<String>,
+    /// External content hashes read by the node.
+    pub externals: Vec<String>,
+    /// The parameters the stage read.
+    pub params: serde_json::Value,
+    /// Relative path under `out/` → size and sha256.
+    pub artifacts: BTreeMap<String, Artifact>,
+    /// Artifacts deleted by the materialisation policy.
+    #[serde(default)]
+    pub pruned: Vec<String>,
+    /// Stage-reported metrics (loss, accuracy, tokens/s…).
+    #[serde(default)]
+    pub metrics: serde_json::Value,
+    pub started_at: String,
+    pub finished_at: String,
+    pub seconds: f64,
+    pub host: String,
+    pub spur_version: String,
+}
+
+/// Size and sha256 of every file under `out`, by relative path.
+pub(crate) fn hash_tree(out: &Path) -> Result<BTreeMap<String, Artifact>> {
+    let mut artifacts = BTreeMap::new();
+    for entry in walkdir::WalkDir::new(out).sort_by_file_name() {
+        let entry = entry.map_err(|e| io_err(out)(e.into()))?;
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let path = entry.path();
+        let rel = path
+            .strip_prefix(out)
+            .expect("walk stays inside")
+            .to_string_lossy()
+            .into_owned();
+        let size = entry.metadata().map_err(|e| io_err(path)(e.into()))?.len();
+        let sha256 = hash_file(path).map_err(io_err(path))?.hex();
+        artifacts.insert(rel, Artifact { size, sha256 });
+    }
+    Ok(artifacts)
+}

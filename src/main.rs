@@ -1,0 +1,73 @@
+//! `spur`: declarative RL-for-LLM experiments.
+//!
+//! Commands live in `commands/`, one file each; they parse arguments, call
+//! into the library crates and print. See ARCHITECTURE.md for the map.
+
+mod commands;
+mod provenance;
+mod record;
+mod workspace;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "spur", version, about = "Declarative RL-for-LLM experiments: one YAML grid → a cached stage DAG")]
+struct Cli {
+    /// Cache root (default: ./cache).
+    #[arg(long, global = true, env = "SPUR_CACHE", value_name = "DIR")]
+    cache: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Execute the pending nodes of an experiment.
+    Run(commands::run::RunArgs),
+    /// Show the stage DAG of an experiment: runs, nodes, sharing, cache state.
+    Plan(commands::plan::PlanArgs),
+    /// Per-run progress of an experiment, from the cache and run records.
+    Status(commands::status::StatusArgs),
+    /// Print a run record or a node manifest by id (a prefix is enough).
+    Show(commands::show::ShowArgs),
+    /// Pin every external input's hash in FILE.lock.
+    Lock(commands::lock::LockArgs),
+    /// Remove cache entries no given experiment references.
+    Gc(commands::gc::GcArgs),
+    /// Benchmarks (planning speed).
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SPUR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    let cli = Cli::parse();
+    let cache = cli.cache.unwrap_or_else(|| PathBuf::from("cache"));
+    let result = match cli.command {
+        Command::Run(a) => commands::run::run(a, &cache),
+        Command::Plan(a) => commands::plan::run(a, &cache),
+        Command::Status(a) => commands::status::run(a, &cache),
+        Command::Show(a) => commands::show::run(a, &cache),
+        Command::Lock(a) => commands::lock::run(a, &cache),
+        Command::Gc(a) => commands::gc::run(a, &cache),
+        Command::Bench(c) => commands::bench::run(c, &cache),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{}", workspace::render_error(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
