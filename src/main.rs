@@ -14,7 +14,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "spur", version, about = "Declarative RL-for-LLM experiments: one YAML grid → a cached stage DAG")]
+#[command(
+    name = "spur",
+    version,
+    about = "Declarative RL-for-LLM experiments: one YAML grid → a cached stage DAG"
+)]
 struct Cli {
     /// Cache root (default: ./cache).
     #[arg(long, global = true, env = "SPUR_CACHE", value_name = "DIR")]
@@ -38,6 +42,10 @@ enum Command {
     Lock(commands::lock::LockArgs),
     /// Remove cache entries no given experiment references.
     Gc(commands::gc::GcArgs),
+    /// Grade responses against reference answers (the paper's grader).
+    Grade(commands::grade::GradeArgs),
+    /// GRPO objective and gradient for given log-probs (docs/grpo.md).
+    Loss(commands::loss::LossArgs),
     /// Benchmarks (planning speed).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -61,6 +69,8 @@ fn main() -> ExitCode {
         Command::Show(a) => commands::show::run(a, &cache),
         Command::Lock(a) => commands::lock::run(a, &cache),
         Command::Gc(a) => commands::gc::run(a, &cache),
+        Command::Grade(a) => commands::grade::run(a),
+        Command::Loss(a) => commands::loss::run(a),
         Command::Bench(c) => commands::bench::run(c, &cache),
     };
     match result {

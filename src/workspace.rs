@@ -63,26 +63,41 @@ pub fn select_runs(exp: &Experiment, only: Option<&str>) -> Result<Vec<usize>> {
             bail!("--only: `{part}` is not `axis=value`; e.g. --only reward=random,seed=1");
         };
         if !axes.contains(&key) {
-            let hint = did_you_mean(key, axes.iter().copied()).unwrap_or_else(|| one_of(axes.iter().copied()));
-            bail!("--only: `{key}` is not a grid axis of {} ({hint})", exp.path.display());
+            let hint = did_you_mean(key, axes.iter().copied())
+                .unwrap_or_else(|| one_of(axes.iter().copied()));
+            bail!(
+                "--only: `{key}` is not a grid axis of {} ({hint})",
+                exp.path.display()
+            );
         }
-        let known: HashSet<String> = exp.runs.iter().filter_map(|r| r.cell.get(key)).map(scalar_text).collect();
+        let known: HashSet<String> = exp
+            .runs
+            .iter()
+            .filter_map(|r| r.cell.get(key))
+            .map(scalar_text)
+            .collect();
         for v in values.split('|') {
             if !known.contains(v) {
                 let mut k: Vec<&str> = known.iter().map(String::as_str).collect();
                 k.sort();
-                let hint = did_you_mean(v, k.iter().copied()).unwrap_or_else(|| one_of(k.iter().copied()));
+                let hint =
+                    did_you_mean(v, k.iter().copied()).unwrap_or_else(|| one_of(k.iter().copied()));
                 bail!("--only: axis `{key}` has no value `{v}` ({hint})");
             }
         }
-        filters.push((key.to_string(), values.split('|').map(str::to_string).collect()));
+        filters.push((
+            key.to_string(),
+            values.split('|').map(str::to_string).collect(),
+        ));
     }
     Ok(exp
         .runs
         .iter()
         .enumerate()
         .filter(|(_, r)| {
-            filters.iter().all(|(k, vs)| r.cell.get(k).is_some_and(|v| vs.contains(&scalar_text(v))))
+            filters
+                .iter()
+                .all(|(k, vs)| r.cell.get(k).is_some_and(|v| vs.contains(&scalar_text(v))))
         })
         .map(|(i, _)| i)
         .collect())
@@ -96,7 +111,9 @@ pub fn nodes_of(plan: &Plan, runs: &[usize]) -> Vec<u32> {
             seen[n as usize] = true;
         }
     }
-    (0..plan.nodes.len() as u32).filter(|&n| seen[n as usize]).collect()
+    (0..plan.nodes.len() as u32)
+        .filter(|&n| seen[n as usize])
+        .collect()
 }
 
 pub fn cached(store: &Store) -> Result<HashSet<Hash>> {

@@ -34,7 +34,9 @@ impl Workspace {
 
     pub fn spur(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_spur"));
-        c.current_dir(self.dir.path()).env("SPUR_CACHE", self.cache()).env_remove("SPUR_LOG");
+        c.current_dir(self.dir.path())
+            .env("SPUR_CACHE", self.cache())
+            .env_remove("SPUR_LOG");
         c
     }
 
@@ -57,7 +59,11 @@ impl Workspace {
     /// Run and require failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(!out.status.success(), "spur {args:?} should fail but succeeded:\n{}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "spur {args:?} should fail but succeeded:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         String::from_utf8(out.stderr).unwrap()
     }
 
@@ -67,11 +73,18 @@ impl Workspace {
 }
 
 pub fn node_ids(plan: &serde_json::Value) -> std::collections::BTreeSet<String> {
-    plan["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap().to_string()).collect()
+    plan["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 pub fn count_lines(p: &Path) -> usize {
-    std::fs::read_to_string(p).map(|s| s.lines().count()).unwrap_or(0)
+    std::fs::read_to_string(p)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
 }
 
 /// A command-stage experiment shaped like a training grid: a per-seed

@@ -34,7 +34,12 @@ fn error_for(from: &str, to: &str) -> String {
     let ws = Workspace::new();
     ws.write("exp.yaml", &GOOD.replacen(from, to, 1));
     let err = ws.fails(&["plan", "exp.yaml"]);
-    assert!(!ws.cache().join("nodes").read_dir().map(|mut d| d.next().is_some()).unwrap_or(false));
+    assert!(!ws
+        .cache()
+        .join("nodes")
+        .read_dir()
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false));
     err
 }
 
@@ -61,9 +66,24 @@ fn yaml_syntax_error() {
 #[test]
 fn unknown_key_with_hint() {
     let err = error_for("    lr: 5.0e-7", "    lerning_rate: 5.0e-7");
-    assert_has(&err, &["unknown key `lerning_rate`", "exp.yaml:16:5", "defaults.update.lerning_rate", "did you mean `lr`?"]);
+    assert_has(
+        &err,
+        &[
+            "unknown key `lerning_rate`",
+            "exp.yaml:16:5",
+            "defaults.update.lerning_rate",
+            "did you mean `lr`?",
+        ],
+    );
     let err = error_for("datasets:", "datasetz:");
-    assert_has(&err, &["unknown key `datasetz`", "exp.yaml:3:1", "did you mean `datasets`?"]);
+    assert_has(
+        &err,
+        &[
+            "unknown key `datasetz`",
+            "exp.yaml:3:1",
+            "did you mean `datasets`?",
+        ],
+    );
 }
 
 #[test]
@@ -71,49 +91,117 @@ fn wrong_type() {
     let err = error_for("  steps: 2", "  steps: many");
     assert_has(&err, &["wrong type", "exp.yaml:12:10", "defaults.steps"]);
     let err = error_for("  seed: [1, 2]", "  seed: 7");
-    assert_has(&err, &["axis `seed` must be a list", "exp.yaml:21:9", "grid.seed"]);
+    assert_has(
+        &err,
+        &["axis `seed` must be a list", "exp.yaml:21:9", "grid.seed"],
+    );
 }
 
 #[test]
 fn undefined_names() {
-    let err = error_for("  reward: [ground_truth, random]", "  reward: [ground_truth, rnadom]");
-    assert_has(&err, &["undefined reward `rnadom`", "exp.yaml:20:26", "grid.reward[1]", "did you mean `random`?"]);
+    let err = error_for(
+        "  reward: [ground_truth, random]",
+        "  reward: [ground_truth, rnadom]",
+    );
+    assert_has(
+        &err,
+        &[
+            "undefined reward `rnadom`",
+            "exp.yaml:20:26",
+            "grid.reward[1]",
+            "did you mean `random`?",
+        ],
+    );
     let err = error_for("  model: smol", "  model: smoll");
-    assert_has(&err, &["undefined model `smoll`", "exp.yaml:10:10", "defaults.model", "did you mean `smol`?"]);
+    assert_has(
+        &err,
+        &[
+            "undefined model `smoll`",
+            "exp.yaml:10:10",
+            "defaults.model",
+            "did you mean `smol`?",
+        ],
+    );
     let err = error_for("{dataset: math500}", "{dataset: math5000}");
-    assert_has(&err, &["undefined dataset `math5000`", "exp.yaml:18:", "defaults.evals.math500.dataset"]);
+    assert_has(
+        &err,
+        &[
+            "undefined dataset `math5000`",
+            "exp.yaml:18:",
+            "defaults.evals.math500.dataset",
+        ],
+    );
 }
 
 #[test]
 fn empty_grid() {
     let err = error_for("  seed: [1, 2]", "  seed: []");
     assert_has(&err, &["axis `seed` has no values", "exp.yaml:21:9"]);
-    let err = error_for("grid:\n  reward: [ground_truth, random]\n  seed: [1, 2]\n", "grid: {}\n");
+    let err = error_for(
+        "grid:\n  reward: [ground_truth, random]\n  seed: [1, 2]\n",
+        "grid: {}\n",
+    );
     assert_has(&err, &["the grid is empty", "exp.yaml:19:1"]);
-    let err = error_for("  seed: [1, 2]\n", "  seed: [1, 2]\nexclude:\n  - {seed: [1, 2]}\n");
+    let err = error_for(
+        "  seed: [1, 2]\n",
+        "  seed: [1, 2]\nexclude:\n  - {seed: [1, 2]}\n",
+    );
     assert_has(&err, &["every cell is excluded"]);
 }
 
 #[test]
 fn duplicate_names() {
-    let err = error_for("  random: {kind: random, gamma: 0.5}", "  random: {kind: random, gamma: 0.5}\n  random: {kind: format}");
-    assert_has(&err, &["duplicate name `random`", "exp.yaml:9:3", "rewards.random"]);
+    let err = error_for(
+        "  random: {kind: random, gamma: 0.5}",
+        "  random: {kind: random, gamma: 0.5}\n  random: {kind: format}",
+    );
+    assert_has(
+        &err,
+        &["duplicate name `random`", "exp.yaml:9:3", "rewards.random"],
+    );
 }
 
 #[test]
 fn out_of_range_values() {
     let err = error_for("    lr: 5.0e-7", "    lr: -5.0e-7");
-    assert_has(&err, &["`update.lr` the learning rate must be a positive", "exp.yaml:16:9", "defaults.update.lr"]);
+    assert_has(
+        &err,
+        &[
+            "`update.lr` the learning rate must be a positive",
+            "exp.yaml:16:9",
+            "defaults.update.lr",
+        ],
+    );
     let err = error_for("    samples_per_prompt: 4", "    samples_per_prompt: 0");
-    assert_has(&err, &["rollout.samples_per_prompt", "must be at least 1", "exp.yaml:14:25"]);
+    assert_has(
+        &err,
+        &[
+            "rollout.samples_per_prompt",
+            "must be at least 1",
+            "exp.yaml:14:25",
+        ],
+    );
     let err = error_for("gamma: 0.5", "gamma: 1.5");
-    assert_has(&err, &["gamma must be in [0, 1]", "exp.yaml:8:33", "rewards.random.gamma"]);
+    assert_has(
+        &err,
+        &[
+            "gamma must be in [0, 1]",
+            "exp.yaml:8:33",
+            "rewards.random.gamma",
+        ],
+    );
 }
 
 #[test]
 fn range_error_points_at_the_override_that_caused_it() {
-    let err = error_for("  seed: [1, 2]\n", "  seed: [1, 2]\noverrides:\n  - match: {reward: random}\n    set: {update: {lr: 0}}\n");
-    assert_has(&err, &["`update.lr`", "overrides[0].set.update.lr", "exp.yaml:24:"]);
+    let err = error_for(
+        "  seed: [1, 2]\n",
+        "  seed: [1, 2]\noverrides:\n  - match: {reward: random}\n    set: {update: {lr: 0}}\n",
+    );
+    assert_has(
+        &err,
+        &["`update.lr`", "overrides[0].set.update.lr", "exp.yaml:24:"],
+    );
 }
 
 #[test]
@@ -121,22 +209,60 @@ fn cycles_among_commands() {
     let ws = Workspace::new();
     ws.write("exp.yaml", "commands:\n  a:\n    run: echo a\n    needs: [c]\n  b:\n    run: echo b\n    needs: [a]\n  c:\n    run: echo c\n    needs: [b]\n");
     let err = ws.fails(&["run", "exp.yaml"]);
-    assert_has(&err, &["cycle among command stages: a → b → c → a", "exp.yaml:4:5", "commands.a.needs"]);
-    assert!(!ws.cache().join("nodes").exists() || ws.cache().join("nodes").read_dir().unwrap().next().is_none());
+    assert_has(
+        &err,
+        &[
+            "cycle among command stages: a → b → c → a",
+            "exp.yaml:4:5",
+            "commands.a.needs",
+        ],
+    );
+    assert!(
+        !ws.cache().join("nodes").exists()
+            || ws
+                .cache()
+                .join("nodes")
+                .read_dir()
+                .unwrap()
+                .next()
+                .is_none()
+    );
 }
 
 #[test]
 fn unknown_reference_and_unknown_stage() {
     let ws = Workspace::new();
-    ws.write("exp.yaml", "commands:\n  a:\n    run: echo ${sed}\npipeline: [a, rollot]\ngrid:\n  seed: [1]\n");
+    ws.write(
+        "exp.yaml",
+        "commands:\n  a:\n    run: echo ${sed}\npipeline: [a, rollot]\ngrid:\n  seed: [1]\n",
+    );
     let err = ws.fails(&["plan", "exp.yaml"]);
-    assert_has(&err, &["unknown stage `rollot`", "exp.yaml:4:15", "did you mean `rollout`?"]);
+    assert_has(
+        &err,
+        &[
+            "unknown stage `rollot`",
+            "exp.yaml:4:15",
+            "did you mean `rollout`?",
+        ],
+    );
 }
 
 #[test]
 fn several_problems_are_reported_together() {
     let ws = Workspace::new();
-    ws.write("exp.yaml", &GOOD.replace("  model: smol", "  model: smoll").replace("[ground_truth, random]", "[ground_truth, rnadom]"));
+    ws.write(
+        "exp.yaml",
+        &GOOD
+            .replace("  model: smol", "  model: smoll")
+            .replace("[ground_truth, random]", "[ground_truth, rnadom]"),
+    );
     let err = ws.fails(&["plan", "exp.yaml"]);
-    assert_has(&err, &["undefined model `smoll`", "undefined reward `rnadom`", "2 problems"]);
+    assert_has(
+        &err,
+        &[
+            "undefined model `smoll`",
+            "undefined reward `rnadom`",
+            "2 problems",
+        ],
+    );
 }

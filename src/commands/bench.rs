@@ -39,23 +39,40 @@ pub struct PlanBench {
 pub fn paper_grid(seeds: usize) -> String {
     let pin = |i: usize| format!("{:064x}", i + 1);
     let models = [
-        "qwen2.5-math-7b", "qwen2.5-math-1.5b", "qwen2.5-7b", "qwen2.5-1.5b",
-        "olmo2-7b", "olmo2-7b-sft", "llama3.1-8b-instruct", "llama3.2-3b-instruct",
+        "qwen2.5-math-7b",
+        "qwen2.5-math-1.5b",
+        "qwen2.5-7b",
+        "qwen2.5-1.5b",
+        "olmo2-7b",
+        "olmo2-7b-sft",
+        "llama3.1-8b-instruct",
+        "llama3.2-3b-instruct",
     ];
     let mut s = String::from("name: bench-paper-grid\nmodels:\n");
     for (i, m) in models.iter().enumerate() {
-        s.push_str(&format!("  {m}: {{sources: [{{hub: org/{m}}}], sha256: \"{}\"}}\n", pin(i)));
+        s.push_str(&format!(
+            "  {m}: {{sources: [{{hub: org/{m}}}], sha256: \"{}\"}}\n",
+            pin(i)
+        ));
     }
     s.push_str("datasets:\n");
-    for (i, d) in ["deepscaler", "math500", "aime24", "aime25", "amc"].iter().enumerate() {
-        s.push_str(&format!("  {d}: {{sources: [{{path: {d}.jsonl}}], sha256: \"{}\"}}\n", pin(100 + i)));
+    for (i, d) in ["deepscaler", "math500", "aime24", "aime25", "amc"]
+        .iter()
+        .enumerate()
+    {
+        s.push_str(&format!(
+            "  {d}: {{sources: [{{path: {d}.jsonl}}], sha256: \"{}\"}}\n",
+            pin(100 + i)
+        ));
     }
     s.push_str(
         "rewards:\n  ground_truth: {kind: ground_truth}\n  majority_vote: {kind: majority_vote}\n  incorrect: {kind: incorrect}\n  format: {kind: format}\n  random: {kind: random, gamma: 0.5}\n  python: {kind: python}\n  one_shot: {kind: one_shot, example: {problem: \"1+1\", answer: \"2\"}}\n",
     );
     s.push_str("defaults:\n  train_data: deepscaler\n  steps: 300\n  eval_every: 10\n  evals:\n    math500: {dataset: math500}\n    aime24: {dataset: aime24, temperature: 0.6, samples: 8, at: end}\n    aime25: {dataset: aime25, temperature: 0.6, samples: 8, at: end}\n    amc: {dataset: amc, temperature: 0.6, samples: 8, at: end}\ngrid:\n");
     s.push_str(&format!("  model: [{}]\n", models.join(", ")));
-    s.push_str("  reward: [ground_truth, majority_vote, incorrect, format, random, python, one_shot]\n");
+    s.push_str(
+        "  reward: [ground_truth, majority_vote, incorrect, format, random, python, one_shot]\n",
+    );
     let seeds: Vec<String> = (1..=seeds).map(|i| i.to_string()).collect();
     s.push_str(&format!("  seed: [{}]\n", seeds.join(", ")));
     s
@@ -64,7 +81,10 @@ pub fn paper_grid(seeds: usize) -> String {
 pub fn run(cmd: BenchCommand, _cache: &Path) -> Result<ExitCode> {
     let BenchCommand::Plan(args) = cmd;
     let dir = tempfile::tempdir()?;
-    let file = args.write.clone().unwrap_or_else(|| dir.path().join("paper.yaml"));
+    let file = args
+        .write
+        .clone()
+        .unwrap_or_else(|| dir.path().join("paper.yaml"));
     std::fs::write(&file, paper_grid(3 * args.scale))?;
     let cache = dir.path().join("cache");
     let store = Store::open(&cache)?;
@@ -92,7 +112,11 @@ pub fn run(cmd: BenchCommand, _cache: &Path) -> Result<ExitCode> {
             std::fs::create_dir_all(&dir)?;
             std::fs::write(dir.join("manifest.json"), b"{}")?;
         }
-        println!("filled a cache with {} nodes in {:.1} s", plan.nodes.len(), t.elapsed().as_secs_f64());
+        println!(
+            "filled a cache with {} nodes in {:.1} s",
+            plan.nodes.len(),
+            t.elapsed().as_secs_f64()
+        );
         let mut best = f64::INFINITY;
         for _ in 0..args.repeat.max(1) {
             let t = Instant::now();

@@ -28,7 +28,10 @@ pub fn run(args: GcArgs, cache: &Path) -> Result<ExitCode> {
         keep.extend(plan.nodes.iter().map(|n| n.id));
     }
     let Some(_exclusive) = store.try_lock_exclusive()? else {
-        bail!("a `spur run` is using {}; run gc when it has finished", cache.display());
+        bail!(
+            "a `spur run` is using {}; run gc when it has finished",
+            cache.display()
+        );
     };
     let report = store.gc(&keep, args.yes)?;
     let verb = if args.yes { "removed" } else { "would remove" };

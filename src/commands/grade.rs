@@ -52,5 +52,9 @@ pub fn run(args: GradeArgs) -> anyhow::Result<ExitCode> {
         style.name(),
         summary.errors.len()
     )?;
-    Ok(if summary.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if summary.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -29,31 +29,51 @@ fn lock_path(file: &Path) -> PathBuf {
 }
 
 fn inputs(plan: &Plan) -> BTreeMap<String, String> {
-    plan.externals.iter().map(|e| (e.key.clone(), e.hash.hex())).collect()
+    plan.externals
+        .iter()
+        .map(|e| (e.key.clone(), e.hash.hex()))
+        .collect()
 }
 
 pub fn run(args: LockArgs, cache: &Path) -> Result<ExitCode> {
     let loaded = workspace::load(&args.file, cache)?;
-    let lock = LockFile { inputs: inputs(&loaded.plan) };
+    let lock = LockFile {
+        inputs: inputs(&loaded.plan),
+    };
     let path = lock_path(&args.file);
     let text = serde_yaml::to_string(&lock)?;
-    spur_store::write_atomic(&path, format!("# written by `spur lock`; checked by `spur run --locked`\n{text}").as_bytes())?;
-    println!("wrote {} ({} inputs pinned)", path.display(), lock.inputs.len());
+    spur_store::write_atomic(
+        &path,
+        format!("# written by `spur lock`; checked by `spur run --locked`\n{text}").as_bytes(),
+    )?;
+    println!(
+        "wrote {} ({} inputs pinned)",
+        path.display(),
+        lock.inputs.len()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 /// Fail, naming every difference, when the inputs no longer match the lock.
 pub fn check(file: &Path, plan: &Plan) -> Result<()> {
     let path = lock_path(file);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("--locked needs {}; create it with `spur lock {}`", path.display(), file.display()))?;
-    let locked: LockFile = serde_yaml::from_str(&text).with_context(|| format!("{} is not a valid lock file", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "--locked needs {}; create it with `spur lock {}`",
+            path.display(),
+            file.display()
+        )
+    })?;
+    let locked: LockFile = serde_yaml::from_str(&text)
+        .with_context(|| format!("{} is not a valid lock file", path.display()))?;
     let now = inputs(plan);
     let mut problems = Vec::new();
     for (key, hash) in &now {
         match locked.inputs.get(key) {
             None => problems.push(format!("{key}: not in the lock file (new input)")),
-            Some(old) if old != hash => problems.push(format!("{key}: changed (locked {old}, now {hash})")),
+            Some(old) if old != hash => {
+                problems.push(format!("{key}: changed (locked {old}, now {hash})"))
+            }
             _ => {}
         }
     }

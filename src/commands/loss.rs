@@ -16,8 +16,13 @@ pub struct LossArgs {
 }
 
 pub fn run(args: LossArgs) -> anyhow::Result<ExitCode> {
-    let name = args.input.display().to_string();
-    let text = if args.input.as_os_str() == "-" {
+    let from_stdin = args.input.as_os_str() == "-";
+    let name = if from_stdin {
+        "standard input".to_string()
+    } else {
+        args.input.display().to_string()
+    };
+    let text = if from_stdin {
         let mut text = String::new();
         std::io::stdin()
             .read_to_string(&mut text)

@@ -1,6 +1,8 @@
 pub mod bench;
 pub mod gc;
+pub mod grade;
 pub mod lock;
+pub mod loss;
 pub mod plan;
 pub mod run;
 pub mod show;

@@ -52,8 +52,14 @@ pub fn run(args: PlanArgs, cache: &Path) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    let shared = nodes.iter().filter(|&&n| plan.nodes[n as usize].runs.len() > 1).count();
-    let n_cached = nodes.iter().filter(|&&n| cached.contains(&plan.nodes[n as usize].id)).count();
+    let shared = nodes
+        .iter()
+        .filter(|&&n| plan.nodes[n as usize].runs.len() > 1)
+        .count();
+    let n_cached = nodes
+        .iter()
+        .filter(|&&n| cached.contains(&plan.nodes[n as usize].id))
+        .count();
     let mut by_kind: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     for &n in &nodes {
         let node = &plan.nodes[n as usize];
@@ -65,7 +71,11 @@ pub fn run(args: PlanArgs, cache: &Path) -> Result<ExitCode> {
     }
     println!("experiment {} ({})", exp.name, exp.path.display());
     println!("  runs:   {}", runs.len());
-    println!("  nodes:  {} ({} shared by several runs)", nodes.len(), shared);
+    println!(
+        "  nodes:  {} ({} shared by several runs)",
+        nodes.len(),
+        shared
+    );
     for (kind, (count, shared)) in &by_kind {
         println!("    {kind:<8} {count:>7}  ({shared} shared)");
     }

@@ -80,9 +80,9 @@ pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
         .map(|d| d.trim().to_string())
         .collect();
     let options = Options {
-        jobs: args.jobs.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        }),
+        jobs: args
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         keep_going: args.keep_going,
         verify: args.verify,
         devices,
@@ -99,16 +99,30 @@ pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
 
     for &r in &runs {
         let failure = outcome.failures.iter().find(|f| f.run == r);
-        let complete = plan.runs[r].nodes.iter().all(|&n| store.is_cached(&plan.nodes[n as usize].id));
+        let complete = plan.runs[r]
+            .nodes
+            .iter()
+            .all(|&n| store.is_cached(&plan.nodes[n as usize].id));
         let status = match (failure, complete) {
             (Some(_), _) => "failed",
             (None, true) => "finished",
             (None, false) => "stopped",
         };
-        record::write(store, exp, plan, r, &ctx, status, failure.map(|f| f.message.as_str()))?;
+        record::write(
+            store,
+            exp,
+            plan,
+            r,
+            &ctx,
+            status,
+            failure.map(|f| f.message.as_str()),
+        )?;
     }
     for (id, why) in &outcome.corrupted {
-        eprintln!("warning: cache entry {} was corrupted and has been recomputed ({why})", &id.hex()[..12]);
+        eprintln!(
+            "warning: cache entry {} was corrupted and has been recomputed ({why})",
+            &id.hex()[..12]
+        );
     }
     println!(
         "computed {} node{}, {} finished by another process, {} skipped",

@@ -21,7 +21,10 @@ pub fn run(args: ShowArgs, cache: &Path) -> Result<ExitCode> {
     }
     let (nodes, runs) = store.find(id)?;
     match (nodes.as_slice(), runs.as_slice()) {
-        ([], []) => bail!("no run or node in {} has an id starting with `{id}`", cache.display()),
+        ([], []) => bail!(
+            "no run or node in {} has an id starting with `{id}`",
+            cache.display()
+        ),
         ([node], []) => {
             let manifest = store.read_manifest(node)?;
             println!("{}", serde_json::to_string_pretty(&manifest)?);
@@ -31,7 +34,8 @@ pub fn run(args: ShowArgs, cache: &Path) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&record)?);
         }
         _ => {
-            let mut names: Vec<String> = nodes.iter().map(|n| format!("node {}", n.hex())).collect();
+            let mut names: Vec<String> =
+                nodes.iter().map(|n| format!("node {}", n.hex())).collect();
             names.extend(runs.iter().map(|r| format!("run  {r}")));
             bail!("`{id}` is ambiguous; it starts:\n  {}", names.join("\n  "));
         }

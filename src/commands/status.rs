@@ -21,10 +21,17 @@ pub fn run(args: StatusArgs, cache: &Path) -> Result<ExitCode> {
     let (exp, plan, store) = (&loaded.experiment, &loaded.plan, &loaded.store);
     let runs = workspace::select_runs(exp, args.only.as_deref())?;
     let cached = workspace::cached(store)?;
-    println!("{:<16}  {:>13}  {:>5}  {:<9}  cell", "run", "nodes", "step", "state");
+    println!(
+        "{:<16}  {:>13}  {:>5}  {:<9}  cell",
+        "run", "nodes", "step", "state"
+    );
     for r in runs {
         let run = &plan.runs[r];
-        let done = run.nodes.iter().filter(|&&n| cached.contains(&plan.nodes[n as usize].id)).count();
+        let done = run
+            .nodes
+            .iter()
+            .filter(|&&n| cached.contains(&plan.nodes[n as usize].id))
+            .count();
         let step = run
             .nodes
             .iter()
@@ -55,7 +62,11 @@ pub fn run(args: StatusArgs, cache: &Path) -> Result<ExitCode> {
             state,
             exp.runs[r].label()
         );
-        if let Some(err) = record.as_ref().and_then(|r| r.get("error")).and_then(|e| e.as_str()) {
+        if let Some(err) = record
+            .as_ref()
+            .and_then(|r| r.get("error"))
+            .and_then(|e| e.as_str())
+        {
             if state == "failed" {
                 println!("{:18}error: {}", "", err.lines().next().unwrap_or(""));
             }

@@ -25,20 +25,25 @@ pub struct Progress {
 
 impl Progress {
     fn new(enabled: bool, nodes: u64, workers: usize) -> Progress {
-        let multi = MultiProgress::with_draw_target(if enabled && std::io::stdout().is_terminal() {
-            ProgressDrawTarget::stdout()
-        } else {
-            ProgressDrawTarget::hidden()
-        });
+        let multi =
+            MultiProgress::with_draw_target(if enabled && std::io::stdout().is_terminal() {
+                ProgressDrawTarget::stdout()
+            } else {
+                ProgressDrawTarget::hidden()
+            });
         let total = multi.add(ProgressBar::new(nodes));
         total.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} nodes  {elapsed} elapsed, ETA {eta}")
-                .expect("valid template"),
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} nodes  {elapsed} elapsed, ETA {eta}",
+            )
+            .expect("valid template"),
         );
         let workers = (0..workers)
             .map(|_| {
                 let w = multi.add(ProgressBar::new_spinner());
-                w.set_style(ProgressStyle::with_template("  {spinner} {msg}").expect("valid template"));
+                w.set_style(
+                    ProgressStyle::with_template("  {spinner} {msg}").expect("valid template"),
+                );
                 w
             })
             .collect();
@@ -150,7 +155,10 @@ impl Executor for LocalExecutor {
         let state = State {
             job,
             options,
-            waiting: units.iter().map(|u| AtomicUsize::new(u.after.len())).collect(),
+            waiting: units
+                .iter()
+                .map(|u| AtomicUsize::new(u.after.len()))
+                .collect(),
             dependents,
             units,
             stop: AtomicBool::new(false),
@@ -264,11 +272,10 @@ impl<'a> State<'a> {
         if store.is_cached(&node.id) {
             return reused();
         }
-        let stage = self
-            .job
-            .registry
-            .get(node.kind)
-            .ok_or_else(|| spur_stages::StageError::Unavailable { kind: node.kind }.to_string())?;
+        let stage =
+            self.job.registry.get(node.kind).ok_or_else(|| {
+                spur_stages::StageError::Unavailable { kind: node.kind }.to_string()
+            })?;
         let label = node
             .runs
             .first()
@@ -323,9 +330,14 @@ impl<'a> State<'a> {
             devices,
             session,
         };
-        let metrics = stage
-            .run(&mut ctx)
-            .map_err(|e| format!("{} step {} ({}): {e}", node.kind, node.step, &node.id.hex()[..12]))?;
+        let metrics = stage.run(&mut ctx).map_err(|e| {
+            format!(
+                "{} step {} ({}): {e}",
+                node.kind,
+                node.step,
+                &node.id.hex()[..12]
+            )
+        })?;
         let manifest = NodeManifest {
             id: node.id.hex(),
             kind: node.kind.name().to_string(),
@@ -382,7 +394,12 @@ impl<'a> State<'a> {
         let every = node
             .runs
             .first()
-            .map(|&r| self.job.experiment.runs[r as usize].params.materialize.checkpoint_every)
+            .map(|&r| {
+                self.job.experiment.runs[r as usize]
+                    .params
+                    .materialize
+                    .checkpoint_every
+            })
             .unwrap_or(0);
         if every > 0 && prev.step % every == 0 {
             return Ok(());

@@ -28,11 +28,19 @@ pub fn units(plan: &Plan, runs: &[usize], cached: &HashSet<Hash>) -> Vec<Unit> {
                 continue;
             }
             let u = if node.runs.len() > 1 {
-                units.push(Unit { nodes: vec![n], after: Vec::new(), run: None });
+                units.push(Unit {
+                    nodes: Vec::new(),
+                    after: Vec::new(),
+                    run: None,
+                });
                 units.len() - 1
             } else {
                 *chain.get_or_insert_with(|| {
-                    units.push(Unit { nodes: Vec::new(), after: Vec::new(), run: Some(r) });
+                    units.push(Unit {
+                        nodes: Vec::new(),
+                        after: Vec::new(),
+                        run: Some(r),
+                    });
                     units.len() - 1
                 })
             };

@@ -25,6 +25,8 @@ pub enum PromptTemplate {
     QwenMath,
     /// The R1 `<think>/<answer>` prompt [`R1_PROMPT`], stopped at [`R1_STOP`].
     R1,
+    /// The problem text as it is.
+    Raw,
     /// A Jinja template string; it sees `problem`, `messages`, `bos_token`, `eos_token` and
     /// `add_generation_prompt`.
     Jinja(String),
@@ -37,12 +39,13 @@ struct Message<'a> {
 }
 
 impl PromptTemplate {
-    /// `chat`, `qwen-math`, `r1`, or else a Jinja template string.
+    /// `chat`, `qwen-math`, `r1`, `raw`, or else a Jinja template string.
     pub fn parse(s: &str) -> Self {
         match s {
             "chat" => PromptTemplate::Chat { system: None },
             "qwen-math" => PromptTemplate::QwenMath,
             "r1" => PromptTemplate::R1,
+            "raw" => PromptTemplate::Raw,
             other => PromptTemplate::Jinja(other.to_string()),
         }
     }
@@ -59,13 +62,14 @@ impl PromptTemplate {
     pub fn render(&self, tokenizer: &Tokenizer, problem: &str) -> Result<String> {
         match self {
             PromptTemplate::R1 => Ok(R1_PROMPT.replacen("{}", problem, 1)),
+            PromptTemplate::Raw => Ok(problem.to_string()),
             PromptTemplate::QwenMath => Ok(format!(
                 "<|im_start|>system\n{QWEN_MATH_SYSTEM}<|im_end|>\n<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n"
             )),
             PromptTemplate::Chat { system } => {
                 let template = tokenizer.chat_template().ok_or_else(|| {
                     Error::Template(
-                        "the model has no chat template; use the r1 template or a template string"
+                        "the model has no chat template; use the r1 or raw template, or a template string"
                             .into(),
                     )
                 })?;

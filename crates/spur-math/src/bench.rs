@@ -28,14 +28,22 @@ pub fn load_corpus(paths: &[&Path]) -> std::io::Result<Vec<(String, String, Opti
                 )
             })?;
             let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
-            rows.push((s("gold"), s("response"), v.get("paper_verdict").and_then(|x| x.as_bool())));
+            rows.push((
+                s("gold"),
+                s("response"),
+                v.get("paper_verdict").and_then(|x| x.as_bool()),
+            ));
         }
     }
     Ok(rows)
 }
 
 /// Extracts and grades every row `repeat` times on this thread.
-pub fn grade_corpus(rows: &[(String, String, Option<bool>)], grader: Grader, repeat: usize) -> BenchResult {
+pub fn grade_corpus(
+    rows: &[(String, String, Option<bool>)],
+    grader: Grader,
+    repeat: usize,
+) -> BenchResult {
     let start = Instant::now();
     let mut agree = 0;
     for _ in 0..repeat.max(1) {
@@ -47,5 +55,10 @@ pub fn grade_corpus(rows: &[(String, String, Option<bool>)], grader: Grader, rep
     }
     let seconds = start.elapsed().as_secs_f64();
     let n = rows.len() * repeat.max(1);
-    BenchResult { rows: n, seconds, responses_per_sec: n as f64 / seconds, agree_with_paper: agree }
+    BenchResult {
+        rows: n,
+        seconds,
+        responses_per_sec: n as f64 / seconds,
+        agree_with_paper: agree,
+    }
 }

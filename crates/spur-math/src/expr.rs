@@ -38,7 +38,10 @@ pub fn is_zero(expr: &str) -> bool {
         let values: Vec<Complex64> = (0..symbols.len())
             .map(|k| sample(point, k as u64))
             .collect();
-        let env = Env { symbols: &symbols, values: &values };
+        let env = Env {
+            symbols: &symbols,
+            values: &values,
+        };
         let Some((d, scale)) = ast.eval_diff(&env) else {
             continue;
         };
@@ -96,7 +99,9 @@ fn tokenize(s: &str) -> Option<Vec<Tok>> {
         let ch = c[i];
         if matches!(ch, ' ' | '\t' | '\n' | '\r' | '\x0c') {
             i += 1;
-        } else if ch.is_ascii_digit() || (ch == '.' && c.get(i + 1).is_some_and(char::is_ascii_digit)) {
+        } else if ch.is_ascii_digit()
+            || (ch == '.' && c.get(i + 1).is_some_and(char::is_ascii_digit))
+        {
             let (tok, next) = number(&c, i)?;
             out.push(tok);
             i = next;
@@ -138,7 +143,13 @@ fn tokenize(s: &str) -> Option<Vec<Tok>> {
 /// literal, so `012` reads as `0` then `12`), float, or imaginary.
 fn number(c: &[char], start: usize) -> Option<(Tok, usize)> {
     let digits = |mut i: usize| -> usize {
-        while i < c.len() && (c[i].is_ascii_digit() || (c[i] == '_' && i > start && c[i - 1].is_ascii_digit() && c.get(i + 1).is_some_and(char::is_ascii_digit))) {
+        while i < c.len()
+            && (c[i].is_ascii_digit()
+                || (c[i] == '_'
+                    && i > start
+                    && c[i - 1].is_ascii_digit()
+                    && c.get(i + 1).is_some_and(char::is_ascii_digit)))
+        {
             i += 1;
         }
         i
@@ -420,7 +431,11 @@ impl Ast {
                         if e.unsigned_abs() > 4096 || (x.is_zero() && e < 0) {
                             return None;
                         }
-                        Some(if e >= 0 { pow(&x, e as u32) } else { pow(&x.recip(), e.unsigned_abs()) })
+                        Some(if e >= 0 {
+                            pow(&x, e as u32)
+                        } else {
+                            pow(&x.recip(), e.unsigned_abs())
+                        })
                     }
                     _ => None,
                 }
@@ -440,7 +455,12 @@ impl Ast {
                 if n > 1000 {
                     return None;
                 }
-                Some(BigRational::from_integer((1..=n).map(BigInt::from).product::<BigInt>().max(BigInt::one())))
+                Some(BigRational::from_integer(
+                    (1..=n)
+                        .map(BigInt::from)
+                        .product::<BigInt>()
+                        .max(BigInt::one()),
+                ))
             }
             _ => None,
         }
@@ -493,7 +513,10 @@ impl Ast {
                         x / y
                     }
                     _ => match b.exact() {
-                        Some(e) if e.is_integer() && e.abs() < BigRational::from_integer(4096.into()) => {
+                        Some(e)
+                            if e.is_integer()
+                                && e.abs() < BigRational::from_integer(4096.into()) =>
+                        {
                             let n = e.to_integer().to_i32()?;
                             if x.norm() == 0.0 && n < 0 {
                                 return None;

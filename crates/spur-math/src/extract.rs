@@ -217,7 +217,10 @@ fn strip(input: &str, strict: bool) -> String {
     let mut s = input.trim().replace('\n', "");
     s.truncate(s.trim_end_matches('.').len());
     s = s.replace("\\!", "");
-    s = p.array_begin.replace_all(&s, r"\begin{pmatrix}").into_owned();
+    s = p
+        .array_begin
+        .replace_all(&s, r"\begin{pmatrix}")
+        .into_owned();
     s = p.array_end.replace_all(&s, r"\end{pmatrix}").into_owned();
     s = s.replace("bmatrix", "pmatrix");
     s = s.replace("tfrac", "frac").replace("dfrac", "frac");
@@ -243,11 +246,19 @@ fn strip(input: &str, strict: bool) -> String {
     if strict {
         s = remove_units_after_numbers(&s);
     } else {
+        let table = units();
+        // Which unit heads occur at all; recomputed whenever the text changes.
+        let mut present = table.present(&s);
         for _ in 0..2 {
-            for unit in units() {
-                let stripped = remove_unit(&s, unit);
-                if !stripped.is_empty() {
-                    s = stripped;
+            for unit in &table.units {
+                if !present[unit.head] {
+                    continue;
+                }
+                if let Some(stripped) = remove_unit(&s, unit) {
+                    if !stripped.is_empty() {
+                        s = stripped;
+                        present = table.present(&s);
+                    }
                 }
             }
         }
@@ -279,7 +290,10 @@ fn strip(input: &str, strict: bool) -> String {
     if s.contains('j') && !s.contains('i') {
         s = s.replace('j', "i");
     }
-    s = p.trailing_zeros_mid.replace_all(&s, "${1}${2}").into_owned();
+    s = p
+        .trailing_zeros_mid
+        .replace_all(&s, "${1}${2}")
+        .into_owned();
     s = p.trailing_zeros_end.replace_all(&s, "${1}").into_owned();
     if s.is_empty() {
         return s;
@@ -326,7 +340,7 @@ fn remove_last_text_group(s: &str) -> String {
 /// non-word character or the end. One-letter "units" are variables in MATH.
 fn remove_units_after_numbers(s: &str) -> String {
     let mut out = s.to_string();
-    for text in UNIT_TEXTS.iter().copied() {
+    for text in UNIT_TEXTS {
         for unit in [text.to_string(), format!("{text}s")] {
             let unit = unit.trim();
             if unit.chars().count() < 2 {
@@ -337,7 +351,7 @@ fn remove_units_after_numbers(s: &str) -> String {
                 let at = from + k;
                 let end = at + unit.len();
                 let before = out[..at].strip_suffix(' ').unwrap_or(&out[..at]);
-                let after_ok = out[end..].chars().next().map_or(true, |c| !is_word_char(c));
+                let after_ok = !matches!(out[end..].chars().next(), Some(c) if is_word_char(c));
                 if before.ends_with(|c: char| c.is_ascii_digit()) && after_ok {
                     let keep = before.len();
                     out = format!("{}{}", &out[..keep], &out[end..]);
@@ -408,34 +422,196 @@ fn is_canonical_int(x: &str) -> bool {
 
 /// One unit of Qwen's list as a pattern: `None` stands for the regex `.`
 /// (the list is used unescaped, so "b ." matches "b" + " " + any character).
-type UnitPattern = Vec<Option<char>>;
+struct UnitPattern {
+    pattern: Vec<Option<char>>,
+    /// Index in `Units::heads` of the literal characters before the first `.`:
+    /// a unit can only match where its head occurs.
+    head: usize,
+}
+
+struct Units {
+    units: Vec<UnitPattern>,
+    heads: aho_corasick::AhoCorasick,
+    n_heads: usize,
+}
+
+impl Units {
+    fn present(&self, s: &str) -> Vec<bool> {
+        let mut found = vec![false; self.n_heads];
+        for m in self.heads.find_overlapping_iter(s) {
+            found[m.pattern().as_usize()] = true;
+        }
+        found
+    }
+}
 
 const UNIT_TEXTS: &[&str] = &[
-    "east", "degree", "mph", "kmph", "ft", "m sqaure", " m east", "sq m", "deg", "mile",
-    "q .", "monkey", "prime", "ratio", "profit of rs", "rd", "o", "gm", "p . m", "lb",
-    "tile", "per", "dm", "lt", "gain", "ab", "way", "west", "a .", "b .", "c .", "d .",
-    "e .", "f .", "g .", "h .", "t", "a", "h", "no change", "men", "soldier", "pie", "bc",
-    "excess", "st", "inches", "noon", "percent", "by", "gal", "kmh", "c", "acre", "rise",
-    "a . m", "th", "π r 2", "sq", "mark", "l", "toy", "coin", "sq . m", "gallon", "° f",
-    "profit", "minw", "yr", "women", "feet", "am", "pm", "hr", "cu cm", "square",
-    "v â € ™", "are", "rupee", "rounds", "cubic", "cc", "mtr", "s", "ohm", "number",
-    "kmph", "day", "hour", "minute", "min", "second", "man", "woman", "sec", "cube", "mt",
-    "sq inch", "mp", "∏ cm ³", "hectare", "more", "sec", "unit", "cu . m", "cm 2", "rs .",
-    "rs", "kg", "g", "month", "km", "m", "cm", "mm", "apple", "liter", "loss", "yard",
-    "pure", "year", "increase", "decrease", "d", "less", "Surface", "litre", "pi sq m",
-    "s .", "metre", "meter", "inch",
+    "east",
+    "degree",
+    "mph",
+    "kmph",
+    "ft",
+    "m sqaure",
+    " m east",
+    "sq m",
+    "deg",
+    "mile",
+    "q .",
+    "monkey",
+    "prime",
+    "ratio",
+    "profit of rs",
+    "rd",
+    "o",
+    "gm",
+    "p . m",
+    "lb",
+    "tile",
+    "per",
+    "dm",
+    "lt",
+    "gain",
+    "ab",
+    "way",
+    "west",
+    "a .",
+    "b .",
+    "c .",
+    "d .",
+    "e .",
+    "f .",
+    "g .",
+    "h .",
+    "t",
+    "a",
+    "h",
+    "no change",
+    "men",
+    "soldier",
+    "pie",
+    "bc",
+    "excess",
+    "st",
+    "inches",
+    "noon",
+    "percent",
+    "by",
+    "gal",
+    "kmh",
+    "c",
+    "acre",
+    "rise",
+    "a . m",
+    "th",
+    "π r 2",
+    "sq",
+    "mark",
+    "l",
+    "toy",
+    "coin",
+    "sq . m",
+    "gallon",
+    "° f",
+    "profit",
+    "minw",
+    "yr",
+    "women",
+    "feet",
+    "am",
+    "pm",
+    "hr",
+    "cu cm",
+    "square",
+    "v â € ™",
+    "are",
+    "rupee",
+    "rounds",
+    "cubic",
+    "cc",
+    "mtr",
+    "s",
+    "ohm",
+    "number",
+    "kmph",
+    "day",
+    "hour",
+    "minute",
+    "min",
+    "second",
+    "man",
+    "woman",
+    "sec",
+    "cube",
+    "mt",
+    "sq inch",
+    "mp",
+    "∏ cm ³",
+    "hectare",
+    "more",
+    "sec",
+    "unit",
+    "cu . m",
+    "cm 2",
+    "rs .",
+    "rs",
+    "kg",
+    "g",
+    "month",
+    "km",
+    "m",
+    "cm",
+    "mm",
+    "apple",
+    "liter",
+    "loss",
+    "yard",
+    "pure",
+    "year",
+    "increase",
+    "decrease",
+    "d",
+    "less",
+    "Surface",
+    "litre",
+    "pi sq m",
+    "s .",
+    "metre",
+    "meter",
+    "inch",
 ];
 
 /// Qwen's unit list followed by every unit with an "s" appended, in order.
-fn units() -> &'static [UnitPattern] {
-    static UNITS: OnceLock<Vec<UnitPattern>> = OnceLock::new();
+fn units() -> &'static Units {
+    static UNITS: OnceLock<Units> = OnceLock::new();
     UNITS.get_or_init(|| {
-        let pattern = |t: &str| -> UnitPattern {
-            t.chars().map(|c| if c == '.' { None } else { Some(c) }).collect()
-        };
-        let mut v: Vec<UnitPattern> = UNIT_TEXTS.iter().map(|t| pattern(t)).collect();
-        v.extend(UNIT_TEXTS.iter().map(|t| pattern(&format!("{t}s"))));
-        v
+        let texts: Vec<String> = UNIT_TEXTS
+            .iter()
+            .map(|t| t.to_string())
+            .chain(UNIT_TEXTS.iter().map(|t| format!("{t}s")))
+            .collect();
+        let mut heads: Vec<String> = Vec::new();
+        let units = texts
+            .iter()
+            .map(|t| {
+                let pattern: Vec<Option<char>> = t
+                    .chars()
+                    .map(|c| if c == '.' { None } else { Some(c) })
+                    .collect();
+                let head: String = pattern.iter().map_while(|c| *c).collect();
+                let idx = heads.iter().position(|h| *h == head).unwrap_or_else(|| {
+                    heads.push(head);
+                    heads.len() - 1
+                });
+                UnitPattern { pattern, head: idx }
+            })
+            .collect();
+        let n_heads = heads.len();
+        let heads = aho_corasick::AhoCorasick::new(&heads).expect("unit heads build an automaton");
+        Units {
+            units,
+            heads,
+            n_heads,
+        }
     })
 }
 
@@ -445,14 +621,9 @@ pub(crate) fn is_word_char(c: char) -> bool {
 }
 
 /// `re.sub(r"(^|\W)" + unit + r"($|\W)", r"\1\2", s)`, written out so that the
-/// 560 substitutions per answer need no regex engine.
-fn remove_unit(s: &str, unit: &[Option<char>]) -> String {
-    // Cheap rejection: the first literal character must occur somewhere.
-    if let Some(first) = unit.iter().flatten().next() {
-        if !s.contains(*first) {
-            return s.to_string();
-        }
-    }
+/// 560 substitutions per answer need no regex engine. `None` when nothing matched.
+fn remove_unit(s: &str, unit: &UnitPattern) -> Option<String> {
+    let unit = &unit.pattern;
     let chars: Vec<char> = s.chars().collect();
     let n = chars.len();
     let unit_at = |start: usize| -> Option<usize> {
@@ -480,6 +651,7 @@ fn remove_unit(s: &str, unit: &[Option<char>]) -> String {
         }
     };
     let mut out = String::with_capacity(s.len());
+    let mut changed = false;
     let mut p = 0;
     while p < n {
         let mut hit = None;
@@ -493,6 +665,7 @@ fn remove_unit(s: &str, unit: &[Option<char>]) -> String {
         }
         match hit {
             Some((end, lead, trail)) => {
+                changed = true;
                 out.extend(lead);
                 out.extend(trail);
                 p = end;
@@ -503,7 +676,7 @@ fn remove_unit(s: &str, unit: &[Option<char>]) -> String {
             }
         }
     }
-    out
+    changed.then_some(out)
 }
 
 #[cfg(test)]
@@ -530,7 +703,10 @@ mod tests {
         assert_eq!(ex("no digits"), "");
         assert_eq!(extract_answer("the answer is 4", ExtractStyle::BoxOnly), "");
         assert_eq!(
-            extract_answer("<think>x</think><answer>\\boxed{7}</answer>", ExtractStyle::R1),
+            extract_answer(
+                "<think>x</think><answer>\\boxed{7}</answer>",
+                ExtractStyle::R1
+            ),
             "7"
         );
         assert_eq!(extract_answer("<answer> 12", ExtractStyle::R1), "12");

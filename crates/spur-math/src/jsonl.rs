@@ -76,7 +76,10 @@ pub fn grade_jsonl(
                 summary.graded += 1;
                 summary.correct += usize::from(correct);
             }
-            Err(message) => summary.errors.push(LineError { line: number, message }),
+            Err(message) => summary.errors.push(LineError {
+                line: number,
+                message,
+            }),
         }
     }
     output.flush().map_err(Error::Write)?;
@@ -89,7 +92,12 @@ fn grade_line(line: &str, grader: Grader, style: ExtractStyle) -> Result<(String
     }
     let Members(mut members) =
         serde_json::from_str(line).map_err(|e| format!("not a JSON object: {e}"))?;
-    let field = |name: &str| members.iter().find(|(k, _)| k == name).map(|(_, v)| v.get());
+    let field = |name: &str| {
+        members
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.get())
+    };
     let gold = match field("gold").map(serde_json::from_str::<serde_json::Value>) {
         None => return Err("missing field \"gold\"".into()),
         Some(Ok(serde_json::Value::String(s))) => s,
@@ -138,7 +146,13 @@ mod tests {
             "{\"gold\":142.0,\"response\":\"The answer is 142\",\"correct\":null}\n",
         );
         let mut out = Vec::new();
-        let s = grade_jsonl(input.as_bytes(), &mut out, Grader::Paper, ExtractStyle::Default).unwrap();
+        let s = grade_jsonl(
+            input.as_bytes(),
+            &mut out,
+            Grader::Paper,
+            ExtractStyle::Default,
+        )
+        .unwrap();
         let out = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
@@ -150,7 +164,10 @@ mod tests {
             r#"{"gold":142.0,"response":"The answer is 142","correct":true,"extracted":"142"}"#
         );
         assert_eq!((s.graded, s.correct), (2, 2));
-        assert_eq!(s.errors.iter().map(|e| e.line).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(
+            s.errors.iter().map(|e| e.line).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
         assert!(s.errors[1].message.contains("response"));
     }
 }

@@ -63,13 +63,62 @@ fn arg_spec(name: &str) -> &'static str {
 fn one_arg_macro(name: &str) -> bool {
     matches!(
         name,
-        "text" | "textrm" | "textit" | "textbf" | "textsc" | "textsl" | "texttt" | "textsf"
-            | "emph" | "mathrm" | "mathbf" | "mathit" | "mathsf" | "mathbb" | "mathtt"
-            | "mathcal" | "mathscr" | "mathfrak" | "ensuremath" | "overline" | "underline"
-            | "widehat" | "widetilde" | "overrightarrow" | "overleftarrow" | "overbrace"
-            | "underbrace" | "vec" | "dot" | "ddot" | "hat" | "check" | "breve" | "acute"
-            | "grave" | "tilde" | "bar" | "not" | "url" | "ket" | "bra" | "'" | "`" | "\""
-            | "^" | "~" | "=" | "." | "c" | "H" | "k" | "b" | "d" | "r" | "u" | "v"
+        "text"
+            | "textrm"
+            | "textit"
+            | "textbf"
+            | "textsc"
+            | "textsl"
+            | "texttt"
+            | "textsf"
+            | "emph"
+            | "mathrm"
+            | "mathbf"
+            | "mathit"
+            | "mathsf"
+            | "mathbb"
+            | "mathtt"
+            | "mathcal"
+            | "mathscr"
+            | "mathfrak"
+            | "ensuremath"
+            | "overline"
+            | "underline"
+            | "widehat"
+            | "widetilde"
+            | "overrightarrow"
+            | "overleftarrow"
+            | "overbrace"
+            | "underbrace"
+            | "vec"
+            | "dot"
+            | "ddot"
+            | "hat"
+            | "check"
+            | "breve"
+            | "acute"
+            | "grave"
+            | "tilde"
+            | "bar"
+            | "not"
+            | "url"
+            | "ket"
+            | "bra"
+            | "'"
+            | "`"
+            | "\""
+            | "^"
+            | "~"
+            | "="
+            | "."
+            | "c"
+            | "H"
+            | "k"
+            | "b"
+            | "d"
+            | "r"
+            | "u"
+            | "v"
     )
 }
 
@@ -79,14 +128,9 @@ impl Parser<'_> {
     }
 
     fn starts_with(&self, lit: &str) -> bool {
-        let mut k = self.i;
-        for c in lit.chars() {
-            if self.s.get(k) != Some(&c) {
-                return false;
-            }
-            k += 1;
-        }
-        true
+        lit.chars()
+            .enumerate()
+            .all(|(k, c)| self.s.get(self.i + k) == Some(&c))
     }
 
     fn skip_ws(&mut self) {
@@ -407,7 +451,12 @@ fn render_env(name: &str, body: &[Node], out: &mut String) {
                 .iter()
                 .map(|r| r.iter().map(|c| c.trim().to_string()).collect())
                 .collect();
-            let width = cells.iter().flatten().map(|c| c.chars().count()).max().unwrap_or(0);
+            let width = cells
+                .iter()
+                .flatten()
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0);
             let rows: Vec<String> = cells
                 .iter()
                 .map(|r| {
@@ -574,8 +623,8 @@ fn symbol(name: &str) -> &'static str {
         "textdegree" => "°",
         "textdollar" => "$",
         "cos" | "sin" | "tan" | "arccos" | "arcsin" | "arctan" | "cosh" | "sinh" | "tanh"
-        | "ln" | "log" | "exp" | "max" | "min" | "sup" | "inf" | "lim" | "det" | "gcd"
-        | "deg" | "dim" | "arg" | "ker" | "hom" | "lg" => static_name(name),
+        | "ln" | "log" | "exp" | "max" | "min" | "sup" | "inf" | "lim" | "det" | "gcd" | "deg"
+        | "dim" | "arg" | "ker" | "hom" | "lg" => static_name(name),
         "alpha" => "α",
         "beta" => "β",
         "gamma" => "γ",
@@ -623,8 +672,8 @@ fn symbol(name: &str) -> &'static str {
 fn static_name(name: &str) -> &'static str {
     const NAMES: &[&str] = &[
         "cos", "sin", "tan", "arccos", "arcsin", "arctan", "cosh", "sinh", "tanh", "ln", "log",
-        "exp", "max", "min", "sup", "inf", "lim", "det", "gcd", "deg", "dim", "arg", "ker",
-        "hom", "lg",
+        "exp", "max", "min", "sup", "inf", "lim", "det", "gcd", "deg", "dim", "arg", "ker", "hom",
+        "lg",
     ];
     NAMES.iter().find(|n| **n == name).copied().unwrap_or("")
 }
@@ -646,7 +695,10 @@ mod tests {
         assert_eq!(l(r"\sin x \sec x"), "sinx x");
         assert_eq!(l(r"864 \mbox{ }^2"), "864 ^2");
         assert_eq!(l(r"\unknown{} x"), " x");
-        assert_eq!(l(r"\begin{pmatrix} 1 & 22 \\ 333 & 4 \end{pmatrix}"), "[   1  22; 333   4 ]");
+        assert_eq!(
+            l(r"\begin{pmatrix} 1 & 22 \\ 333 & 4 \end{pmatrix}"),
+            "[   1  22; 333   4 ]"
+        );
         assert_eq!(l(r"\begin{pmatrix} 1 \\ 2 \\ \end{pmatrix}"), "[ 1; 2;   ]");
         assert_eq!(l(r"\mathbb R"), "ℝ");
         assert_eq!(l(r"\frac\pi2"), "π/2");

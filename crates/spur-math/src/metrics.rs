@@ -115,7 +115,12 @@ pub fn multi_sample_metrics(records: &[EvalRecord]) -> MultiSampleMetrics {
         pass += f64::from(u8::from(g[..k].iter().any(|c| *c)));
     }
     let n = order.len() as f64;
-    MultiSampleMetrics { problems: order.len(), k, avg_at_k: avg / n, pass_at_k: pass / n }
+    MultiSampleMetrics {
+        problems: order.len(),
+        k,
+        avg_at_k: avg / n,
+        pass_at_k: pass / n,
+    }
 }
 
 #[cfg(test)]
@@ -128,7 +133,11 @@ mod tests {
             subject: Some(subject.into()),
             level: Some("1".into()),
             response: response.into(),
-            extracted: if response.is_empty() { String::new() } else { "x".into() },
+            extracted: if response.is_empty() {
+                String::new()
+            } else {
+                "x".into()
+            },
             correct,
         }
     }

@@ -23,7 +23,9 @@ pub fn grade_answer(given: &str, ground_truth: &str) -> bool {
     }
     let gt_elems = split_tuple(&gt);
     let given_elems = split_tuple(&given);
-    if gt_elems.len() > 1 && (gt.chars().next() != given.chars().next() || gt.chars().last() != given.chars().last()) {
+    if gt_elems.len() > 1
+        && (gt.chars().next() != given.chars().next() || gt.chars().last() != given.chars().last())
+    {
         return false;
     }
     if gt_elems.len() != given_elems.len() {
@@ -59,8 +61,22 @@ fn patterns() -> &'static Patterns {
     static P: OnceLock<Patterns> = OnceLock::new();
     P.get_or_init(|| {
         let units = [
-            "degree", "cm", "centimeter", "meter", "mile", "second", "minute", "hour", "day",
-            "week", "month", "year", "foot", "feet", "inch", "yard",
+            "degree",
+            "cm",
+            "centimeter",
+            "meter",
+            "mile",
+            "second",
+            "minute",
+            "hour",
+            "day",
+            "week",
+            "month",
+            "year",
+            "foot",
+            "feet",
+            "inch",
+            "yard",
         ];
         Patterns {
             text: Regex::new(r"^\\text\{(.+?)\}$").expect("valid regex"),
@@ -86,7 +102,10 @@ pub fn normalize(input: &str) -> String {
         Some(c) => c[1].to_string(),
         None => input.to_string(),
     };
-    e = e.replace("\\%", "%").replace("\\$", "$").replace(['$', '%'], "");
+    e = e
+        .replace("\\%", "%")
+        .replace("\\$", "$")
+        .replace(['$', '%'], "");
     e = e.replace(" or ", " , ").replace(" and ", " , ");
     e = e
         .replace("million", "*10^6")
@@ -97,7 +116,11 @@ pub fn normalize(input: &str) -> String {
     }
     e = p.circ.replace_all(&e, "").into_owned();
     if e.starts_with('{') && e.ends_with('}') {
-        e = if e.len() >= 2 { e[1..e.len() - 1].to_string() } else { String::new() };
+        e = if e.len() >= 2 {
+            e[1..e.len() - 1].to_string()
+        } else {
+            String::new()
+        };
     }
     e = p.comma_bang.replace_all(&e, "").into_owned();
     if let Some(x) = pyfloat::parse(&e) {
@@ -136,8 +159,7 @@ fn parse_latex(e: &str) -> Option<String> {
         .replace('π', "pi")
         .replace('∞', "inf")
         .replace('∪', "U")
-        .replace('·', "*")
-        .replace('×', "*");
+        .replace(['·', '×'], "*");
     Some(t.trim().to_string())
 }
 

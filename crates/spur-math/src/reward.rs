@@ -38,8 +38,14 @@ pub struct RewardSpec {
 impl RewardSpec {
     /// Parses a reward name. `params` may hold `gamma` (number, for `random`),
     /// `grader` ("paper" | "strict") and `style` ("default" | "r1" | "box_only").
-    pub fn parse(name: &str, params: &serde_json::Map<String, serde_json::Value>) -> crate::Result<RewardSpec> {
-        let bad = |message: String| Error::BadReward { name: name.to_string(), message };
+    pub fn parse(
+        name: &str,
+        params: &serde_json::Map<String, serde_json::Value>,
+    ) -> crate::Result<RewardSpec> {
+        let bad = |message: String| Error::BadReward {
+            name: name.to_string(),
+            message,
+        };
         let grader = match params.get("grader") {
             None => Grader::Paper,
             Some(serde_json::Value::String(s)) => s.parse()?,
@@ -59,17 +65,26 @@ impl RewardSpec {
         };
         for key in params.keys() {
             if !matches!(key.as_str(), "grader" | "style" | "gamma") {
-                return Err(bad(format!("unknown parameter '{key}' (known: gamma, grader, style)")));
+                return Err(bad(format!(
+                    "unknown parameter '{key}' (known: gamma, grader, style)"
+                )));
             }
         }
-        let ctx = Ctx { grader, style, gamma };
+        let ctx = Ctx {
+            grader,
+            style,
+            gamma,
+        };
         let mut parts = name.split("_AND_");
         let first = parts.next().unwrap_or("");
         let mut reward = ctx.single(first).map_err(bad)?;
         for part in parts {
             reward = Reward::And(Box::new(reward), Box::new(ctx.single(part).map_err(bad)?));
         }
-        Ok(RewardSpec { name: name.to_string(), reward })
+        Ok(RewardSpec {
+            name: name.to_string(),
+            reward,
+        })
     }
 
     /// The reward of one response. `label` is the reference answer (gold or
@@ -90,11 +105,18 @@ impl Ctx {
         if let Some(rest) = name.strip_prefix("inverse_") {
             return Ok(Reward::Inverse(Box::new(self.single(rest)?)));
         }
-        let (base, r1) = match name.strip_suffix("_r1_style").or_else(|| name.strip_suffix("_r1_only")) {
+        let (base, r1) = match name
+            .strip_suffix("_r1_style")
+            .or_else(|| name.strip_suffix("_r1_only"))
+        {
             Some(b) => (b, true),
             None => (name, false),
         };
-        let style = if r1 { ExtractStyle::R1 } else { self.style.unwrap_or_default() };
+        let style = if r1 {
+            ExtractStyle::R1
+        } else {
+            self.style.unwrap_or_default()
+        };
         Ok(match base {
             "ground_truth" | "math" | "majority_vote" | "incorrect" => {
                 Reward::Correct { grader: self.grader, style }
@@ -133,7 +155,9 @@ impl Reward {
             Reward::Python => b(response.to_lowercase().contains("python")),
             Reward::NoRepetition => b(no_repetition(response)),
             Reward::Inverse(x) => 1.0 - x.evaluate(response, label, seed),
-            Reward::And(x, y) => x.evaluate(response, label, seed) * y.evaluate(response, label, seed),
+            Reward::And(x, y) => {
+                x.evaluate(response, label, seed) * y.evaluate(response, label, seed)
+            }
         }
     }
 }
@@ -141,7 +165,9 @@ impl Reward {
 /// A seed for one sample, from the node's seed and the sample's coordinates
 /// (e.g. step, prompt index, sample index), by chained splitmix64.
 pub fn sample_seed(base: u64, parts: &[u64]) -> u64 {
-    parts.iter().fold(splitmix64(base), |acc, p| splitmix64(acc ^ splitmix64(*p)))
+    parts
+        .iter()
+        .fold(splitmix64(base), |acc, p| splitmix64(acc ^ splitmix64(*p)))
 }
 
 fn splitmix64(x: u64) -> u64 {
@@ -214,9 +240,15 @@ mod tests {
         assert_eq!(r.evaluate(r"\boxed{3}", "3", 0), 1.0);
         assert_eq!(r.evaluate(r"python: \boxed{3}", "3", 0), 0.0);
         assert_eq!(r.evaluate("3", "3", 0), 0.0);
-        assert_eq!(spec("ground_truth").evaluate(r"\boxed{0.5}", r"\frac12", 0), 1.0);
+        assert_eq!(
+            spec("ground_truth").evaluate(r"\boxed{0.5}", r"\frac12", 0),
+            1.0
+        );
         assert_eq!(spec("math_r1_style").evaluate(r"\boxed{4}", "4", 0), 0.0);
-        assert_eq!(spec("math_r1_style").evaluate("<answer>4</answer>", "4", 0), 1.0);
+        assert_eq!(
+            spec("math_r1_style").evaluate("<answer>4</answer>", "4", 0),
+            1.0
+        );
         assert!(RewardSpec::parse("random", &serde_json::Map::new()).is_err());
         assert!(RewardSpec::parse("nonsense", &serde_json::Map::new()).is_err());
     }
@@ -224,7 +256,9 @@ mod tests {
     #[test]
     fn random_is_deterministic_and_calibrated() {
         let r = spec("random0.3");
-        let ones: f32 = (0..10_000u64).map(|i| r.evaluate("x", "y", sample_seed(42, &[i]))).sum();
+        let ones: f32 = (0..10_000u64)
+            .map(|i| r.evaluate("x", "y", sample_seed(42, &[i])))
+            .sum();
         assert!((2800.0..3200.0).contains(&ones), "{ones}");
         assert_eq!(r.evaluate("a", "b", 7), r.evaluate("c", "d", 7));
         assert_eq!(spec("random0").evaluate("a", "b", 1), 0.0);
@@ -241,7 +275,10 @@ mod tests {
 
     #[test]
     fn majority() {
-        assert_eq!(majority_label(&["1", "", "2", "2", "1"]).as_deref(), Some("1"));
+        assert_eq!(
+            majority_label(&["1", "", "2", "2", "1"]).as_deref(),
+            Some("1")
+        );
         assert_eq!(majority_label(&["", "3", "2", "2"]).as_deref(), Some("2"));
         assert_eq!(majority_label::<&str>(&["", ""]), None);
     }

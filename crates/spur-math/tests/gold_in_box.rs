@@ -35,7 +35,10 @@ fn golds() -> Option<Vec<(String, String)>> {
         text.lines()
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
-                (v["unique_id"].as_str().expect("id").to_string(), v["answer"].as_str().expect("answer").to_string())
+                (
+                    v["unique_id"].as_str().expect("id").to_string(),
+                    v["answer"].as_str().expect("answer").to_string(),
+                )
             })
             .collect(),
     )

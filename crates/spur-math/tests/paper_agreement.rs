@@ -44,26 +44,48 @@ fn check(file: &str, min_agreement: f64) {
     for (i, line) in text.lines().enumerate() {
         let v: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("{}:{}: {e}", path.display(), i + 1));
-        let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("{file}:{}: no {k}", i + 1));
+        let s = |k: &str| {
+            v[k].as_str()
+                .unwrap_or_else(|| panic!("{file}:{}: no {k}", i + 1))
+        };
         let verdict = Grader::Paper.grade(s("response"), s("gold"), ExtractStyle::Default);
         rows += 1;
         if verdict.extracted != s("paper_extracted") {
-            extractions.push((i + 1, verdict.extracted.clone(), s("paper_extracted").to_string()));
+            extractions.push((
+                i + 1,
+                verdict.extracted.clone(),
+                s("paper_extracted").to_string(),
+            ));
         }
         if Some(verdict.correct) != v["paper_verdict"].as_bool() {
             verdicts.push((i + 1, s("gold").to_string(), verdict.extracted));
         }
     }
-    let known_v: Vec<usize> =
-        KNOWN_VERDICT_DISAGREEMENTS.iter().filter(|k| k.0 == file).map(|k| k.1).collect();
-    let known_e: Vec<usize> =
-        KNOWN_EXTRACTION_DISAGREEMENTS.iter().filter(|k| k.0 == file).map(|k| k.1).collect();
+    let known_v: Vec<usize> = KNOWN_VERDICT_DISAGREEMENTS
+        .iter()
+        .filter(|k| k.0 == file)
+        .map(|k| k.1)
+        .collect();
+    let known_e: Vec<usize> = KNOWN_EXTRACTION_DISAGREEMENTS
+        .iter()
+        .filter(|k| k.0 == file)
+        .map(|k| k.1)
+        .collect();
     let got_v: Vec<usize> = verdicts.iter().map(|d| d.0).collect();
     let got_e: Vec<usize> = extractions.iter().map(|d| d.0).collect();
-    assert_eq!(got_e, known_e, "{file}: extraction disagreements (line, spur, paper): {extractions:?}");
-    assert_eq!(got_v, known_v, "{file}: verdict disagreements (line, gold, extracted): {verdicts:?}");
+    assert_eq!(
+        got_e, known_e,
+        "{file}: extraction disagreements (line, spur, paper): {extractions:?}"
+    );
+    assert_eq!(
+        got_v, known_v,
+        "{file}: verdict disagreements (line, gold, extracted): {verdicts:?}"
+    );
     let agreement = 1.0 - verdicts.len() as f64 / rows as f64;
-    assert!(agreement >= min_agreement, "{file}: agreement {agreement} < {min_agreement}");
+    assert!(
+        agreement >= min_agreement,
+        "{file}: agreement {agreement} < {min_agreement}"
+    );
 }
 
 #[test]
@@ -74,4 +96,40 @@ fn math500_outputs_agree_with_paper() {
 #[test]
 fn aime_amc_outputs_agree_with_paper() {
     check("real_outputs_aime_amc.jsonl", 0.995);
+}
+
+/// The strict grader only departs from the paper where the paper is wrong:
+/// on MATH-500 every changed verdict is math-verify's (the README's
+/// "math-verify better" categories), and it changes most of them.
+#[test]
+fn strict_changes_only_paper_failures() {
+    let Some(dir) = shared_data() else {
+        return;
+    };
+    let path = dir.join("grader/real_outputs.jsonl");
+    let text = std::fs::read_to_string(&path).expect("readable corpus");
+    let mut changed = 0;
+    for (i, line) in text.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
+        let (gold, response) = (
+            v["gold"].as_str().expect("gold"),
+            v["response"].as_str().expect("response"),
+        );
+        let paper = Grader::Paper
+            .grade(response, gold, ExtractStyle::Default)
+            .correct;
+        let strict = Grader::Strict
+            .grade(response, gold, ExtractStyle::Default)
+            .correct;
+        if paper != strict {
+            changed += 1;
+            assert_eq!(
+                Some(strict),
+                v["math_verify_verdict"].as_bool(),
+                "line {}: gold {gold:?}",
+                i + 1
+            );
+        }
+    }
+    assert!(changed >= 35, "strict changed only {changed} verdicts");
 }

@@ -173,6 +173,8 @@ pub fn collect(exp: &Experiment, hasher: &Hasher<'_>) -> Result<Vec<External>, E
     }
     wanted
         .into_iter()
-        .map(|(key, (kind, sources, pin))| resolve(key, kind, &sources, pin.as_deref(), &exp.dir, hasher))
+        .map(|(key, (kind, sources, pin))| {
+            resolve(key, kind, &sources, pin.as_deref(), &exp.dir, hasher)
+        })
         .collect()
 }

@@ -69,7 +69,11 @@ impl Plan {
 }
 
 /// Plan every run of the experiment.
-pub fn plan(exp: &Experiment, versions: &Versions<'_>, hasher: &Hasher<'_>) -> Result<Plan, PlanError> {
+pub fn plan(
+    exp: &Experiment,
+    versions: &Versions<'_>,
+    hasher: &Hasher<'_>,
+) -> Result<Plan, PlanError> {
     let externals = external::collect(exp, hasher)?;
     let ext_index: HashMap<&str, u32> = externals
         .iter()
@@ -235,14 +239,26 @@ impl RunCtx<'_> {
                     "model": model_view,
                 }));
                 let d = digest(&params);
-                evals.push((name.clone(), params, d, self.ext(&format!("datasets.{ds}")), p.eval_steps(e.at)));
+                evals.push((
+                    name.clone(),
+                    params,
+                    d,
+                    self.ext(&format!("datasets.{ds}")),
+                    p.eval_steps(e.at),
+                ));
             }
         }
         let eval_at = |chain: &mut Chain, step: u32, policy: Option<u32>| {
             for (_, params, d, ds_ext, steps) in &evals {
                 if steps.binary_search(&step).is_ok() {
                     let (inputs, mut exts) = match policy {
-                        Some(pol) => (vec![Input { role: Role::Policy, node: pol }], vec![]),
+                        Some(pol) => (
+                            vec![Input {
+                                role: Role::Policy,
+                                node: pol,
+                            }],
+                            vec![],
+                        ),
                         None => (vec![], vec![model_ext]),
                     };
                     exts.push(*ds_ext);
@@ -265,7 +281,10 @@ impl RunCtx<'_> {
         }));
         let rollout_digest = digest(&rollout_params);
 
-        let reward = run.reward.clone().expect("a training run has a resolved reward");
+        let reward = run
+            .reward
+            .clone()
+            .expect("a training run has a resolved reward");
         let label = needs_labels(&reward.kind).then(|| {
             let label_model = reward.label_model.as_deref().unwrap_or(model_name);
             let params = Arc::new(json!({
@@ -298,23 +317,62 @@ impl RunCtx<'_> {
         let mut policy: Option<u32> = None;
         for step in 1..=p.steps {
             let (pol_inputs, pol_exts) = match policy {
-                Some(pol) => (vec![Input { role: Role::Policy, node: pol }], vec![]),
+                Some(pol) => (
+                    vec![Input {
+                        role: Role::Policy,
+                        node: pol,
+                    }],
+                    vec![],
+                ),
                 None => (vec![], vec![model_ext]),
             };
             let mut rollout_exts = pol_exts.clone();
             rollout_exts.push(train_ext);
-            let rollout = chain.push(StageKind::Rollout, step, &rollout_params, rollout_digest, pol_inputs.clone(), rollout_exts);
+            let rollout = chain.push(
+                StageKind::Rollout,
+                step,
+                &rollout_params,
+                rollout_digest,
+                pol_inputs.clone(),
+                rollout_exts,
+            );
 
-            let mut reward_inputs = vec![Input { role: Role::Rollout, node: rollout }];
+            let mut reward_inputs = vec![Input {
+                role: Role::Rollout,
+                node: rollout,
+            }];
             if let Some(l) = label {
-                reward_inputs.push(Input { role: Role::Labels, node: l });
+                reward_inputs.push(Input {
+                    role: Role::Labels,
+                    node: l,
+                });
             }
-            let scored = chain.push(StageKind::Reward, step, &reward_params, reward_digest, reward_inputs, vec![]);
+            let scored = chain.push(
+                StageKind::Reward,
+                step,
+                &reward_params,
+                reward_digest,
+                reward_inputs,
+                vec![],
+            );
 
             let mut update_inputs = pol_inputs;
-            update_inputs.push(Input { role: Role::Rollout, node: rollout });
-            update_inputs.push(Input { role: Role::Reward, node: scored });
-            let update = chain.push(StageKind::Update, step, &update_params, update_digest, update_inputs, pol_exts);
+            update_inputs.push(Input {
+                role: Role::Rollout,
+                node: rollout,
+            });
+            update_inputs.push(Input {
+                role: Role::Reward,
+                node: scored,
+            });
+            let update = chain.push(
+                StageKind::Update,
+                step,
+                &update_params,
+                update_digest,
+                update_inputs,
+                pol_exts,
+            );
             policy = Some(update);
             eval_at(chain, step, policy);
         }
@@ -383,7 +441,10 @@ impl RunCtx<'_> {
                             (Some(s), true) => first + s - 1,
                             _ => last,
                         };
-                        Some(Input { role: Role::Need(i as u16), node })
+                        Some(Input {
+                            role: Role::Need(i as u16),
+                            node,
+                        })
                     })
                     .collect()
             };
@@ -393,7 +454,10 @@ impl RunCtx<'_> {
                 for step in 1..=steps {
                     let mut inputs = need_inputs(Some(step));
                     if let Some(p) = prev {
-                        inputs.push(Input { role: Role::Prev, node: p });
+                        inputs.push(Input {
+                            role: Role::Prev,
+                            node: p,
+                        });
                     }
                     let n = chain.push(StageKind::Command, step, &params, d, inputs, exts.clone());
                     first.get_or_insert(n);
@@ -412,8 +476,12 @@ impl RunCtx<'_> {
 }
 
 fn needs_labels(kind: &str) -> bool {
-    kind.split("_AND_")
-        .any(|p| matches!(p.trim_start_matches("inverse_"), "majority_vote" | "incorrect"))
+    kind.split("_AND_").any(|p| {
+        matches!(
+            p.trim_start_matches("inverse_"),
+            "majority_vote" | "incorrect"
+        )
+    })
 }
 
 /// What of a dataset definition affects results (not its name or sources).

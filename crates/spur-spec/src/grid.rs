@@ -27,7 +27,12 @@ struct Cell {
     keys: IndexMap<String, String>,
 }
 
-fn yaml_to_json(ctx: &Ctx, key: &str, v: &serde_yaml::Value, errors: &mut Vec<SpecError>) -> Option<Value> {
+fn yaml_to_json(
+    ctx: &Ctx,
+    key: &str,
+    v: &serde_yaml::Value,
+    errors: &mut Vec<SpecError>,
+) -> Option<Value> {
     match serde_json::to_value(v) {
         Ok(j) => Some(j),
         Err(e) => {
@@ -49,7 +54,9 @@ fn set_path(tree: &mut Value, path: &str, value: Value) {
             map.insert(part.to_string(), value);
             return;
         }
-        cur = map.entry(part.to_string()).or_insert_with(|| Value::Object(Default::default()));
+        cur = map
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Default::default()));
     }
 }
 
@@ -115,22 +122,60 @@ impl Uses {
 }
 
 /// Check names (model, dataset, reward) written in a parameter fragment.
-fn check_fragment_names(ctx: &Ctx, file: &ExperimentFile, uses: Uses, prefix: &str, tree: &Value, errors: &mut Vec<SpecError>) {
-    let at = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
-    let named = |v: Option<&Value>| v.and_then(Value::as_str).filter(|s| !s.contains("${")).map(str::to_string);
+fn check_fragment_names(
+    ctx: &Ctx,
+    file: &ExperimentFile,
+    uses: Uses,
+    prefix: &str,
+    tree: &Value,
+    errors: &mut Vec<SpecError>,
+) {
+    let at = |k: &str| {
+        if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
+    let named = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .filter(|s| !s.contains("${"))
+            .map(str::to_string)
+    };
     if let Some(m) = named(tree.get("model")).filter(|_| uses.model("model")) {
         check_name(ctx, &at("model"), &m, "model", file.models.keys(), errors);
     }
     if let Some(d) = named(tree.get("train_data")).filter(|_| uses.model("train_data")) {
-        check_name(ctx, &at("train_data"), &d, "dataset", file.datasets.keys(), errors);
+        check_name(
+            ctx,
+            &at("train_data"),
+            &d,
+            "dataset",
+            file.datasets.keys(),
+            errors,
+        );
     }
     if let Some(r) = named(tree.get("reward")).filter(|_| uses.model("reward")) {
-        check_name(ctx, &at("reward"), &r, "reward", file.rewards.keys(), errors);
+        check_name(
+            ctx,
+            &at("reward"),
+            &r,
+            "reward",
+            file.rewards.keys(),
+            errors,
+        );
     }
     if let (Some(Value::Object(evals)), true) = (tree.get("evals"), uses.evaluates) {
         for (name, e) in evals {
             if let Some(d) = named(e.get("dataset")) {
-                check_name(ctx, &at(&format!("evals.{name}.dataset")), &d, "dataset", file.datasets.keys(), errors);
+                check_name(
+                    ctx,
+                    &at(&format!("evals.{name}.dataset")),
+                    &d,
+                    "dataset",
+                    file.datasets.keys(),
+                    errors,
+                );
             }
         }
     }
@@ -138,16 +183,28 @@ fn check_fragment_names(ctx: &Ctx, file: &ExperimentFile, uses: Uses, prefix: &s
 
 fn parse_axes(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecError>) -> Vec<Axis> {
     let mut axes = Vec::new();
-    let push_axis = |name: &str, key: &str, v: &serde_yaml::Value, errors: &mut Vec<SpecError>| -> Option<(Vec<Value>, Vec<String>)> {
+    let push_axis = |name: &str,
+                     key: &str,
+                     v: &serde_yaml::Value,
+                     errors: &mut Vec<SpecError>|
+     -> Option<(Vec<Value>, Vec<String>)> {
         let serde_yaml::Value::Sequence(items) = v else {
             errors.push(
-                ctx.err(key, false, format!("axis `{name}` must be a list of values"))
-                    .with_hint(Some(format!("write `{name}: [a, b]`"))),
+                ctx.err(
+                    key,
+                    false,
+                    format!("axis `{name}` must be a list of values"),
+                )
+                .with_hint(Some(format!("write `{name}: [a, b]`"))),
             );
             return None;
         };
         if items.is_empty() {
-            errors.push(ctx.err(key, false, format!("axis `{name}` has no values: the grid would be empty")));
+            errors.push(ctx.err(
+                key,
+                false,
+                format!("axis `{name}` has no values: the grid would be empty"),
+            ));
             return None;
         }
         let mut values = Vec::new();
@@ -162,13 +219,21 @@ fn parse_axes(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecError>) -> 
     for (name, v) in &file.grid {
         if name == "zip" {
             let serde_yaml::Value::Sequence(groups) = v else {
-                errors.push(ctx.err("grid.zip", false, "`zip` must be a list of groups, e.g. `- {a: [1, 2], b: [3, 4]}`"));
+                errors.push(ctx.err(
+                    "grid.zip",
+                    false,
+                    "`zip` must be a list of groups, e.g. `- {a: [1, 2], b: [3, 4]}`",
+                ));
                 continue;
             };
             for (g, group) in groups.iter().enumerate() {
                 let gkey = format!("grid.zip[{g}]");
                 let serde_yaml::Value::Mapping(m) = group else {
-                    errors.push(ctx.err(&gkey, false, "a zip group maps axis names to lists of equal length"));
+                    errors.push(ctx.err(
+                        &gkey,
+                        false,
+                        "a zip group maps axis names to lists of equal length",
+                    ));
                     continue;
                 };
                 let mut names = Vec::new();
@@ -192,8 +257,12 @@ fn parse_axes(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecError>) -> 
                     continue;
                 }
                 axes.push(Axis {
-                    values: (0..n).map(|i| cols.iter().map(|c| c.0[i].clone()).collect()).collect(),
-                    keys: (0..n).map(|i| cols.iter().map(|c| c.1[i].clone()).collect()).collect(),
+                    values: (0..n)
+                        .map(|i| cols.iter().map(|c| c.0[i].clone()).collect())
+                        .collect(),
+                    keys: (0..n)
+                        .map(|i| cols.iter().map(|c| c.1[i].clone()).collect())
+                        .collect(),
                     names,
                 });
             }
@@ -246,7 +315,10 @@ pub(crate) fn expand(
             refs.extend(crate::references(v));
         }
     }
-    let axis_names: Vec<&str> = axes.iter().flat_map(|a| a.names.iter().map(String::as_str)).collect();
+    let axis_names: Vec<&str> = axes
+        .iter()
+        .flat_map(|a| a.names.iter().map(String::as_str))
+        .collect();
     let mut param_axes = BTreeSet::new();
     for axis in &axes {
         for (j, name) in axis.names.iter().enumerate() {
@@ -275,14 +347,23 @@ pub(crate) fn expand(
                         "train_data" => Some(("dataset", file.datasets.keys().collect())),
                         _ => None,
                     };
-                    if let (Some((what, defined)), Some(s), true) = (defined, v[j].as_str(), uses.model(name)) {
+                    if let (Some((what, defined)), Some(s), true) =
+                        (defined, v[j].as_str(), uses.model(name))
+                    {
                         if !s.contains("${") {
                             check_name(ctx, &key, s, what, defined.into_iter(), errors);
                         }
                     }
                 }
             } else if !refs.contains(name) {
-                let key = if axis.names.len() > 1 { axis.keys[0][j].rsplit_once('[').map(|x| x.0.to_string()).unwrap_or_default() } else { format!("grid.{name}") };
+                let key = if axis.names.len() > 1 {
+                    axis.keys[0][j]
+                        .rsplit_once('[')
+                        .map(|x| x.0.to_string())
+                        .unwrap_or_default()
+                } else {
+                    format!("grid.{name}")
+                };
                 let paths = param_paths();
                 errors.push(
                     ctx.err(&key, true, format!("axis `{name}` is neither a parameter nor used as `${{{name}}}` anywhere"))
@@ -295,7 +376,12 @@ pub(crate) fn expand(
     }
 
     // Defaults: typed once here when free of references, else per cell.
-    let defaults = yaml_to_json(ctx, "defaults", &serde_yaml::Value::Mapping(file.defaults.clone()), errors)?;
+    let defaults = yaml_to_json(
+        ctx,
+        "defaults",
+        &serde_yaml::Value::Mapping(file.defaults.clone()),
+        errors,
+    )?;
     if !contains_ref(&defaults) {
         if let Err(e) = type_fragment(ctx, "defaults", &defaults) {
             errors.push(e);
@@ -309,15 +395,35 @@ pub(crate) fn expand(
         for (k, _) in &o.matches {
             if !axis_names.contains(&k.as_str()) {
                 errors.push(
-                    ctx.err(&format!("{key}.match.{k}"), true, format!("`{k}` is not a grid axis"))
-                        .with_hint(did_you_mean(k, axis_names.iter().copied()).or(Some(crate::one_of(axis_names.iter().copied())))),
+                    ctx.err(
+                        &format!("{key}.match.{k}"),
+                        true,
+                        format!("`{k}` is not a grid axis"),
+                    )
+                    .with_hint(
+                        did_you_mean(k, axis_names.iter().copied())
+                            .or(Some(crate::one_of(axis_names.iter().copied()))),
+                    ),
                 );
             }
         }
-        let matches = yaml_to_json(ctx, &format!("{key}.match"), &serde_yaml::Value::Mapping(
-            o.matches.iter().map(|(k, v)| (serde_yaml::Value::String(k.clone()), v.clone())).collect(),
-        ), errors)?;
-        let set = yaml_to_json(ctx, &format!("{key}.set"), &serde_yaml::Value::Mapping(o.set.clone()), errors)?;
+        let matches = yaml_to_json(
+            ctx,
+            &format!("{key}.match"),
+            &serde_yaml::Value::Mapping(
+                o.matches
+                    .iter()
+                    .map(|(k, v)| (serde_yaml::Value::String(k.clone()), v.clone()))
+                    .collect(),
+            ),
+            errors,
+        )?;
+        let set = yaml_to_json(
+            ctx,
+            &format!("{key}.set"),
+            &serde_yaml::Value::Mapping(o.set.clone()),
+            errors,
+        )?;
         if !contains_ref(&set) {
             if let Err(e) = type_fragment(ctx, &format!("{key}.set"), &set) {
                 errors.push(e);
@@ -328,7 +434,10 @@ pub(crate) fn expand(
     }
 
     // The product of all axes, first axis outermost.
-    let mut cells = vec![Cell { values: IndexMap::new(), keys: IndexMap::new() }];
+    let mut cells = vec![Cell {
+        values: IndexMap::new(),
+        keys: IndexMap::new(),
+    }];
     for axis in &axes {
         let mut next = Vec::with_capacity(cells.len() * axis.values.len());
         for cell in &cells {
@@ -362,12 +471,24 @@ pub(crate) fn expand(
         for k in ex.keys() {
             if !axis_names.contains(&k.as_str()) {
                 errors.push(
-                    ctx.err(&format!("{key}.{k}"), true, format!("`{k}` is not a grid axis"))
-                        .with_hint(did_you_mean(k, axis_names.iter().copied()).or(Some(crate::one_of(axis_names.iter().copied())))),
+                    ctx.err(
+                        &format!("{key}.{k}"),
+                        true,
+                        format!("`{k}` is not a grid axis"),
+                    )
+                    .with_hint(
+                        did_you_mean(k, axis_names.iter().copied())
+                            .or(Some(crate::one_of(axis_names.iter().copied()))),
+                    ),
                 );
             }
         }
-        let rule = yaml_to_json(ctx, &key, &serde_yaml::to_value(ex).unwrap_or_default(), errors)?;
+        let rule = yaml_to_json(
+            ctx,
+            &key,
+            &serde_yaml::to_value(ex).unwrap_or_default(),
+            errors,
+        )?;
         cells.retain(|c| !cell_matches(&c.values, &rule));
     }
     for (j, inc) in file.include.iter().enumerate() {
@@ -378,8 +499,12 @@ pub(crate) fn expand(
             let vkey = format!("{key}.{k}");
             if !axis_names.contains(&k.as_str()) && !is_param_path(k) && !refs.contains(k) {
                 errors.push(
-                    ctx.err(&vkey, true, format!("`{k}` is not a grid axis or a parameter"))
-                        .with_hint(did_you_mean(k, axis_names.iter().copied())),
+                    ctx.err(
+                        &vkey,
+                        true,
+                        format!("`{k}` is not a grid axis or a parameter"),
+                    )
+                    .with_hint(did_you_mean(k, axis_names.iter().copied())),
                 );
                 continue;
             }
@@ -404,8 +529,18 @@ pub(crate) fn expand(
         cells.push(Cell { values, keys });
     }
     if cells.is_empty() {
-        errors.push(ctx.err(if file.exclude.is_empty() { "grid" } else { "exclude" }, true, "the grid is empty: every cell is excluded")
-            .with_hint(Some("loosen the `exclude` rules".into())));
+        errors.push(
+            ctx.err(
+                if file.exclude.is_empty() {
+                    "grid"
+                } else {
+                    "exclude"
+                },
+                true,
+                "the grid is empty: every cell is excluded",
+            )
+            .with_hint(Some("loosen the `exclude` rules".into())),
+        );
         return None;
     }
 
@@ -420,9 +555,21 @@ pub(crate) fn expand(
         };
         let canonical = serde_json::to_string(&cell.values).unwrap_or_default();
         if !seen_cells.insert(canonical) {
-            let key = cell.keys.values().last().cloned().unwrap_or_else(|| "include".into());
-            report(ctx.err(&key, false, "duplicate cell: this combination of axis values already exists")
-                .with_hint(Some("remove the repeated value or `include` entry".into())), errors);
+            let key = cell
+                .keys
+                .values()
+                .last()
+                .cloned()
+                .unwrap_or_else(|| "include".into());
+            report(
+                ctx.err(
+                    &key,
+                    false,
+                    "duplicate cell: this combination of axis values already exists",
+                )
+                .with_hint(Some("remove the repeated value or `include` entry".into())),
+                errors,
+            );
             continue;
         }
         // Provenance of each parameter path, for messages: the last writer wins.
@@ -437,7 +584,9 @@ pub(crate) fn expand(
         for (j, (matches, set)) in overrides.iter().enumerate() {
             if cell_matches(&cell.values, matches) {
                 merge(&mut tree, set);
-                collect_leaves(set, "", &mut |p| written.push((p.clone(), format!("overrides[{j}].set.{p}"))));
+                collect_leaves(set, "", &mut |p| {
+                    written.push((p.clone(), format!("overrides[{j}].set.{p}")))
+                });
             }
         }
         let where_is = |path: &str| -> String {
@@ -451,16 +600,36 @@ pub(crate) fn expand(
         let unresolved = tree.clone();
         let mut missing = None;
         let mut lookup = |name: &str| -> Option<Value> {
-            let found = cell.values.get(name).cloned().or_else(|| get_path(&unresolved, name).filter(|v| !contains_ref(v)).cloned());
+            let found = cell.values.get(name).cloned().or_else(|| {
+                get_path(&unresolved, name)
+                    .filter(|v| !contains_ref(v))
+                    .cloned()
+            });
             if found.is_none() {
                 missing.get_or_insert(name.to_string());
             }
             found
         };
         if let Err(name) = substitute_tree(&mut tree, &mut lookup) {
-            let key = find_reference(&unresolved, &name).map(|p| where_is(&p)).unwrap_or_else(|| "defaults".into());
-            report(ctx.err(&key, false, format!("`${{{name}}}` names no grid axis or parameter"))
-                .with_hint(did_you_mean(&name, axis_names.iter().copied()).or(Some(format!("axes: {}", crate::one_of(axis_names.iter().copied())))).filter(|_| true)), errors);
+            let key = find_reference(&unresolved, &name)
+                .map(|p| where_is(&p))
+                .unwrap_or_else(|| "defaults".into());
+            report(
+                ctx.err(
+                    &key,
+                    false,
+                    format!("`${{{name}}}` names no grid axis or parameter"),
+                )
+                .with_hint(
+                    did_you_mean(&name, axis_names.iter().copied())
+                        .or(Some(format!(
+                            "axes: {}",
+                            crate::one_of(axis_names.iter().copied())
+                        )))
+                        .filter(|_| true),
+                ),
+                errors,
+            );
             continue;
         }
         let params: RunParams = match serde_path_to_error::deserialize(&tree) {
@@ -480,27 +649,60 @@ pub(crate) fn expand(
             let key = where_is(&path);
             report(ctx.err(&key, false, format!("`{path}` {msg}")), errors);
         }
-        let need = |ok: bool, what: &str, errors: &mut Vec<SpecError>, report: &mut dyn FnMut(SpecError, &mut Vec<SpecError>)| {
+        let need = |ok: bool,
+                    what: &str,
+                    errors: &mut Vec<SpecError>,
+                    report: &mut dyn FnMut(SpecError, &mut Vec<SpecError>)| {
             if !ok {
-                report(ctx.err("defaults", true, format!("no `{what}` is set for run {}", label(&cell.values)))
-                    .with_hint(Some(format!("set `defaults.{what}` or add a `{what}` grid axis"))), errors);
+                report(
+                    ctx.err(
+                        "defaults",
+                        true,
+                        format!("no `{what}` is set for run {}", label(&cell.values)),
+                    )
+                    .with_hint(Some(format!(
+                        "set `defaults.{what}` or add a `{what}` grid axis"
+                    ))),
+                    errors,
+                );
             }
         };
         if trains || evaluates {
             need(params.model.is_some(), "model", errors, &mut report);
         }
         if trains {
-            need(params.train_data.is_some(), "train_data", errors, &mut report);
+            need(
+                params.train_data.is_some(),
+                "train_data",
+                errors,
+                &mut report,
+            );
             need(params.reward.is_some(), "reward", errors, &mut report);
         }
         if evaluates {
             if params.evals.is_empty() {
-                report(ctx.err("defaults", true, "the pipeline has `eval` but no evaluation is defined")
-                    .with_hint(Some("add `defaults.evals.math500: {dataset: math500}`".into())), errors);
+                report(
+                    ctx.err(
+                        "defaults",
+                        true,
+                        "the pipeline has `eval` but no evaluation is defined",
+                    )
+                    .with_hint(Some(
+                        "add `defaults.evals.math500: {dataset: math500}`".into(),
+                    )),
+                    errors,
+                );
             }
             for (name, e) in &params.evals {
                 if e.dataset.is_none() {
-                    report(ctx.err(&where_is(&format!("evals.{name}")), true, format!("evaluation `{name}` has no `dataset`")), errors);
+                    report(
+                        ctx.err(
+                            &where_is(&format!("evals.{name}")),
+                            true,
+                            format!("evaluation `{name}` has no `dataset`"),
+                        ),
+                        errors,
+                    );
                 }
             }
         }
@@ -513,7 +715,14 @@ pub(crate) fn expand(
             if let (Some(Value::String(s)), true) = (tree.get(field), uses.model(field)) {
                 if !defined.iter().any(|d| *d == s) {
                     let mut errs = Vec::new();
-                    check_name(ctx, &where_is(field), s, what, defined.into_iter(), &mut errs);
+                    check_name(
+                        ctx,
+                        &where_is(field),
+                        s,
+                        what,
+                        defined.into_iter(),
+                        &mut errs,
+                    );
                     // Literal names were reported where they are written.
                     for e in errs {
                         if !errors.iter().any(|old| old.message == e.message) {
@@ -525,11 +734,18 @@ pub(crate) fn expand(
         }
         let reward = match (trains, &params.reward) {
             (true, Some(name)) => file.rewards.get(name).and_then(|def| {
-                resolve_reward(ctx, name, def, &cell.values, &tree).map_err(|e| report(e, errors)).ok()
+                resolve_reward(ctx, name, def, &cell.values, &tree)
+                    .map_err(|e| report(e, errors))
+                    .ok()
             }),
             _ => None,
         };
-        runs.push(Run { cell: cell.values, params, tree, reward });
+        runs.push(Run {
+            cell: cell.values,
+            params,
+            tree,
+            reward,
+        });
     }
     Some(runs)
 }
@@ -544,7 +760,11 @@ fn collect_leaves(v: &Value, prefix: &str, f: &mut dyn FnMut(&String)) {
     match v {
         Value::Object(m) if !m.is_empty() => {
             for (k, child) in m {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 collect_leaves(child, &p, f);
             }
         }
@@ -580,7 +800,10 @@ fn label(cell: &IndexMap<String, Value>) -> String {
     if cell.is_empty() {
         return "(defaults)".into();
     }
-    cell.iter().map(|(k, v)| format!("{k}={}", crate::scalar_text(v))).collect::<Vec<_>>().join(",")
+    cell.iter()
+        .map(|(k, v)| format!("{k}={}", crate::scalar_text(v)))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The run's reward definition with `${…}` in `gamma`/`command` resolved.
@@ -595,25 +818,47 @@ fn resolve_reward(
     let mut lookup = |n: &str| cell.get(n).cloned().or_else(|| get_path(tree, n).cloned());
     let mut out = def.clone();
     if let Some(serde_yaml::Value::String(s)) = &def.gamma {
-        let v = crate::substitute_str(s, &mut lookup)
-            .map_err(|n| ctx.err(&format!("{key}.gamma"), false, format!("`${{{n}}}` names no grid axis or parameter")))?;
+        let v = crate::substitute_str(s, &mut lookup).map_err(|n| {
+            ctx.err(
+                &format!("{key}.gamma"),
+                false,
+                format!("`${{{n}}}` names no grid axis or parameter"),
+            )
+        })?;
         let g = match &v {
             Value::Number(n) => n.as_f64(),
             Value::String(s) => s.parse().ok(),
             _ => None,
         };
         match g {
-            Some(g) if (0.0..=1.0).contains(&g) => out.gamma = Some(serde_yaml::Value::Number(g.into())),
-            _ => return Err(ctx.err(&format!("{key}.gamma"), false, format!("gamma must be a number in [0, 1], got {v}"))),
+            Some(g) if (0.0..=1.0).contains(&g) => {
+                out.gamma = Some(serde_yaml::Value::Number(g.into()))
+            }
+            _ => {
+                return Err(ctx.err(
+                    &format!("{key}.gamma"),
+                    false,
+                    format!("gamma must be a number in [0, 1], got {v}"),
+                ))
+            }
         }
     } else if let Some(g) = &def.gamma {
         if !g.is_number() {
-            return Err(ctx.err(&format!("{key}.gamma"), false, "gamma must be a number in [0, 1]"));
+            return Err(ctx.err(
+                &format!("{key}.gamma"),
+                false,
+                "gamma must be a number in [0, 1]",
+            ));
         }
     }
     if let Some(c) = &def.command {
-        let v = crate::substitute_str(c, &mut lookup)
-            .map_err(|n| ctx.err(&format!("{key}.command"), false, format!("`${{{n}}}` names no grid axis or parameter")))?;
+        let v = crate::substitute_str(c, &mut lookup).map_err(|n| {
+            ctx.err(
+                &format!("{key}.command"),
+                false,
+                format!("`${{{n}}}` names no grid axis or parameter"),
+            )
+        })?;
         out.command = Some(crate::scalar_text(&v));
     }
     Ok(out)

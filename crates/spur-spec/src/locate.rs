@@ -47,7 +47,10 @@ impl Locations {
 
     /// Position of a key (for "unknown key") or, for sequence items, the item.
     pub fn key(&self, path: &str) -> Option<Pos> {
-        self.keys.get(path).or_else(|| self.values.get(path)).copied()
+        self.keys
+            .get(path)
+            .or_else(|| self.values.get(path))
+            .copied()
     }
 
     /// Position of a value, falling back to its key, then to the nearest
@@ -169,10 +172,22 @@ mod tests {
         let loc = Locations::index(text);
         assert_eq!(loc.key("a.b"), Some(Pos { line: 2, column: 3 }));
         assert_eq!(loc.value("a.b"), Some(Pos { line: 2, column: 6 }));
-        assert_eq!(loc.value("a.c[1]"), Some(Pos { line: 3, column: 10 }));
+        assert_eq!(
+            loc.value("a.c[1]"),
+            Some(Pos {
+                line: 3,
+                column: 10
+            })
+        );
         assert_eq!(loc.key("d[0].e"), Some(Pos { line: 5, column: 5 }));
         // Unknown deeper paths fall back to the nearest known parent.
-        assert_eq!(loc.value("a.c[1].z"), Some(Pos { line: 3, column: 10 }));
+        assert_eq!(
+            loc.value("a.c[1].z"),
+            Some(Pos {
+                line: 3,
+                column: 10
+            })
+        );
     }
 
     #[test]

@@ -235,22 +235,70 @@ impl RunParams {
             }
         };
         let r = &self.rollout;
-        check(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be at least 1");
-        check(r.samples_per_prompt > 0, "rollout.samples_per_prompt", "must be at least 1 (zero samples per prompt gives nothing to train on)");
-        check(r.temperature >= 0.0 && r.temperature.is_finite(), "rollout.temperature", "must be a finite number >= 0");
-        check(r.top_p > 0.0 && r.top_p <= 1.0, "rollout.top_p", "must be in (0, 1]");
-        check(r.max_response_tokens > 0, "rollout.max_response_tokens", "must be at least 1");
-        check(r.max_prompt_tokens > 0, "rollout.max_prompt_tokens", "must be at least 1");
+        check(
+            r.prompts_per_step > 0,
+            "rollout.prompts_per_step",
+            "must be at least 1",
+        );
+        check(
+            r.samples_per_prompt > 0,
+            "rollout.samples_per_prompt",
+            "must be at least 1 (zero samples per prompt gives nothing to train on)",
+        );
+        check(
+            r.temperature >= 0.0 && r.temperature.is_finite(),
+            "rollout.temperature",
+            "must be a finite number >= 0",
+        );
+        check(
+            r.top_p > 0.0 && r.top_p <= 1.0,
+            "rollout.top_p",
+            "must be in (0, 1]",
+        );
+        check(
+            r.max_response_tokens > 0,
+            "rollout.max_response_tokens",
+            "must be at least 1",
+        );
+        check(
+            r.max_prompt_tokens > 0,
+            "rollout.max_prompt_tokens",
+            "must be at least 1",
+        );
         let u = &self.update;
-        check(u.lr > 0.0 && u.lr.is_finite(), "update.lr", "the learning rate must be a positive finite number");
-        check((0.0..1.0).contains(&u.beta1), "update.beta1", "must be in [0, 1)");
-        check((0.0..1.0).contains(&u.beta2), "update.beta2", "must be in [0, 1)");
+        check(
+            u.lr > 0.0 && u.lr.is_finite(),
+            "update.lr",
+            "the learning rate must be a positive finite number",
+        );
+        check(
+            (0.0..1.0).contains(&u.beta1),
+            "update.beta1",
+            "must be in [0, 1)",
+        );
+        check(
+            (0.0..1.0).contains(&u.beta2),
+            "update.beta2",
+            "must be in [0, 1)",
+        );
         check(u.weight_decay >= 0.0, "update.weight_decay", "must be >= 0");
         check(u.grad_clip > 0.0, "update.grad_clip", "must be > 0");
         check(u.mini_batch > 0, "update.mini_batch", "must be at least 1");
-        check(u.micro_batch > 0, "update.micro_batch", "must be at least 1");
-        check(u.micro_batch <= u.mini_batch, "update.micro_batch", "must not exceed update.mini_batch");
-        check((0.0..1.0).contains(&u.eps_low), "update.eps_low", "must be in [0, 1)");
+        check(
+            u.micro_batch > 0,
+            "update.micro_batch",
+            "must be at least 1",
+        );
+        check(
+            u.micro_batch <= u.mini_batch,
+            "update.micro_batch",
+            "must not exceed update.mini_batch",
+        );
+        check(
+            (0.0..1.0).contains(&u.eps_low),
+            "update.eps_low",
+            "must be in [0, 1)",
+        );
         check(u.eps_high >= 0.0, "update.eps_high", "must be >= 0");
         check(u.kl_coef >= 0.0, "update.kl_coef", "must be >= 0");
         let rollouts = r.prompts_per_step as u64 * r.samples_per_prompt as u64;
@@ -261,9 +309,21 @@ impl RunParams {
         );
         for (name, e) in &self.evals {
             let key = format!("evals.{name}");
-            check(e.samples > 0, &format!("{key}.samples"), "must be at least 1");
-            check(e.temperature >= 0.0, &format!("{key}.temperature"), "must be >= 0");
-            check(e.max_tokens > 0, &format!("{key}.max_tokens"), "must be at least 1");
+            check(
+                e.samples > 0,
+                &format!("{key}.samples"),
+                "must be at least 1",
+            );
+            check(
+                e.temperature >= 0.0,
+                &format!("{key}.temperature"),
+                "must be >= 0",
+            );
+            check(
+                e.max_tokens > 0,
+                &format!("{key}.max_tokens"),
+                "must be at least 1",
+            );
         }
         bad
     }

@@ -86,7 +86,13 @@ mod tests {
     fn whole_reference_keeps_type() {
         let mut lookup = |n: &str| (n == "lr").then(|| json!(5e-7));
         assert_eq!(substitute_str("${lr}", &mut lookup), Ok(json!(5e-7)));
-        assert_eq!(substitute_str("lr=${lr}!", &mut lookup), Ok(json!("lr=5e-7!")));
-        assert_eq!(substitute_str("${nope}", &mut lookup), Err("nope".to_string()));
+        assert_eq!(
+            substitute_str("lr=${lr}!", &mut lookup),
+            Ok(json!("lr=5e-7!"))
+        );
+        assert_eq!(
+            substitute_str("${nope}", &mut lookup),
+            Err("nope".to_string())
+        );
     }
 }

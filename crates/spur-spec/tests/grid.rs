@@ -34,7 +34,10 @@ defaults:
 
 #[test]
 fn product_of_axes() {
-    let exp = parse(&with(&format!("{DEFAULTS}grid:\n  model: [m1, m2]\n  reward: [gt, fmt, rnd]\n  seed: [1, 2, 3]\n"))).unwrap();
+    let exp = parse(&with(&format!(
+        "{DEFAULTS}grid:\n  model: [m1, m2]\n  reward: [gt, fmt, rnd]\n  seed: [1, 2, 3]\n"
+    )))
+    .unwrap();
     assert_eq!(exp.runs.len(), 18);
     assert_eq!(exp.runs[0].label(), "model=m1,reward=gt,seed=1");
     assert_eq!(exp.runs[17].params.model.as_deref(), Some("m2"));
@@ -56,8 +59,16 @@ overrides:\n  - match: {{reward: rnd}}\n    set: {{update: {{eps_high: 0.28}}}}\
         assert_eq!(run.params.update.eps_high, if rnd { 0.28 } else { 0.2 });
         assert!(!(rnd && run.params.seed == 2));
     }
-    let zipped: Vec<(f64, bool)> = exp.runs.iter().take(4).map(|r| (r.params.update.lr, r.params.update.clip)).collect();
-    assert_eq!(zipped, [(1e-6, true), (1e-6, true), (2e-6, false), (2e-6, false)]);
+    let zipped: Vec<(f64, bool)> = exp
+        .runs
+        .iter()
+        .take(4)
+        .map(|r| (r.params.update.lr, r.params.update.clip))
+        .collect();
+    assert_eq!(
+        zipped,
+        [(1e-6, true), (1e-6, true), (2e-6, false), (2e-6, false)]
+    );
     assert_eq!(exp.runs[6].params.reward.as_deref(), Some("fmt"));
     assert_eq!(exp.runs[6].params.seed, 7);
 }
@@ -66,11 +77,25 @@ overrides:\n  - match: {{reward: rnd}}\n    set: {{update: {{eps_high: 0.28}}}}\
 fn free_axis_through_reference() {
     let text = format!(
         "{}{DEFAULTS}grid:\n  gamma: [0.0, 0.3]\n",
-        HEAD.replace("gamma: 0.5", "gamma: \"${gamma}\"").replace("reward: gt", "reward: rnd")
+        HEAD.replace("gamma: 0.5", "gamma: \"${gamma}\"")
+            .replace("reward: gt", "reward: rnd")
     )
     .replace("  reward: gt\n", "  reward: rnd\n");
     let exp = parse(&text).unwrap();
     assert_eq!(exp.runs.len(), 2);
-    let g: Vec<f64> = exp.runs.iter().map(|r| r.reward.as_ref().unwrap().gamma.as_ref().unwrap().as_f64().unwrap()).collect();
+    let g: Vec<f64> = exp
+        .runs
+        .iter()
+        .map(|r| {
+            r.reward
+                .as_ref()
+                .unwrap()
+                .gamma
+                .as_ref()
+                .unwrap()
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
     assert_eq!(g, [0.0, 0.3]);
 }

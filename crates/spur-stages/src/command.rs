@@ -15,7 +15,11 @@ pub struct CommandStage;
 fn strings(v: &Value, key: &str) -> Vec<String> {
     v.get(key)
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -54,7 +58,10 @@ impl Stage for CommandStage {
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
         let params = &ctx.node.params;
-        let template = params.get("run").and_then(Value::as_str).unwrap_or_default();
+        let template = params
+            .get("run")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let input_names = strings(params, "inputs");
         let needs = strings(params, "needs");
         let step = ctx.node.step;
@@ -65,7 +72,9 @@ impl Stage for CommandStage {
                 "step" => Some(Value::from(step)),
                 // Step 1 has no previous step: an empty string, testable with [ -n ].
                 "prev" => Some(Value::String(
-                    ctx.input(Role::Prev).map(|i| i.out.display().to_string()).unwrap_or_default(),
+                    ctx.input(Role::Prev)
+                        .map(|i| i.out.display().to_string())
+                        .unwrap_or_default(),
                 )),
                 _ => {
                     if let Some(input) = name.strip_prefix("inputs.") {
@@ -79,7 +88,9 @@ impl Stage for CommandStage {
         };
         let script = spur_spec::substitute_str(template, &mut lookup)
             .map(|v| spur_spec::scalar_text(&v))
-            .map_err(|name| StageError::Failed(format!("`${{{name}}}` has no value for this node")))?;
+            .map_err(|name| {
+                StageError::Failed(format!("`${{{name}}}` has no value for this node"))
+            })?;
         let log = File::create(ctx.log)?;
         let mut cmd = Command::new("bash");
         cmd.arg("-c")

@@ -81,7 +81,8 @@ impl Memo {
                 let entry = entry.map_err(io::Error::other)?;
                 if entry.file_type().is_file() {
                     let rel = entry.path().strip_prefix(&path).expect("walk stays inside");
-                    let h = self.file(entry.path(), &entry.metadata().map_err(io::Error::other)?)?;
+                    let h =
+                        self.file(entry.path(), &entry.metadata().map_err(io::Error::other)?)?;
                     lines.push(format!("{}\0{}\n", rel.display(), h.hex()));
                 }
             }

@@ -217,7 +217,12 @@ impl Store {
             id: id.hex(),
             problem: e.to_string(),
         })?;
-        if self.verified.lock().expect("verified set lock").contains(id) {
+        if self
+            .verified
+            .lock()
+            .expect("verified set lock")
+            .contains(id)
+        {
             return Ok(manifest);
         }
         let out = self.out_dir(id);
@@ -243,10 +248,7 @@ impl Store {
                 return Err(corrupted("content does not match its sha256".into()));
             }
         }
-        self.verified
-            .lock()
-            .expect("verified set lock")
-            .insert(*id);
+        self.verified.lock().expect("verified set lock").insert(*id);
         Ok(manifest)
     }
 
@@ -256,7 +258,10 @@ impl Store {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let dest = self.root.join("quarantine").join(format!("{}.{stamp}", id.hex()));
+        let dest = self
+            .root
+            .join("quarantine")
+            .join(format!("{}.{stamp}", id.hex()));
         let src = self.node_dir(id);
         fs::rename(&src, &dest).map_err(io_err(&src))?;
         self.verified.lock().expect("verified set lock").remove(id);
@@ -276,7 +281,10 @@ impl Store {
         // Manifest first: a crash in between leaves a file the manifest
         // already calls pruned, never a missing file it calls present.
         let path = self.node_dir(id).join("manifest.json");
-        write_atomic(&path, &serde_json::to_vec_pretty(&manifest).expect("manifests serialise"))?;
+        write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(&manifest).expect("manifests serialise"),
+        )?;
         for name in names {
             let p = out.join(name);
             match fs::remove_file(&p) {

@@ -1,0 +1,186 @@
+//! `spur sample`: look at what a model writes before putting it in an experiment.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use spur_lm::engine::{CandleEngine, Engine, GenerationRequest, SamplingParams};
+use spur_lm::{LoadOptions, ModelFiles, Precision, PromptTemplate};
+
+#[derive(clap::Args, Debug)]
+pub struct SampleArgs {
+    /// `default` (the embedded SmolLM2-135M-Instruct), a local path (GGUF file or Hugging Face
+    /// checkpoint directory) or a hub id such as Qwen/Qwen2.5-Math-1.5B.
+    #[arg(long, default_value = "default")]
+    pub model: String,
+    /// One prompt (a problem; the template turns it into the model's input).
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+    /// A JSONL file of prompts: per line a JSON string, or an object with "prompt" or "problem".
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Samples per prompt.
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
+    /// 0 decodes greedily.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// 0 keeps every token.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Generation engine (this build has `candle`).
+    #[arg(long, default_value = "candle")]
+    pub engine: String,
+    /// `chat` (the model's own template), `qwen-math`, `r1`, `raw`, or a Jinja template
+    /// string that uses `{{ problem }}`.
+    #[arg(long, default_value = "chat")]
+    pub template: String,
+    /// System prompt for the `chat` template (default: the template's own).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Extra stop strings (repeatable); the r1 template adds `</answer>`.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Weights: `auto` (quantised for GGUF files, f32 otherwise), `f32` or `quantized`.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
+    /// Print one JSON object per sample instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn read_prompts(args: &SampleArgs) -> anyhow::Result<Vec<String>> {
+    if let Some(p) = &args.prompt {
+        return Ok(vec![p.clone()]);
+    }
+    let path = args.prompts.as_ref().context("give --prompt or --prompts")?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read prompts file {}", path.display()))?;
+    let mut prompts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let prompt = match &value {
+            serde_json::Value::String(s) => s.clone(),
+            obj => obj["prompt"]
+                .as_str()
+                .or_else(|| obj["problem"].as_str())
+                .with_context(|| {
+                    format!(
+                        "{}:{}: expected a string or an object with \"prompt\" or \"problem\"",
+                        path.display(),
+                        i + 1
+                    )
+                })?
+                .to_string(),
+        };
+        prompts.push(prompt);
+    }
+    if prompts.is_empty() {
+        bail!("{} holds no prompts", path.display());
+    }
+    Ok(prompts)
+}
+
+pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
+    if args.engine != "candle" {
+        bail!(
+            "engine {:?} is not available in this build (available: candle)",
+            args.engine
+        );
+    }
+    if args.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    let prompts = read_prompts(&args)?;
+    let mut options = LoadOptions::default();
+    let files = spur_lm::resolve(&args.model, &options.cache_dir)?;
+    options.precision = match (args.precision.as_str(), &files) {
+        ("auto", ModelFiles::Gguf { .. }) | ("quantized", _) => Precision::Quantized,
+        ("auto", _) | ("f32", _) => Precision::F32,
+        (other, _) => bail!("--precision {other:?}: expected auto, f32 or quantized"),
+    };
+    let started = Instant::now();
+    let loaded = spur_lm::load_files(files, &options)
+        .with_context(|| format!("loading model {:?}", args.model))?;
+    eprintln!(
+        "loaded {} ({} layers, {:?}) in {:.1} s",
+        args.model,
+        loaded.model.config().num_hidden_layers,
+        options.precision,
+        started.elapsed().as_secs_f64()
+    );
+    let template = match (PromptTemplate::parse(&args.template), &args.system) {
+        (PromptTemplate::Chat { .. }, system) => PromptTemplate::Chat {
+            system: system.clone(),
+        },
+        (_, Some(_)) => bail!("--system applies only to the chat template"),
+        (t, None) => t,
+    };
+    let mut stop_strings = template.stop_strings();
+    stop_strings.extend(args.stop.iter().cloned());
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        max_new_tokens: args.max_tokens,
+        stop_strings,
+        seed: args.seed,
+    };
+    let mut requests = Vec::with_capacity(prompts.len());
+    for problem in &prompts {
+        let text = template.render(&loaded.tokenizer, problem)?;
+        requests.push(GenerationRequest {
+            prompt_ids: loaded.tokenizer.encode(&text)?,
+            n: args.n,
+            params: params.clone(),
+        });
+    }
+    let engine = CandleEngine::new(Arc::new(loaded.model), Arc::new(loaded.tokenizer));
+    let started = Instant::now();
+    let completions = engine.generate(&requests)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let generated: usize = completions.iter().map(|c| c.token_ids.len()).sum();
+    let mut out = std::io::stdout().lock();
+    for c in &completions {
+        if args.json {
+            let line = serde_json::json!({
+                "prompt_index": c.prompt_index,
+                "sample_index": c.sample_index,
+                "text": c.text,
+                "token_ids": c.token_ids,
+                "logprobs": c.logprobs,
+                "finish_reason": c.finish_reason,
+            });
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(
+                out,
+                "=== prompt {} · sample {} · {} tokens · {} ===",
+                c.prompt_index,
+                c.sample_index,
+                c.token_ids.len(),
+                serde_json::to_value(c.finish_reason)?.as_str().unwrap_or("?"),
+            )?;
+            writeln!(out, "{}", c.text)?;
+        }
+    }
+    eprintln!(
+        "{generated} tokens in {seconds:.1} s ({:.1} tok/s, {} engine)",
+        generated as f64 / seconds.max(1e-9),
+        engine.name()
+    );
+    Ok(ExitCode::SUCCESS)
+}
