@@ -50,7 +50,8 @@ pub struct SampleArgs {
     /// Extra stop strings (repeatable); the r1 template adds `</answer>`.
     #[arg(long)]
     pub stop: Vec<String>,
-    /// Weights: `auto` (quantised for GGUF files, f32 otherwise), `f32` or `quantized`.
+    /// Weights: `auto` (quantised for a GGUF file and at most two sequences, else f32),
+    /// `f32` or `quantized`.
     #[arg(long, default_value = "auto")]
     pub precision: String,
     /// Print one JSON object per sample instead of text.
@@ -62,7 +63,10 @@ fn read_prompts(args: &SampleArgs) -> anyhow::Result<Vec<String>> {
     if let Some(p) = &args.prompt {
         return Ok(vec![p.clone()]);
     }
-    let path = args.prompts.as_ref().context("give --prompt or --prompts")?;
+    let path = args
+        .prompts
+        .as_ref()
+        .context("give --prompt or --prompts")?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read prompts file {}", path.display()))?;
     let mut prompts = Vec::new();
@@ -107,8 +111,11 @@ pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
     let prompts = read_prompts(&args)?;
     let mut options = LoadOptions::default();
     let files = spur_lm::resolve(&args.model, &options.cache_dir)?;
+    // candle's quantised kernels do not gain from batching; f32 weights do (docs/models.md).
+    let few_sequences = prompts.len() * args.n <= 2;
     options.precision = match (args.precision.as_str(), &files) {
-        ("auto", ModelFiles::Gguf { .. }) | ("quantized", _) => Precision::Quantized,
+        ("auto", ModelFiles::Gguf { .. }) if few_sequences => Precision::Quantized,
+        ("quantized", _) => Precision::Quantized,
         ("auto", _) | ("f32", _) => Precision::F32,
         (other, _) => bail!("--precision {other:?}: expected auto, f32 or quantized"),
     };
@@ -172,7 +179,9 @@ pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
                 c.prompt_index,
                 c.sample_index,
                 c.token_ids.len(),
-                serde_json::to_value(c.finish_reason)?.as_str().unwrap_or("?"),
+                serde_json::to_value(c.finish_reason)?
+                    .as_str()
+                    .unwrap_or("?"),
             )?;
             writeln!(out, "{}", c.text)?;
         }

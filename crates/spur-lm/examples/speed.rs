@@ -3,7 +3,7 @@
 //! (trainable) weights and the quantised Q4_1 weights; plus the full engine (sampling
 //! included) at batch 16.
 //!
-//!     cargo run -p spur-lm --example speed [-- --steps 128 --batch 16]
+//!     cargo run -p spur-lm --example speed [-- --steps 128 --batch 16 --only f32|quantized]
 //!
 //! The workspace builds every package at opt-level 3 even in the dev profile.
 
@@ -41,7 +41,10 @@ fn decode_steps(loaded: &LoadedModel, prompt_cache: &KvCache, batch: usize, step
     let start = Instant::now();
     let mut next = vec![198u32; batch];
     for _ in 0..steps {
-        let input = Tensor::new(next.as_slice(), &Device::Cpu).unwrap().unsqueeze(1).unwrap();
+        let input = Tensor::new(next.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
         let logits = loaded.model.forward_cached(&input, &mut cache).unwrap();
         next = logits.argmax(1).unwrap().to_vec1::<u32>().unwrap();
     }
@@ -52,7 +55,17 @@ fn main() {
     let steps = arg("--steps", 128);
     let batch = arg("--batch", 16);
     println!("threads: {}", candle_core::utils::get_num_threads());
-    for precision in [Precision::F32, Precision::Quantized] {
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1));
+    let precisions = match only.map(String::as_str) {
+        Some("f32") => vec![Precision::F32],
+        Some("quantized") => vec![Precision::Quantized],
+        _ => vec![Precision::F32, Precision::Quantized],
+    };
+    for precision in precisions {
         let options = LoadOptions {
             precision,
             ..LoadOptions::default()
@@ -64,7 +77,10 @@ fn main() {
             .render(&loaded.tokenizer, &problem())
             .unwrap();
         let ids = loaded.tokenizer.encode(&prompt).unwrap();
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         // Best of three prefills (the first warms caches and thread pools).
         let mut prefill = 0f64;
         let mut cache = None;
@@ -82,7 +98,9 @@ fn main() {
             "{precision:?}: load {load_s:.1} s, prompt {} tokens, prefill {prefill:.0} tok/s, decode batch 1 {d1:.1} tok/s, batch {batch} {dn:.1} tok/s",
             ids.len()
         );
-        let LoadedModel { model, tokenizer, .. } = loaded;
+        let LoadedModel {
+            model, tokenizer, ..
+        } = loaded;
         let engine = CandleEngine::new(Arc::new(model), Arc::new(tokenizer)).with_max_batch(batch);
         let request = GenerationRequest {
             prompt_ids: ids,

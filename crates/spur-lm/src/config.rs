@@ -78,7 +78,9 @@ impl ModelConfig {
         let arch_name = json["model_type"]
             .as_str()
             .or_else(|| json["architectures"][0].as_str())
-            .ok_or_else(|| Error::bad_file(path, "neither `model_type` nor `architectures` is set"))?;
+            .ok_or_else(|| {
+                Error::bad_file(path, "neither `model_type` nor `architectures` is set")
+            })?;
         let architecture =
             Architecture::from_name(arch_name).ok_or_else(|| Error::UnsupportedArchitecture {
                 path: path.to_path_buf(),
@@ -193,8 +195,11 @@ impl ModelConfig {
             Err(e) => token_count.ok_or(e)?,
         };
         let token_id = |key: &str| {
-            md.get(key)
-                .and_then(|v| v.to_u32().ok().or_else(|| v.to_u64().ok().map(|v| v as u32)))
+            md.get(key).and_then(|v| {
+                v.to_u32()
+                    .ok()
+                    .or_else(|| v.to_u64().ok().map(|v| v as u32))
+            })
         };
         let config = ModelConfig {
             architecture,
@@ -212,7 +217,9 @@ impl ModelConfig {
             // Tied when the file has no separate output head.
             tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
             bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-            eos_token_ids: token_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            eos_token_ids: token_id("tokenizer.ggml.eos_token_id")
+                .into_iter()
+                .collect(),
         };
         config.validate(path)?;
         Ok(config)
@@ -221,7 +228,9 @@ impl ModelConfig {
     fn validate(&self, path: &Path) -> Result<()> {
         if self.num_attention_heads == 0
             || self.num_key_value_heads == 0
-            || self.num_attention_heads % self.num_key_value_heads != 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
         {
             return Err(Error::bad_file(
                 path,
@@ -231,8 +240,11 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(Error::bad_file(path, "head_dim must be even for rotary embeddings"));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(Error::bad_file(
+                path,
+                "head_dim must be even for rotary embeddings",
+            ));
         }
         Ok(())
     }
@@ -290,8 +302,8 @@ impl ModelConfig {
                 if wavelen > low_wavelen {
                     *f /= s.factor;
                 } else if wavelen >= high_wavelen {
-                    let smooth =
-                        (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                    let smooth = (orig / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
                     *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
                 }
             }

@@ -139,7 +139,11 @@ fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut SeqRng) -> (u
             .iter()
             .enumerate()
             .fold(0, |best, (i, &l)| if l > logits[best] { i } else { best });
-        let log_z = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+        let log_z = logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
         return (best as u32, (logits[best] as f64 - max - log_z) as f32);
     }
     let t = params.temperature;
@@ -220,7 +224,10 @@ impl Sequence {
             // the last few tokens suffices.
             let from = self.tokens.len().saturating_sub(stop_window);
             let tail = tokenizer.decode(&self.tokens[from..])?;
-            params.stop_strings.iter().any(|s| tail.contains(s.as_str()))
+            params
+                .stop_strings
+                .iter()
+                .any(|s| tail.contains(s.as_str()))
         } {
             self.finish = Some(FinishReason::Stop);
         } else if self.tokens.len() >= params.max_new_tokens {
@@ -258,7 +265,10 @@ impl CandleEngine {
             let problem = if r.prompt_ids.is_empty() {
                 Some("the prompt is empty".to_string())
             } else if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
-                Some(format!("temperature {} must be finite and >= 0", p.temperature))
+                Some(format!(
+                    "temperature {} must be finite and >= 0",
+                    p.temperature
+                ))
             } else if !(p.top_p > 0.0 && p.top_p <= 1.0) {
                 Some(format!("top_p {} must be in (0, 1]", p.top_p))
             } else if p.max_new_tokens == 0 {
@@ -316,17 +326,16 @@ impl Engine for CandleEngine {
             .enumerate()
             .flat_map(|(p, r)| (0..r.n).map(move |s| (p, s)))
             .collect();
-        let stop_window = |p: &SamplingParams| {
-            p.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0) + 2
-        };
+        let stop_window =
+            |p: &SamplingParams| p.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0) + 2;
         let mut done = Vec::with_capacity(order.len());
         let mut prefills: HashMap<usize, (KvCache, Vec<f32>)> = HashMap::new();
         for chunk in order.chunks(self.max_batch) {
             // Prefill each prompt once, however many of its samples the chunk holds.
             prefills.retain(|&p, _| p >= chunk[0].0);
             for &(p, _) in chunk {
-                if !prefills.contains_key(&p) {
-                    prefills.insert(p, self.prefill(&requests[p].prompt_ids)?);
+                if let std::collections::hash_map::Entry::Vacant(slot) = prefills.entry(p) {
+                    slot.insert(self.prefill(&requests[p].prompt_ids)?);
                 }
             }
             let mut seqs = Vec::with_capacity(chunk.len());
@@ -344,15 +353,23 @@ impl Engine for CandleEngine {
                 seq.push(token, logprob, params, tokenizer, stop_window(params))?;
                 seqs.push(seq);
             }
-            let mut active: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
+            let mut active: Vec<usize> = (0..seqs.len())
+                .filter(|&i| seqs[i].finish.is_none())
+                .collect();
             if active.is_empty() {
                 done.extend(seqs);
                 continue;
             }
-            let rows: Vec<&KvCache> = active.iter().map(|&i| &prefills[&seqs[i].prompt_index].0).collect();
+            let rows: Vec<&KvCache> = active
+                .iter()
+                .map(|&i| &prefills[&seqs[i].prompt_index].0)
+                .collect();
             let mut cache = KvCache::stack(&rows, 64)?;
             while !active.is_empty() {
-                let last: Vec<u32> = active.iter().map(|&i| seqs[i].tokens[seqs[i].tokens.len() - 1]).collect();
+                let last: Vec<u32> = active
+                    .iter()
+                    .map(|&i| seqs[i].tokens[seqs[i].tokens.len() - 1])
+                    .collect();
                 let input = Tensor::new(last, self.model.device())?.unsqueeze(1)?;
                 let logits = self
                     .model
@@ -364,7 +381,9 @@ impl Engine for CandleEngine {
                     let (token, logprob) = sample_token(&logits[row], params, &mut seqs[i].rng);
                     seqs[i].push(token, logprob, params, tokenizer, stop_window(params))?;
                 }
-                let keep: Vec<usize> = (0..active.len()).filter(|&r| seqs[active[r]].finish.is_none()).collect();
+                let keep: Vec<usize> = (0..active.len())
+                    .filter(|&r| seqs[active[r]].finish.is_none())
+                    .collect();
                 if keep.len() < active.len() {
                     active = keep.iter().map(|&r| active[r]).collect();
                     if !active.is_empty() {

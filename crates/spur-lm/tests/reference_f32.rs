@@ -22,7 +22,10 @@ fn f32_logits_match_candle_transformers_in_f32() {
         .tokenizer
         .encode("<|im_start|>user\nWhat is the capital of France? Tell me about it.<|im_end|>\n<|im_start|>assistant\n")
         .unwrap();
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = ours.model.forward(&input).unwrap().squeeze(0).unwrap();
     let ours_last = logits.get(ids.len() - 1).unwrap();
 
@@ -30,18 +33,25 @@ fn f32_logits_match_candle_transformers_in_f32() {
     let expected = std::thread::spawn(move || {
         let mut file = std::fs::File::open(&path).unwrap();
         let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
-        let mut reference =
-            candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
-                content,
-                &mut file,
-                &Device::Cpu,
-            )
-            .unwrap();
+        let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+            content,
+            &mut file,
+            &Device::Cpu,
+        )
+        .unwrap();
         reference.forward(&input, 0).unwrap().squeeze(0).unwrap()
     })
     .join()
     .unwrap();
-    let diff = (&ours_last - &expected).unwrap().abs().unwrap().max(D::Minus1).unwrap();
+    let diff = (&ours_last - &expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(D::Minus1)
+        .unwrap();
     let diff = diff.to_scalar::<f32>().unwrap();
-    assert!(diff < 1e-3, "f32 logits differ from the reference by {diff}");
+    assert!(
+        diff < 1e-3,
+        "f32 logits differ from the reference by {diff}"
+    );
 }

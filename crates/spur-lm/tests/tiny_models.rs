@@ -6,11 +6,17 @@ mod common;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
-use spur_lm::engine::{CandleEngine, Completion, Engine, FinishReason, GenerationRequest, SamplingParams};
+use spur_lm::engine::{
+    CandleEngine, Completion, Engine, FinishReason, GenerationRequest, SamplingParams,
+};
 use spur_lm::model::KvCache;
 use spur_lm::{load_model, Architecture, LoadOptions, LoadedModel, PromptTemplate};
 
-const ARCHS: [Architecture; 3] = [Architecture::Llama, Architecture::Qwen2, Architecture::Olmo2];
+const ARCHS: [Architecture; 3] = [
+    Architecture::Llama,
+    Architecture::Qwen2,
+    Architecture::Olmo2,
+];
 
 fn checkpoint(arch: Architecture, dtype: DType) -> (tempfile::TempDir, LoadedModel) {
     let dir = tempfile::tempdir().unwrap();
@@ -33,7 +39,11 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn tokens(rows: &[&[u32]]) -> Tensor {
-    Tensor::new(rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(), &Device::Cpu).unwrap()
+    Tensor::new(
+        rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -42,17 +52,34 @@ fn loads_each_architecture_with_expected_shapes() {
         let (_dir, loaded) = checkpoint(arch, DType::F32);
         let c = loaded.model.config().clone();
         assert_eq!(c.architecture, arch);
-        let logits = loaded.model.forward(&tokens(&[&[1, 2, 3, 4, 5], &[6, 7, 8, 9, 10]])).unwrap();
+        let logits = loaded
+            .model
+            .forward(&tokens(&[&[1, 2, 3, 4, 5], &[6, 7, 8, 9, 10]]))
+            .unwrap();
         assert_eq!(logits.dims(), &[2, 5, c.vocab_size]);
-        let lp = loaded.model.sequence_logprobs(&tokens(&[&[1, 2, 3, 4, 5]])).unwrap();
+        let lp = loaded
+            .model
+            .sequence_logprobs(&tokens(&[&[1, 2, 3, 4, 5]]))
+            .unwrap();
         assert_eq!(lp.dims(), &[1, 4]);
         let values = lp.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(values.iter().all(|v| v.is_finite() && *v < 0.0));
         // Tied models have no separate head var.
-        let names: Vec<String> = loaded.model.named_vars().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names.contains(&"lm_head.weight".to_string()), !c.tie_word_embeddings);
+        let names: Vec<String> = loaded
+            .model
+            .named_vars()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            names.contains(&"lm_head.weight".to_string()),
+            !c.tie_word_embeddings
+        );
         // Deterministic: the same input gives the same logits.
-        let again = loaded.model.forward(&tokens(&[&[1, 2, 3, 4, 5], &[6, 7, 8, 9, 10]])).unwrap();
+        let again = loaded
+            .model
+            .forward(&tokens(&[&[1, 2, 3, 4, 5], &[6, 7, 8, 9, 10]]))
+            .unwrap();
         assert_eq!(max_diff(&logits, &again), 0.0);
     }
 }
@@ -73,7 +100,10 @@ fn every_parameter_gets_a_gradient() {
         let (_dir, loaded) = checkpoint(arch, DType::F32);
         let model = &loaded.model;
         let lp = model
-            .sequence_logprobs(&tokens(&[&[1, 20, 3, 40, 5, 60, 7], &[8, 90, 10, 110, 12, 130, 14]]))
+            .sequence_logprobs(&tokens(&[
+                &[1, 20, 3, 40, 5, 60, 7],
+                &[8, 90, 10, 110, 12, 130, 14],
+            ]))
             .unwrap();
         let loss = lp.sum_all().unwrap().neg().unwrap();
         let grads = loss.backward().unwrap();
@@ -83,8 +113,17 @@ fn every_parameter_gets_a_gradient() {
             let g = grads
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{arch:?}: no gradient for {name}"));
-            let norm = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(norm > 0.0 && norm.is_finite(), "{arch:?}: gradient of {name} is {norm}");
+            let norm = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{arch:?}: gradient of {name} is {norm}"
+            );
         }
     }
 }
@@ -97,7 +136,9 @@ fn kv_cache_decoding_equals_full_forward() {
         let seq: Vec<u32> = vec![5, 17, 200, 3, 99, 42, 7, 1, 150, 33];
         let full = model.forward(&tokens(&[&seq])).unwrap().squeeze(0).unwrap();
         let mut cache = model.new_cache(1, 4).unwrap();
-        let first = model.forward_cached(&tokens(&[&seq[..4]]), &mut cache).unwrap();
+        let first = model
+            .forward_cached(&tokens(&[&seq[..4]]), &mut cache)
+            .unwrap();
         assert!(max_diff(&first.squeeze(0).unwrap(), &full.get(3).unwrap()) < 1e-4);
         for (j, &t) in seq.iter().enumerate().skip(4) {
             let step = model.forward_cached(&tokens(&[&[t]]), &mut cache).unwrap();
@@ -124,7 +165,9 @@ fn left_padded_batch_decodes_like_single_rows() {
         let refs: Vec<&KvCache> = singles.iter().collect();
         let mut batch = KvCache::stack(&refs, 4).unwrap();
         let next = [[21u32], [22], [23]];
-        let batched = model.forward_cached(&Tensor::new(&next, &Device::Cpu).unwrap(), &mut batch).unwrap();
+        let batched = model
+            .forward_cached(&Tensor::new(&next, &Device::Cpu).unwrap(), &mut batch)
+            .unwrap();
         for (i, p) in prompts.iter().enumerate() {
             let mut seq = p.to_vec();
             seq.push(next[i][0]);
@@ -171,7 +214,11 @@ fn seeded_sampling_is_reproducible_and_independent_of_batch_composition() {
         let again = engine.generate(std::slice::from_ref(&a)).unwrap();
         assert_eq!(alone, again, "{arch:?}: same seed, different output");
         let mixed = engine.generate(&[b.clone(), a.clone()]).unwrap();
-        let a_in_mixed: Vec<_> = mixed.iter().filter(|c| c.prompt_index == 1).cloned().collect();
+        let a_in_mixed: Vec<_> = mixed
+            .iter()
+            .filter(|c| c.prompt_index == 1)
+            .cloned()
+            .collect();
         assert_same_samples(&alone, &a_in_mixed);
         // Samples of one request differ from each other (distinct per-sample RNG streams).
         assert!(alone.windows(2).any(|w| w[0].token_ids != w[1].token_ids));
@@ -216,7 +263,11 @@ fn sampling_logprobs_follow_the_sampling_distribution() {
     for (j, (&t, &lp)) in out.token_ids.iter().zip(&out.logprobs).enumerate() {
         let row = logits.get(prompt.len() - 1 + j).unwrap();
         assert_eq!(row.argmax(0).unwrap().to_scalar::<u32>().unwrap(), t);
-        let want = logp.get(prompt.len() - 1 + j).unwrap().get(t as usize).unwrap();
+        let want = logp
+            .get(prompt.len() - 1 + j)
+            .unwrap()
+            .get(t as usize)
+            .unwrap();
         assert!((want.to_scalar::<f32>().unwrap() - lp).abs() < 1e-4);
     }
     // Pure sampling at temperature 2: the log-prob is that of softmax(logits / 2).
@@ -230,7 +281,11 @@ fn sampling_logprobs_follow_the_sampling_distribution() {
     let logits = model.forward(&tokens(&[&seq])).unwrap().squeeze(0).unwrap();
     let logp = candle_nn::ops::log_softmax(&(logits / 2.0).unwrap(), D::Minus1).unwrap();
     for (j, (&t, &lp)) in out.token_ids.iter().zip(&out.logprobs).enumerate() {
-        let want = logp.get(prompt.len() - 1 + j).unwrap().get(t as usize).unwrap();
+        let want = logp
+            .get(prompt.len() - 1 + j)
+            .unwrap()
+            .get(t as usize)
+            .unwrap();
         assert!((want.to_scalar::<f32>().unwrap() - lp).abs() < 1e-4);
     }
     // top_k = 1 is greedy with log-prob 0 (a point mass).
@@ -258,7 +313,12 @@ fn stops_at_eos_stop_string_and_length() {
     }
     // Use a character the first completion produced as a stop string.
     let first = &outs[0];
-    let stop: String = first.text.chars().nth(first.text.chars().count() / 2).unwrap().to_string();
+    let stop: String = first
+        .text
+        .chars()
+        .nth(first.text.chars().count() / 2)
+        .unwrap()
+        .to_string();
     req.params.stop_strings = vec![stop.clone()];
     let stopped = engine.generate(&[req]).unwrap();
     let c = &stopped[0];
@@ -266,7 +326,9 @@ fn stops_at_eos_stop_string_and_length() {
     assert!(c.text.contains(&stop));
     assert_eq!(c.text, tokenizer.decode(&c.token_ids).unwrap());
     // Stopped exactly at the token that completed the stop string.
-    let before = tokenizer.decode(&c.token_ids[..c.token_ids.len() - 1]).unwrap();
+    let before = tokenizer
+        .decode(&c.token_ids[..c.token_ids.len() - 1])
+        .unwrap();
     assert!(!before.contains(&stop));
     assert!(first.token_ids.starts_with(&c.token_ids));
 }
@@ -275,9 +337,16 @@ fn stops_at_eos_stop_string_and_length() {
 fn templates_render() {
     let (_dir, loaded) = checkpoint(Architecture::Llama, DType::F32);
     let tok = &loaded.tokenizer;
-    let chat = PromptTemplate::Chat { system: None }.render(tok, "1+1?").unwrap();
-    assert_eq!(chat, "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n");
-    let math = PromptTemplate::parse("qwen-math").render(tok, "1+1?").unwrap();
+    let chat = PromptTemplate::Chat { system: None }
+        .render(tok, "1+1?")
+        .unwrap();
+    assert_eq!(
+        chat,
+        "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let math = PromptTemplate::parse("qwen-math")
+        .render(tok, "1+1?")
+        .unwrap();
     assert_eq!(
         math,
         "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"
@@ -287,8 +356,49 @@ fn templates_render() {
     assert!(text.starts_with("A conversation between User and Assistant."));
     assert!(text.ends_with("\n\n<|user|>\n1+1?\n<|assistant|>\n<think>"));
     assert_eq!(r1.stop_strings(), ["</answer>"]);
-    let custom = PromptTemplate::parse("Q: {{ problem }}\nA:").render(tok, "1+1?").unwrap();
+    let custom = PromptTemplate::parse("Q: {{ problem }}\nA:")
+        .render(tok, "1+1?")
+        .unwrap();
     assert_eq!(custom, "Q: 1+1?\nA:");
     let err = PromptTemplate::parse("{{ raise_exception('no') }}").render(tok, "x");
     assert!(err.is_err());
+}
+
+/// The engine shares the trainer's weights: setting a var in place changes what it samples,
+/// and a saved checkpoint loads back to the same logits.
+#[test]
+fn var_updates_are_seen_and_checkpoints_round_trip() {
+    let (_dir, loaded) = checkpoint(Architecture::Olmo2, DType::F32);
+    let model = Arc::new(loaded.model);
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let input = tokens(&[&[3, 1, 4, 1, 5, 9, 2, 6]]);
+    let before = model.forward(&input).unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    spur_lm::save_checkpoint(&model, &tokenizer, out.path()).unwrap();
+    let reloaded = load_model(out.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(
+        max_diff(&before, &reloaded.model.forward(&input).unwrap()),
+        0.0
+    );
+    assert_eq!(
+        reloaded.tokenizer.eos_token_ids(),
+        tokenizer.eos_token_ids()
+    );
+    assert_eq!(
+        reloaded.tokenizer.chat_template(),
+        tokenizer.chat_template()
+    );
+
+    let engine = CandleEngine::new(model.clone(), tokenizer);
+    let vars = model.named_vars();
+    let (_, head) = vars.iter().find(|(n, _)| n == "lm_head.weight").unwrap();
+    head.set(&head.zeros_like().unwrap()).unwrap();
+    let mut greedy = request(&[1, 2], 1, 0);
+    greedy.params.temperature = 0.0;
+    let c = &engine.generate(&[greedy]).unwrap()[0];
+    // All logits are zero now: uniform distribution, argmax is token 0.
+    let uniform = -(model.config().vocab_size as f32).ln();
+    assert!(c.token_ids.iter().all(|&t| t == 0));
+    assert!(c.logprobs.iter().all(|&l| (l - uniform).abs() < 1e-5));
 }

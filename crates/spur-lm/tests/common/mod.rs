@@ -37,10 +37,14 @@ pub fn tiny_config(architecture: Architecture) -> ModelConfig {
 
 /// Deterministic pseudo-random values in [-scale, scale].
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let u = (state >> 40) as f32 / (1u64 << 24) as f32;
             (2.0 * u - 1.0) * scale
         })
@@ -55,7 +59,7 @@ pub fn random_tensors(config: &ModelConfig, seed: u64) -> HashMap<String, Tensor
             let n = shape.iter().product();
             let mut v = values(n, seed * 1000 + i as u64, 0.3);
             if name.ends_with("norm.weight") {
-                v.iter_mut().for_each(|x| *x = 1.0 + *x);
+                v.iter_mut().for_each(|x| *x += 1.0);
             }
             let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
             (name, t)
@@ -72,11 +76,17 @@ pub fn tiny_tokenizer() -> tokenizers::Tokenizer {
         .enumerate()
         .map(|(i, c)| (c.to_string(), i as u32))
         .collect();
-    let bpe = BPE::builder().vocab_and_merges(vocab, Vec::new()).build().unwrap();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, Vec::new())
+        .build()
+        .unwrap();
     let mut tok = tokenizers::Tokenizer::new(bpe);
     tok.with_pre_tokenizer(Some(ByteLevel::new(false, false, true)))
         .with_decoder(Some(ByteLevelDecoder::default()));
-    let specials: Vec<AddedToken> = SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect();
+    let specials: Vec<AddedToken> = SPECIALS
+        .iter()
+        .map(|s| AddedToken::from(*s, true))
+        .collect();
     tok.add_special_tokens(&specials);
     tok
 }
