@@ -44,6 +44,8 @@ enum Command {
     Gc(commands::gc::GcArgs),
     /// Grade responses against reference answers (the paper's grader).
     Grade(commands::grade::GradeArgs),
+    /// Sample from a model: `default`, a local path or a hub id.
+    Sample(commands::sample::SampleArgs),
     /// GRPO objective and gradient for given log-probs (docs/grpo.md).
     Loss(commands::loss::LossArgs),
     /// Benchmarks (planning speed).
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Command::Gc(a) => commands::gc::run(a, &cache),
         Command::Grade(a) => commands::grade::run(a),
         Command::Loss(a) => commands::loss::run(a),
+        Command::Sample(a) => commands::sample::run(a),
         Command::Bench(c) => commands::bench::run(c, &cache),
     };
     match result {

@@ -5,5 +5,6 @@ pub mod lock;
 pub mod loss;
 pub mod plan;
 pub mod run;
+pub mod sample;
 pub mod show;
 pub mod status;
