@@ -13,6 +13,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// glibc's malloc fragments badly under candle's many mid-sized tensors
+// freed across threads (RSS several times the live memory in rollouts).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "spur",
@@ -48,6 +53,11 @@ enum Command {
     Sample(commands::sample::SampleArgs),
     /// GRPO objective and gradient for given log-probs (docs/grpo.md).
     Loss(commands::loss::LossArgs),
+    /// Cancel the experiment's queued and running Slurm jobs.
+    Cancel(commands::cancel::CancelArgs),
+    /// Compute units of work into the cache (what a Slurm job runs).
+    #[command(hide = true)]
+    ExecNode(commands::exec_node::ExecNodeArgs),
     /// Benchmarks (planning speed).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -75,6 +85,8 @@ fn main() -> ExitCode {
         Command::Loss(a) => commands::loss::run(a),
         Command::Sample(a) => commands::sample::run(a),
         Command::Bench(c) => commands::bench::run(c, &cache),
+        Command::Cancel(a) => commands::cancel::run(a, &cache),
+        Command::ExecNode(a) => commands::exec_node::run(a, &cache),
     };
     match result {
         Ok(code) => code,

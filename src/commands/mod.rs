@@ -1,4 +1,6 @@
 pub mod bench;
+pub mod cancel;
+pub mod exec_node;
 pub mod gc;
 pub mod grade;
 pub mod lock;

@@ -1,12 +1,24 @@
-//! `spur run FILE`: execute what is not cached.
+//! `spur run FILE`: execute what is not cached, here or on Slurm.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
+use spur_exec::slurm::{self, SubmitRequest};
+use spur_exec::spur_slurm::Slurm;
 use spur_exec::{Executor, Job, LocalExecutor, Options};
 
 use crate::{record, workspace};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExecutorKind {
+    /// Threads of this process.
+    Local,
+    /// Jobs submitted to Slurm (settings from the file's `executor: {slurm: …}`);
+    /// returns once they are queued.
+    Slurm,
+}
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -30,9 +42,16 @@ pub struct RunArgs {
     /// Accelerator devices, comma-separated (default: $CUDA_VISIBLE_DEVICES, else 0).
     #[arg(long)]
     pub devices: Option<String>,
+    /// Where the pending nodes run.
+    #[arg(long, value_enum, default_value_t = ExecutorKind::Local)]
+    pub executor: ExecutorKind,
 }
 
 pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
+    let started = Instant::now();
+    if args.executor == ExecutorKind::Slurm && args.verify {
+        bail!("--verify checks the cache in this process; run `spur run FILE --verify` without --executor slurm first");
+    }
     let loaded = workspace::load(&args.file, cache)?;
     let (exp, plan, store) = (&loaded.experiment, &loaded.plan, &loaded.store);
     if args.locked {
@@ -65,6 +84,9 @@ pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
             selected.len()
         );
         return Ok(ExitCode::SUCCESS);
+    }
+    if args.executor == ExecutorKind::Slurm {
+        return submit_to_slurm(&loaded, runs, started);
     }
     let _shared = store.lock_shared()?;
     let ctx = record::Context::new(exp, plan);
@@ -147,4 +169,74 @@ pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
         eprintln!("other runs were stopped; use --keep-going to let them continue");
     }
     Ok(ExitCode::FAILURE)
+}
+
+/// Queues the pending units of `runs` on Slurm and returns.
+fn submit_to_slurm(
+    loaded: &workspace::Loaded,
+    runs: Vec<usize>,
+    started: Instant,
+) -> Result<ExitCode> {
+    let (exp, plan, store) = (&loaded.experiment, &loaded.plan, &loaded.store);
+    let settings = slurm::settings(exp)?;
+    let spur =
+        std::env::current_exe().context("cannot find the spur binary for the jobs to run")?;
+    let job = Job {
+        plan,
+        experiment: exp,
+        store,
+        registry: &loaded.registry,
+        runs,
+    };
+    let request = SubmitRequest {
+        job: &job,
+        settings: &settings,
+        spur: &spur,
+    };
+    let submission = slurm::submit(&Slurm::from_env(), &request)
+        .with_context(|| format!("cannot submit {} to Slurm", exp.path.display()))?;
+    // Run records are written by the jobs (`spur exec-node`); the submission
+    // is recorded in jobs.json beside the scripts.
+    let elapsed = started.elapsed();
+
+    if let Some(dir) = &submission.dir {
+        println!(
+            "submitted {} job{} to Slurm (scripts and logs in {}):",
+            submission.submitted.len(),
+            if submission.submitted.len() == 1 {
+                ""
+            } else {
+                "s"
+            },
+            dir.display()
+        );
+    }
+    for j in &submission.submitted {
+        let after: Vec<String> = j.after.iter().map(u64::to_string).collect();
+        if after.is_empty() {
+            println!("  {}  {}", j.id, j.name);
+        } else {
+            println!("  {}  {}  (after {})", j.id, j.name, after.join(","));
+        }
+    }
+    if !submission.queued.is_empty() {
+        let ids: Vec<String> = submission.queued.iter().map(|j| j.id.to_string()).collect();
+        println!(
+            "{} unit{} already queued or running, not submitted again: job{} {}",
+            ids.len(),
+            if ids.len() == 1 { " is" } else { "s are" },
+            if ids.len() == 1 { "" } else { "s" },
+            ids.join(" ")
+        );
+    }
+    if !submission.submitted.is_empty() {
+        println!(
+            "took {:.2} s: {:.2} s writing scripts and in sbatch, {:.2} s planning and deciding; `spur status {}` follows them",
+            elapsed.as_secs_f64(),
+            submission.sbatch.as_secs_f64(),
+            elapsed.saturating_sub(submission.sbatch).as_secs_f64(),
+            exp.path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,7 @@
 //! as a job with the same dependencies.
 
 mod local;
+pub mod slurm;
 mod units;
 
 use spur_plan::{Hash, Plan};
@@ -15,6 +16,8 @@ use spur_stages::Registry;
 use spur_store::Store;
 
 pub use local::{LocalExecutor, Progress};
+/// Slurm's building blocks, for callers of [`slurm`].
+pub use spur_slurm;
 pub use units::{units, Unit};
 
 #[derive(Debug, thiserror::Error)]

