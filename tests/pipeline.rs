@@ -30,6 +30,7 @@ rewards:
   gt: {{kind: ground_truth}}
   fmt: {{kind: format}}
   wrong: {{kind: incorrect, label_samples: 2}}
+  mine: {{kind: command, command: "python3 -c 'import sys, json; [print(len(json.loads(l)[\"response\"]) % 2) for l in sys.stdin]'"}}
 defaults:
   model: smol
   train_data: train
@@ -40,7 +41,7 @@ defaults:
   evals:
     math500: {{dataset: test, max_tokens: 12}}
 grid:
-  reward: [gt, fmt, wrong]
+  reward: [gt, fmt, wrong, mine]
 "#
     )
 }
@@ -63,8 +64,8 @@ fn grpo_pipeline_on_the_default_model() {
     let ws = Workspace::new();
     ws.write("exp.yaml", &experiment());
     let plan = ws.plan_json("exp.yaml");
-    // One step-0 eval for all three arms; the step-1 rollout shared by the
-    // two arms that train on all problems; labels only for `incorrect`.
+    // One step-0 eval for all four arms; the step-1 rollout shared by the
+    // three arms that train on all problems; labels only for `incorrect`.
     let evals = nodes(&plan, "eval");
     assert_eq!(evals.iter().filter(|n| n["step"] == 0).count(), 1);
     assert_eq!(
@@ -72,7 +73,7 @@ fn grpo_pipeline_on_the_default_model() {
             .as_array()
             .unwrap()
             .len(),
-        3
+        4
     );
     let rollouts1: Vec<_> = nodes(&plan, "rollout")
         .into_iter()
@@ -81,7 +82,7 @@ fn grpo_pipeline_on_the_default_model() {
     assert_eq!(rollouts1.len(), 2);
     assert!(rollouts1
         .iter()
-        .any(|n| n["runs"].as_array().unwrap().len() == 2));
+        .any(|n| n["runs"].as_array().unwrap().len() == 3));
     assert_eq!(nodes(&plan, "label").len(), 1);
 
     ws.ok(&["run", "exp.yaml"]);
@@ -147,6 +148,26 @@ fn grpo_pipeline_on_the_default_model() {
     );
     let m2 = manifest(&ws, &update2["id"].as_str().unwrap()[..16]);
     assert!(m2["pruned"].as_array().unwrap().is_empty());
+
+    // A user's reward command scored every response (length parity here).
+    let mine_run = plan["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cell"]["reward"] == "mine")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mine = manifest(&ws, &mine_run);
+    let reward1 = mine["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "reward")
+        .unwrap();
+    let mean = reward1["metrics"]["reward_mean"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&mean), "{}", reward1["metrics"]);
 
     // Sampled tokens come with their log-probs.
     let rollout = ws
