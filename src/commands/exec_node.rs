@@ -136,19 +136,8 @@ pub fn run(args: ExecNodeArgs, cache: &Path) -> Result<ExitCode> {
         let error = failure.filter(|_| !stopped).map(|f| f.message.as_str());
         record::write(store, exp, plan, r, &ctx, status, error)?;
     }
-    for (id, why) in &outcome.corrupted {
-        eprintln!(
-            "warning: cache entry {} was corrupted and has been recomputed ({why})",
-            &id.hex()[..12]
-        );
-    }
-    eprintln!(
-        "spur exec-node: computed {} node{}, {} finished by another process, {} skipped",
-        outcome.computed.len(),
-        if outcome.computed.len() == 1 { "" } else { "s" },
-        outcome.reused,
-        outcome.skipped
-    );
+    outcome.warn_corrupted();
+    eprintln!("spur exec-node: {}", outcome.summary());
     let unfinished = !outcome.failures.is_empty() || outcome.skipped > 0;
     if stopped && unfinished {
         eprintln!(

@@ -140,19 +140,8 @@ pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
             failure.map(|f| f.message.as_str()),
         )?;
     }
-    for (id, why) in &outcome.corrupted {
-        eprintln!(
-            "warning: cache entry {} was corrupted and has been recomputed ({why})",
-            &id.hex()[..12]
-        );
-    }
-    println!(
-        "computed {} node{}, {} finished by another process, {} skipped",
-        outcome.computed.len(),
-        if outcome.computed.len() == 1 { "" } else { "s" },
-        outcome.reused,
-        outcome.skipped
-    );
+    outcome.warn_corrupted();
+    println!("{}", outcome.summary());
     if outcome.failures.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }

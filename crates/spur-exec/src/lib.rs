@@ -73,6 +73,29 @@ pub struct Outcome {
     pub skipped: usize,
 }
 
+impl Outcome {
+    /// One line on what this process did.
+    pub fn summary(&self) -> String {
+        format!(
+            "computed {} node{}, {} finished by another process, {} skipped",
+            self.computed.len(),
+            if self.computed.len() == 1 { "" } else { "s" },
+            self.reused,
+            self.skipped
+        )
+    }
+
+    /// Print a warning for each corrupted cache entry that was recomputed.
+    pub fn warn_corrupted(&self) {
+        for (id, why) in &self.corrupted {
+            eprintln!(
+                "warning: cache entry {} was corrupted and has been recomputed ({why})",
+                &id.hex()[..12]
+            );
+        }
+    }
+}
+
 pub trait Executor {
     fn execute(&self, job: &Job, options: &Options) -> Result<Outcome, ExecError>;
 }
