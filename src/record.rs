@@ -86,6 +86,7 @@ pub fn write(
                 "kind": node.kind.name(),
                 "step": node.step,
                 "shared": node.runs.len() > 1,
+                "eval": (node.kind == spur_plan::StageKind::Eval).then(|| node.params.get("name")).flatten(),
                 "status": if manifest.is_some() { "cached" } else { "pending" },
                 "seconds": manifest.as_ref().map(|m| m.seconds),
                 "finished_at": manifest.as_ref().map(|m| m.finished_at.clone()),

@@ -42,6 +42,9 @@ defaults:
     math500: {{dataset: test, max_tokens: 12}}
 grid:
   reward: [gt, fmt, wrong, mine]
+  update.kl_coef: [0.0]
+include:
+  - {{reward: mine, update.kl_coef: 0.1}}
 "#
     )
 }
@@ -169,6 +172,31 @@ fn grpo_pipeline_on_the_default_model() {
     let mean = reward1["metrics"]["reward_mean"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&mean), "{}", reward1["metrics"]);
 
+    // A KL penalty against the model's own weights: zero before the first
+    // update moved the policy, positive after it.
+    let kl_run = plan["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cell"]["update.kl_coef"] == 0.1)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let kl_record = manifest(&ws, &kl_run);
+    let ref_kl = |step: u64| {
+        kl_record["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["kind"] == "update" && n["step"] == step)
+            .unwrap()["metrics"]["ref_kl"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(ref_kl(1), 0.0);
+    assert!(ref_kl(2) != 0.0, "{kl_record}");
+
     // Sampled tokens come with their log-probs.
     let rollout = ws
         .cache()
@@ -185,6 +213,39 @@ fn grpo_pipeline_on_the_default_model() {
             );
         }
     }
+
+    // The report of the real records: one table row per reward arm (the KL
+    // arm is a variant of `mine`), plots for accuracy, code and clipping.
+    let report = ws.path("report");
+    ws.ok(&["report", "exp.yaml", "--out", report.to_str().unwrap()]);
+    let csv = std::fs::read_to_string(report.join("table.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 5, "{csv}");
+    for reward in ["gt", "fmt", "wrong", "mine"] {
+        assert!(csv.contains(reward), "{csv}");
+    }
+    let html = std::fs::read_to_string(report.join("index.html")).unwrap();
+    let plots: Vec<_> = std::fs::read_dir(report.join("plots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    for prefix in ["accuracy-", "code-", "clip-"] {
+        assert!(
+            plots
+                .iter()
+                .any(|p| p.starts_with(prefix) && p.ends_with(".png")),
+            "{plots:?}"
+        );
+        assert!(
+            plots
+                .iter()
+                .any(|p| p.starts_with(prefix) && p.ends_with(".svg")),
+            "{plots:?}"
+        );
+    }
+    assert_eq!(
+        html.matches("data:image/png;base64,").count(),
+        plots.len() / 2
+    );
 
     // CPU determinism: the same arm in a fresh cache ends with the same weights.
     let again = Workspace::new();

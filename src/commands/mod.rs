@@ -6,6 +6,7 @@ pub mod grade;
 pub mod lock;
 pub mod loss;
 pub mod plan;
+pub mod report;
 pub mod run;
 pub mod sample;
 pub mod show;

@@ -640,7 +640,20 @@ impl Transformer {
     /// predict token j+1. With causal attention and right padding, positions of a row before
     /// its padding do not depend on the padding; the caller masks padded positions out.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.forward_from(tokens, 0)
+    }
+
+    /// [`Transformer::forward`] with logits only at positions `start..seq`: f32
+    /// [batch, seq - start, vocab]. Training needs logits only where completions are
+    /// predicted; skipping the prompt positions saves the largest matmul there (the vocabulary
+    /// projection) and its log-softmax.
+    pub fn forward_from(&self, tokens: &Tensor, start: usize) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
+        if start >= t {
+            return Err(Error::Request(format!(
+                "logits from position {start} of a {t}-token sequence"
+            )));
+        }
         let positions: Vec<Vec<usize>> = vec![(0..t).collect(); b];
         let mut mask = vec![0f32; t * t];
         for q in 0..t {
@@ -650,6 +663,7 @@ impl Transformer {
         }
         let mask = Tensor::from_vec(mask, (1, 1, 1, t, t), &self.device)?;
         let x = self.run_layers(tokens, &positions, &mask, None)?;
+        let x = x.narrow(1, start, t - start)?;
         let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
         self.lm_head.forward(&x)
     }

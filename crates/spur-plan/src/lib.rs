@@ -384,13 +384,19 @@ impl RunCtx<'_> {
                 role: Role::Reward,
                 node: scored,
             });
+            // A KL penalty compares against the model's own weights at every step.
+            let update_exts = if p.update.kl_coef > 0.0 {
+                vec![model_ext]
+            } else {
+                pol_exts
+            };
             let update = chain.push(
                 StageKind::Update,
                 step,
                 &update_params,
                 update_digest,
                 update_inputs,
-                pol_exts,
+                update_exts,
             );
             policy = Some(update);
             eval_at(chain, step, policy);

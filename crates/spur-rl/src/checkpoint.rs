@@ -42,19 +42,41 @@ impl Trainer {
     /// Writes a checkpoint of the policy weights and the trainer state to `dir`, replacing a
     /// checkpoint already there.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        self.write_checkpoint(dir, None)
+    }
+
+    /// [`Trainer::save_checkpoint`] with the weights taken from `weights`, a safetensors file
+    /// that already holds exactly this trainer's vars by the same names (the policy checkpoint
+    /// written beside it): hard-linked, or copied where links are not possible, instead of
+    /// serialising the weights a second time.
+    pub fn save_checkpoint_sharing(&self, dir: &Path, weights: &Path) -> Result<()> {
+        self.write_checkpoint(dir, Some(weights))
+    }
+
+    fn write_checkpoint(&self, dir: &Path, weights_file: Option<&Path>) -> Result<()> {
         let partial = sibling(dir, "partial");
         if partial.exists() {
             fs::remove_dir_all(&partial).map_err(|e| io(&partial, e))?;
         }
         fs::create_dir_all(&partial).map_err(|e| io(&partial, e))?;
 
-        let weights: HashMap<&str, Tensor> = self
-            .names
-            .iter()
-            .zip(&self.vars)
-            .map(|(n, v)| (n.as_str(), v.as_tensor().detach()))
-            .collect();
-        candle_core::safetensors::save(&weights, partial.join(WEIGHTS_FILE))?;
+        let weights_path = partial.join(WEIGHTS_FILE);
+        match weights_file {
+            Some(file) => {
+                if fs::hard_link(file, &weights_path).is_err() {
+                    fs::copy(file, &weights_path).map_err(|e| io(file, e))?;
+                }
+            }
+            None => {
+                let weights: HashMap<&str, Tensor> = self
+                    .names
+                    .iter()
+                    .zip(&self.vars)
+                    .map(|(n, v)| (n.as_str(), v.as_tensor().detach()))
+                    .collect();
+                candle_core::safetensors::save(&weights, &weights_path)?;
+            }
+        }
 
         let opt = &self.optimizer;
         let mut moments = HashMap::new();

@@ -12,8 +12,8 @@ impl Policy for Transformer {
         Transformer::named_vars(self)
     }
 
-    fn forward_logits(&self, input_ids: &Tensor) -> Result<Tensor> {
-        self.forward(input_ids)
+    fn forward_logits(&self, input_ids: &Tensor, start: usize) -> Result<Tensor> {
+        self.forward_from(input_ids, start)
             .map_err(|e| Error::Policy(Box::new(e)))
     }
 

@@ -9,10 +9,11 @@ pub trait Policy {
     /// The trainable weights with unique, stable names (the checkpoint keys), in a fixed order.
     fn named_vars(&self) -> Vec<(String, Var)>;
 
-    /// Logits at every position: `input_ids` u32 `[batch, len]`, right-padded, to
-    /// `[batch, len, vocab]`, where position j predicts token j + 1. Must be differentiable
-    /// with respect to every var (see STACK-NOTES: fused candle ops cut gradients silently).
-    fn forward_logits(&self, input_ids: &Tensor) -> Result<Tensor>;
+    /// Logits at positions `start..len`: `input_ids` u32 `[batch, len]`, right-padded, to
+    /// `[batch, len - start, vocab]`, where position j predicts token j + 1. Must be
+    /// differentiable with respect to every var (see STACK-NOTES: fused candle ops cut
+    /// gradients silently).
+    fn forward_logits(&self, input_ids: &Tensor, start: usize) -> Result<Tensor>;
 
     fn device(&self) -> Device;
 }
@@ -61,7 +62,7 @@ pub fn sequence_logprobs(
         .unwrap_or(0);
     let width_out = seqs.iter().map(|(_, c)| c.len()).max().unwrap_or(1);
     // Only the logits from the earliest position that predicts a completion token onwards are
-    // needed; narrowing before the log-softmax saves most of its memory on long prompts.
+    // needed: the policy skips the vocabulary projection and log-softmax before it.
     let start = seqs.iter().map(|(p, _)| p.len()).min().unwrap_or(1) - 1;
     let width = len - 1 - start;
 
@@ -86,8 +87,8 @@ pub fn sequence_logprobs(
     let index = Tensor::from_vec(index, (b, width_out), &device)?;
     let mask = Tensor::from_vec(mask, (b, width_out), &device)?;
 
-    let logits = policy.forward_logits(&ids)?;
-    let logits = logits.narrow(1, start, width)?;
+    // The last position predicts nothing.
+    let logits = policy.forward_logits(&ids, start)?.narrow(1, 0, width)?;
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let targets = ids
         .narrow(1, start + 1, width)?

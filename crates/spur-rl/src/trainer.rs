@@ -198,25 +198,29 @@ impl Trainer {
         let micro = self.cfg.micro_batch;
         let device = policy.device();
 
-        // π_old: the sampler's log-probs when given, else this policy's before any update.
-        let mut old: Vec<Vec<f32>> = Vec::with_capacity(n);
-        let missing: Vec<usize> = (0..n).filter(|&i| items[i].old.is_none()).collect();
-        let mut computed = score(policy, &items, &missing, micro)?.into_iter();
-        for item in &items {
-            match item.old {
-                Some(o) => old.push(o.to_vec()),
-                None => old.push(computed.next().unwrap_or_default()),
-            }
+        let mut order: Vec<usize> = (0..n).collect();
+        if self.cfg.shuffle {
+            self.rng.shuffle(&mut order);
+        }
+
+        // π_old: the sampler's log-probs when given, else this policy's before any update. The
+        // first mini-batch trains on weights that are still π_old, so its own forward pass gives
+        // them (detached; ρ ≡ 1 exactly); only later mini-batches need a scoring pass first.
+        let mut old: Vec<Option<Vec<f32>>> =
+            items.iter().map(|i| i.old.map(<[f32]>::to_vec)).collect();
+        let first_mini = order.len().min(self.cfg.mini_batch);
+        let missing: Vec<usize> = order[first_mini..]
+            .iter()
+            .copied()
+            .filter(|&i| old[i].is_none())
+            .collect();
+        for (i, lp) in missing.iter().zip(score(policy, &items, &missing, micro)?) {
+            old[*i] = Some(lp);
         }
         let reference_logprobs = match reference.filter(|_| need_ref) {
             Some(r) => Some(score(r, &items, &(0..n).collect::<Vec<_>>(), micro)?),
             None => None,
         };
-
-        let mut order: Vec<usize> = (0..n).collect();
-        if self.cfg.shuffle {
-            self.rng.shuffle(&mut order);
-        }
         let entropy = match (objective.entropy_coef > 0.0, self.cfg.entropy_metric) {
             (true, _) => Entropy::Trainable,
             (false, true) => Entropy::Metric,
@@ -248,7 +252,7 @@ impl Trainer {
                     .collect();
                 let scored = sequence_logprobs(policy, &seqs, entropy)?;
                 let width = scored.logprobs.dim(1)?;
-                let old_t = padded(chunk.iter().map(|&i| &old[i][..]), width, &device)?;
+                let old_t = old_logprobs(chunk, &old, &scored.logprobs, &device)?;
                 let ref_t = match &reference_logprobs {
                     Some(r) => Some(padded(chunk.iter().map(|&i| &r[i][..]), width, &device)?),
                     None => None,
@@ -467,6 +471,34 @@ fn score(
         }
     }
     Ok(out)
+}
+
+/// π_old for the rows of `chunk`, `[rows, width]` like `current`: the given or scored
+/// log-probs, and for a row without them (first mini-batch, weights not yet updated) the
+/// current log-probs, detached.
+fn old_logprobs(
+    chunk: &[usize],
+    old: &[Option<Vec<f32>>],
+    current: &Tensor,
+    device: &Device,
+) -> Result<Tensor> {
+    let width = current.dim(1)?;
+    if chunk.iter().all(|&i| old[i].is_some()) {
+        let rows = chunk.iter().map(|&i| old[i].as_deref().unwrap_or_default());
+        return padded(rows, width, device);
+    }
+    let current = current.detach();
+    let rows = chunk
+        .iter()
+        .enumerate()
+        .map(|(row, &i)| match &old[i] {
+            Some(o) => Ok(padded(std::iter::once(&o[..]), width, device)?
+                .squeeze(0)?
+                .to_dtype(current.dtype())?),
+            None => Ok(current.get(row)?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&rows, 0)?)
 }
 
 /// Rows right-padded with zeros to `width`, as an f32 `[rows, width]` tensor.

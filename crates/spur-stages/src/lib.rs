@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use spur_plan::{External, Node, Role, StageKind};
 
 pub use command::CommandStage;
-pub use eval::EvalStage;
+pub use eval::{EvalStage, RECORDS_FILE as EVAL_RECORDS_FILE};
 pub use label::LabelStage;
 pub use reward::RewardStage;
 pub use rollout::RolloutStage;

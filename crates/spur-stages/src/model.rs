@@ -149,6 +149,32 @@ pub fn ensure_policy<'s>(
     Ok(policy)
 }
 
+/// The frozen reference model of a KL penalty (the model's own weights), kept
+/// in the session so a run chain loads it once.
+struct ReferenceModel {
+    at: Hash,
+    model: Arc<Transformer>,
+}
+
+/// The reference model of the node's model input, loaded once per session.
+pub fn ensure_reference(ctx: &mut NodeContext<'_>) -> Result<Arc<Transformer>, StageError> {
+    let ext = model_external(ctx)
+        .ok_or_else(|| failed("a KL penalty needs the model's own weights as an input"))?;
+    let (at, spec) = (ext.hash, model_spec(ext)?);
+    if let Some(r) = ctx.session.get_mut::<ReferenceModel>() {
+        if r.at == at {
+            return Ok(r.model.clone());
+        }
+    }
+    let loaded = spur_lm::load_model(&spec, &load_options()).map_err(failed)?;
+    let model = Arc::new(loaded.model);
+    ctx.session.insert(ReferenceModel {
+        at,
+        model: model.clone(),
+    });
+    Ok(model)
+}
+
 /// The prompt template of a node's `model` params.
 pub fn template(params: &Value) -> PromptTemplate {
     let model = &params["model"];

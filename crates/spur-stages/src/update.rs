@@ -54,11 +54,6 @@ pub fn train_config(params: &Value) -> Result<TrainConfig, StageError> {
     });
     let cfg: TrainConfig =
         serde_json::from_value(cfg).map_err(|e| failed(format!("update parameters: {e}")))?;
-    if cfg.objective.kl_coef > 0.0 {
-        return Err(failed(
-            "update.kl_coef > 0 needs a frozen reference model, which the update stage does not load yet; set kl_coef: 0",
-        ));
-    }
     Ok(cfg)
 }
 
@@ -123,12 +118,18 @@ impl Stage for UpdateStage {
         };
         let out = ctx.out.to_path_buf();
         let node = ctx.node.id;
+        let reference = if cfg.objective.kl_coef > 0.0 {
+            Some(model::ensure_reference(ctx)?)
+        } else {
+            None
+        };
         let policy = model::ensure_policy(ctx, Some(&cfg))?;
         let trainer = policy
             .trainer
             .as_mut()
             .expect("ensure_policy made a trainer");
-        let result = trainer.step(policy.model.as_ref(), None, &batch);
+        let reference = reference.as_deref().map(|r| r as &dyn spur_rl::Policy);
+        let result = trainer.step(policy.model.as_ref(), reference, &batch);
         let metrics = match result {
             Ok(m) => m,
             Err(e) => {
@@ -142,16 +143,14 @@ impl Stage for UpdateStage {
         };
         spur_lm::save_checkpoint(&policy.model, &policy.tokenizer, &out.join(POLICY_DIR))
             .map_err(failed)?;
+        // The trainer's weights are the policy file's tensors by the same
+        // names: one copy on disk, written once.
         trainer
-            .save_checkpoint(&out.join(TRAINER_DIR))
+            .save_checkpoint_sharing(
+                &out.join(TRAINER_DIR),
+                &out.join(POLICY_DIR).join("model.safetensors"),
+            )
             .map_err(failed)?;
-        // The trainer's copy of the weights is byte-for-byte the tensors of
-        // the policy file by the same names; keep one copy on disk.
-        let copy = out
-            .join(TRAINER_DIR)
-            .join(spur_rl::checkpoint::WEIGHTS_FILE);
-        std::fs::remove_file(&copy)?;
-        std::fs::hard_link(out.join(POLICY_DIR).join("model.safetensors"), &copy)?;
         policy.at = WeightsAt::Update(node);
         serde_json::to_value(metrics).map_err(failed)
     }

@@ -1,11 +1,12 @@
 //! The record a finished node leaves in the cache.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{hash_file, io_err, Result};
+use crate::{hash_reader, io_err, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Artifact {
@@ -43,6 +44,9 @@ pub struct NodeManifest {
 /// Size and sha256 of every file under `out`, by relative path.
 pub(crate) fn hash_tree(out: &Path) -> Result<BTreeMap<String, Artifact>> {
     let mut artifacts = BTreeMap::new();
+    // Hard links to one file (a checkpoint's weights shared by two
+    // directories) are read once.
+    let mut by_inode: HashMap<(u64, u64), Artifact> = HashMap::new();
     for entry in walkdir::WalkDir::new(out).sort_by_file_name() {
         let entry = entry.map_err(|e| io_err(out)(e.into()))?;
         if !entry.file_type().is_file() {
@@ -54,9 +58,27 @@ pub(crate) fn hash_tree(out: &Path) -> Result<BTreeMap<String, Artifact>> {
             .expect("walk stays inside")
             .to_string_lossy()
             .into_owned();
-        let size = entry.metadata().map_err(|e| io_err(path)(e.into()))?.len();
-        let sha256 = hash_file(path).map_err(io_err(path))?.hex();
-        artifacts.insert(rel, Artifact { size, sha256 });
+        let meta = entry.metadata().map_err(|e| io_err(path)(e.into()))?;
+        let artifact = match by_inode.get(&(meta.dev(), meta.ino())) {
+            Some(same) => same.clone(),
+            None => Artifact {
+                size: meta.len(),
+                sha256: hash_and_sync(path).map_err(io_err(path))?.hex(),
+            },
+        };
+        if meta.nlink() > 1 {
+            by_inode.insert((meta.dev(), meta.ino()), artifact.clone());
+        }
+        artifacts.insert(rel, artifact);
     }
     Ok(artifacts)
+}
+
+/// The file's sha256, after its data is on disk: a published node must
+/// survive a crash, not only a killed process.
+fn hash_and_sync(path: &Path) -> std::io::Result<spur_plan::Hash> {
+    let file = std::fs::File::open(path)?;
+    let hash = hash_reader(&file)?;
+    file.sync_all()?;
+    Ok(hash)
 }

@@ -53,7 +53,7 @@ impl ToyLm {
     /// Next-token probabilities after `prefix` (f64, for sampling and measuring in tests).
     pub fn next_probs(&self, prefix: &[u32]) -> Vec<f64> {
         let ids = Tensor::from_vec(prefix.to_vec(), (1, prefix.len()), &Device::Cpu).unwrap();
-        let logits = self.forward_logits(&ids).unwrap();
+        let logits = self.forward_logits(&ids, 0).unwrap();
         let last = logits.get(0).unwrap().get(prefix.len() - 1).unwrap();
         let p = candle_nn::ops::softmax(&last.to_dtype(DType::F64).unwrap(), D::Minus1).unwrap();
         p.to_vec1::<f64>().unwrap()
@@ -90,7 +90,7 @@ impl Policy for ToyLm {
         ]
     }
 
-    fn forward_logits(&self, ids: &Tensor) -> spur_rl::Result<Tensor> {
+    fn forward_logits(&self, ids: &Tensor, start: usize) -> spur_rl::Result<Tensor> {
         let (b, len) = ids.dims2()?;
         let dtype = self.embed.dtype();
         let x = self
@@ -111,7 +111,7 @@ impl Policy for ToyLm {
         let h = (x + context.matmul(&mix)?)?.tanh()?;
         let out = self.out.as_tensor().t()?.broadcast_left(b)?;
         let logits = h.matmul(&out)?.broadcast_add(self.bias.as_tensor())?;
-        Ok(logits)
+        Ok(logits.narrow(1, start, len - start)?)
     }
 
     fn device(&self) -> Device {

@@ -1,0 +1,335 @@
+//! Reading run records: the state of a run, its eval and update metrics by
+//! step, and where its results came from.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::{ReportError, Result, RunInput};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    NotStarted,
+    /// Started, not all nodes cached, not failed (running, stopped, killed).
+    Incomplete,
+    Failed,
+    Finished,
+}
+
+/// One planned eval node of a run; `metrics` is set once it is cached.
+#[derive(Clone, Debug)]
+pub struct EvalNode {
+    pub id: String,
+    pub eval: String,
+    pub step: u64,
+    pub metrics: Option<Value>,
+}
+
+impl EvalNode {
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics.as_ref()?.get(name)?.as_f64()
+    }
+}
+
+/// Metrics of one finished update (GRPO step).
+#[derive(Clone, Debug)]
+pub struct UpdatePoint {
+    pub step: u64,
+    pub clip_fraction_low: f64,
+    pub clip_fraction_high: f64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Provenance {
+    pub commit: Option<String>,
+    pub branch: Option<String>,
+    pub dirty: Option<bool>,
+    pub diff_sha256: Option<String>,
+    pub cargo_lock_sha256: Option<String>,
+    pub spur_version: Option<String>,
+    pub host: Option<String>,
+    pub accelerators: Vec<String>,
+    /// External input key (`models.x`, `datasets.y`) → content hash.
+    pub inputs: Vec<(String, String)>,
+}
+
+/// What the report needs of one run.
+#[derive(Clone, Debug)]
+pub struct RunView {
+    pub state: State,
+    /// The status `spur run` last recorded (`running`, `stopped`, …).
+    pub recorded_status: Option<String>,
+    pub error: Option<String>,
+    pub nodes_done: usize,
+    pub nodes_total: usize,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub evals: Vec<EvalNode>,
+    pub updates: Vec<UpdatePoint>,
+    pub provenance: Option<Provenance>,
+    /// Things in the record the report had to leave out.
+    pub warnings: Vec<String>,
+}
+
+impl RunView {
+    fn not_started() -> RunView {
+        RunView {
+            state: State::NotStarted,
+            recorded_status: None,
+            error: None,
+            nodes_done: 0,
+            nodes_total: 0,
+            started_at: None,
+            finished_at: None,
+            evals: Vec::new(),
+            updates: Vec::new(),
+            provenance: None,
+            warnings: Vec::new(),
+        }
+    }
+
+    pub fn parse(run: &RunInput) -> Result<RunView> {
+        let Some(record) = &run.record else {
+            return Ok(RunView::not_started());
+        };
+        let bad = |problem: String| ReportError::Record {
+            path: record.path.clone(),
+            problem,
+        };
+        let json = &record.json;
+        let nodes = json
+            .get("nodes")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("no `nodes` list".into()))?;
+        let mut view = RunView::not_started();
+        for (i, node) in nodes.iter().enumerate() {
+            let field = |key: &str| {
+                node.get(key)
+                    .ok_or_else(|| bad(format!("nodes[{i}] has no `{key}`")))
+            };
+            let kind = field("kind")?
+                .as_str()
+                .ok_or_else(|| bad(format!("nodes[{i}].kind is not a string")))?;
+            let id = field("id")?
+                .as_str()
+                .ok_or_else(|| bad(format!("nodes[{i}].id is not a string")))?;
+            let step = field("step")?
+                .as_u64()
+                .ok_or_else(|| bad(format!("nodes[{i}].step is not a step number")))?;
+            let done = match field("status")?.as_str() {
+                Some("cached") => true,
+                Some("pending") => false,
+                _ => return Err(bad(format!("nodes[{i}].status is not cached/pending"))),
+            };
+            view.nodes_done += usize::from(done);
+            let metrics = node.get("metrics").filter(|m| done && !m.is_null());
+            match kind {
+                "eval" => {
+                    let name = node
+                        .get("eval")
+                        .and_then(Value::as_str)
+                        .or_else(|| run.eval_names.get(id).map(String::as_str));
+                    let Some(name) = name else {
+                        view.warnings.push(format!(
+                            "eval node {} (step {step}) is not in the current plan: left out",
+                            short(id)
+                        ));
+                        continue;
+                    };
+                    view.evals.push(EvalNode {
+                        id: id.to_string(),
+                        eval: name.to_string(),
+                        step,
+                        metrics: metrics.cloned(),
+                    });
+                }
+                "update" => {
+                    if let Some(m) = metrics {
+                        let f = |k: &str| m.get(k).and_then(Value::as_f64);
+                        if let (Some(low), Some(high)) =
+                            (f("clip_fraction_low"), f("clip_fraction_high"))
+                        {
+                            view.updates.push(UpdatePoint {
+                                step,
+                                clip_fraction_low: low,
+                                clip_fraction_high: high,
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        view.nodes_total = nodes.len();
+        let text = |key: &str| json.get(key).and_then(Value::as_str).map(str::to_string);
+        view.recorded_status = text("status");
+        view.error = text("error");
+        view.started_at = text("first_started_at").or_else(|| text("started_at"));
+        view.finished_at = text("finished_at");
+        view.state = if view.nodes_done == view.nodes_total {
+            State::Finished
+        } else if view.recorded_status.as_deref() == Some("failed") {
+            State::Failed
+        } else {
+            State::Incomplete
+        };
+        view.provenance = json.get("provenance").map(Provenance::parse);
+        Ok(view)
+    }
+
+    /// One line for the status list.
+    pub fn status_text(&self) -> String {
+        match self.state {
+            State::NotStarted => "not started".into(),
+            State::Finished => format!("finished ({} nodes)", self.nodes_total),
+            State::Failed => format!(
+                "failed after {}/{} nodes: {}",
+                self.nodes_done,
+                self.nodes_total,
+                self.error
+                    .as_deref()
+                    .and_then(|e| e.lines().next())
+                    .unwrap_or("no error recorded")
+            ),
+            State::Incomplete => format!(
+                "unfinished: {}/{} nodes (last recorded status: {})",
+                self.nodes_done,
+                self.nodes_total,
+                self.recorded_status.as_deref().unwrap_or("none")
+            ),
+        }
+    }
+
+    /// Furthest step with a cached eval, for progress notes.
+    pub fn latest_eval_step(&self) -> Option<u64> {
+        self.evals
+            .iter()
+            .filter(|e| e.metrics.is_some())
+            .map(|e| e.step)
+            .max()
+    }
+}
+
+/// Fill in eval metrics that one record has and another lacks: a shared
+/// node (a model's step-0 eval) is one node in every record that lists it,
+/// and a record written before another run computed it still says pending.
+pub fn share_eval_metrics(views: &mut [RunView]) {
+    let known: HashMap<String, Value> = views
+        .iter()
+        .flat_map(|v| &v.evals)
+        .filter_map(|e| Some((e.id.clone(), e.metrics.clone()?)))
+        .collect();
+    for e in views.iter_mut().flat_map(|v| &mut v.evals) {
+        if e.metrics.is_none() {
+            e.metrics = known.get(&e.id).cloned();
+        }
+    }
+}
+
+impl Provenance {
+    fn parse(p: &Value) -> Provenance {
+        let s = |v: &Value| v.as_str().map(str::to_string);
+        let git = &p["git"];
+        let host = &p["host"];
+        let host = [&host["name"], &host["cpu"], &host["os"], &host["arch"]]
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Provenance {
+            commit: s(&git["commit"]),
+            branch: s(&git["branch"]),
+            dirty: git["dirty"].as_bool(),
+            diff_sha256: s(&git["diff_sha256"]),
+            cargo_lock_sha256: s(&p["cargo_lock_sha256"]),
+            spur_version: s(&p["spur_version"]),
+            host: Some(host).filter(|h| !h.is_empty()),
+            accelerators: p["accelerators"]
+                .as_array()
+                .map(|a| a.iter().filter_map(s).collect())
+                .unwrap_or_default(),
+            inputs: p["inputs"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), s(v).unwrap_or_else(|| v.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+pub fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdata;
+
+    #[test]
+    fn states_follow_the_nodes() {
+        let input = testdata::input();
+        let views: Vec<RunView> = input
+            .runs
+            .iter()
+            .map(|r| RunView::parse(r).unwrap())
+            .collect();
+        let state_of = |label: &str| {
+            let i = input.runs.iter().position(|r| r.label == label).unwrap();
+            views[i].state
+        };
+        assert_eq!(
+            state_of("model=alpha,reward=ground_truth,seed=1"),
+            State::Finished
+        );
+        assert_eq!(
+            state_of("model=alpha,reward=random,seed=3"),
+            State::Incomplete
+        );
+        assert_eq!(
+            state_of("model=beta,reward=random,seed=3"),
+            State::NotStarted
+        );
+        assert_eq!(state_of("model=beta,reward=random,seed=2"), State::Failed);
+    }
+
+    #[test]
+    fn provenance_is_read() {
+        let input = testdata::input();
+        let v = RunView::parse(&input.runs[0]).unwrap();
+        let p = v.provenance.unwrap();
+        assert_eq!(p.commit.as_deref(), Some(testdata::COMMIT));
+        assert_eq!(p.dirty, Some(true));
+        assert_eq!(p.diff_sha256.as_deref(), Some(testdata::DIFF));
+        assert!(p
+            .inputs
+            .iter()
+            .any(|(k, v)| k == "datasets.math500" && v == testdata::MATH_HASH));
+    }
+
+    #[test]
+    fn a_record_without_nodes_names_its_file() {
+        let mut run = testdata::input().runs.remove(0);
+        run.record.as_mut().unwrap().json = serde_json::json!({"status": "finished"});
+        let err = RunView::parse(&run).unwrap_err().to_string();
+        assert!(err.contains("runs/"), "{err}");
+        assert!(err.contains("no `nodes` list"), "{err}");
+    }
+
+    #[test]
+    fn a_pending_shared_eval_takes_the_metrics_another_record_has() {
+        let input = testdata::input();
+        let mut views: Vec<RunView> = input
+            .runs
+            .iter()
+            .map(|r| RunView::parse(r).unwrap())
+            .collect();
+        // The stale record: its step-0 eval still pending.
+        views[0].evals[0].metrics = None;
+        share_eval_metrics(&mut views);
+        assert!(views[0].evals[0].metrics.is_some());
+    }
+}

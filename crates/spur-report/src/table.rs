@@ -1,0 +1,427 @@
+//! The results table: one row per model × reward (× other axes) × eval,
+//! with the baseline, the final accuracy over seeds and how many seeds have
+//! reached it.
+
+use std::collections::BTreeSet;
+
+use crate::runs::{RunView, State};
+use crate::ReportInput;
+
+/// Runs that differ only in seed, in grid order.
+#[derive(Clone, Debug)]
+pub struct Group {
+    pub model: String,
+    pub reward: String,
+    pub variant: String,
+    /// Indices into the input's runs.
+    pub runs: Vec<usize>,
+}
+
+impl Group {
+    /// `reward` or `reward (variant)`: a plot line's name.
+    pub fn line_label(&self) -> String {
+        if self.variant.is_empty() {
+            self.reward.clone()
+        } else {
+            format!("{} ({})", self.reward, self.variant)
+        }
+    }
+}
+
+pub fn groups(input: &ReportInput) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    for (i, run) in input.runs.iter().enumerate() {
+        let same = |g: &&mut Group| {
+            g.model == run.model && g.reward == run.reward && g.variant == run.variant
+        };
+        match groups.iter_mut().find(same) {
+            Some(g) => g.runs.push(i),
+            None => groups.push(Group {
+                model: run.model.clone(),
+                reward: run.reward.clone(),
+                variant: run.variant.clone(),
+                runs: vec![i],
+            }),
+        }
+    }
+    groups
+}
+
+/// Eval names in the report, sorted.
+pub fn eval_names(views: &[RunView]) -> Vec<String> {
+    views
+        .iter()
+        .flat_map(|v| v.evals.iter().map(|e| e.eval.clone()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub model: String,
+    pub reward: String,
+    pub variant: String,
+    /// `None` where no run of the group has a record to say.
+    pub eval: Option<String>,
+    /// The last planned eval step.
+    pub final_step: Option<u64>,
+    pub baseline: Option<f64>,
+    /// (seed, accuracy at the final step), for the seeds that reached it.
+    pub finals: Vec<(String, f64)>,
+    pub seeds_total: usize,
+    /// Why some seeds are missing: `seed 3 at step 2`, `seed 4 not started`.
+    pub missing: Vec<String>,
+}
+
+impl Row {
+    pub fn mean(&self) -> Option<f64> {
+        mean(self.finals.iter().map(|f| f.1))
+    }
+
+    /// Sample standard deviation (n − 1); none for fewer than two seeds.
+    pub fn std(&self) -> Option<f64> {
+        let n = self.finals.len();
+        let m = self.mean()?;
+        (n >= 2).then(|| {
+            let ss: f64 = self.finals.iter().map(|f| (f.1 - m).powi(2)).sum();
+            (ss / (n - 1) as f64).sqrt()
+        })
+    }
+
+    pub fn delta(&self) -> Option<f64> {
+        Some(self.mean()? - self.baseline?)
+    }
+
+    pub fn seeds(&self) -> String {
+        format!("{}/{}", self.finals.len(), self.seeds_total)
+    }
+
+    pub fn note(&self) -> String {
+        if self.eval.is_none() {
+            return "no run started".into();
+        }
+        if self.finals.is_empty() && self.missing.is_empty() {
+            return "nothing finished".into();
+        }
+        let mut note = String::new();
+        if self.finals.is_empty() {
+            note.push_str("nothing finished; ");
+        } else if !self.missing.is_empty() {
+            note.push_str("partial; ");
+        }
+        note.push_str(&self.missing.join("; "));
+        note.trim_end_matches("; ").to_string()
+    }
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+pub struct Table {
+    pub experiment: String,
+    pub rows: Vec<Row>,
+    pub has_variants: bool,
+}
+
+impl Table {
+    pub fn build(input: &ReportInput, views: &[RunView]) -> Table {
+        let all_evals = eval_names(views);
+        let mut rows = Vec::new();
+        for g in groups(input) {
+            let mut evals: Vec<String> =
+                eval_names(&g.runs.iter().map(|&i| views[i].clone()).collect::<Vec<_>>());
+            if evals.is_empty() {
+                evals = all_evals.clone();
+            }
+            if evals.is_empty() {
+                rows.push(Row {
+                    model: g.model.clone(),
+                    reward: g.reward.clone(),
+                    variant: g.variant.clone(),
+                    eval: None,
+                    final_step: None,
+                    baseline: None,
+                    finals: Vec::new(),
+                    seeds_total: g.runs.len(),
+                    missing: Vec::new(),
+                });
+                continue;
+            }
+            for eval in evals {
+                rows.push(row(input, views, &g, &eval));
+            }
+        }
+        Table {
+            experiment: input.experiment.name.clone(),
+            has_variants: rows.iter().any(|r| !r.variant.is_empty()),
+            rows,
+        }
+    }
+
+    pub fn header(&self) -> Vec<&'static str> {
+        let mut h = vec!["model", "reward"];
+        if self.has_variants {
+            h.push("variant");
+        }
+        h.extend([
+            "eval",
+            "baseline",
+            "final (mean ± std)",
+            "Δ",
+            "seeds",
+            "note",
+        ]);
+        h
+    }
+
+    /// Display cells, the same for Markdown and HTML (accuracies in %).
+    pub fn cells(&self, r: &Row) -> Vec<String> {
+        let pct = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{:.1}", 100.0 * v));
+        let mut c = vec![r.model.clone(), r.reward.clone()];
+        if self.has_variants {
+            c.push(r.variant.clone());
+        }
+        let final_cell = match (r.mean(), r.std()) {
+            (Some(m), Some(s)) => format!("{:.1} ± {:.1}", 100.0 * m, 100.0 * s),
+            (Some(m), None) => format!("{:.1}", 100.0 * m),
+            (None, _) => "—".into(),
+        };
+        let eval = match (&r.eval, r.final_step) {
+            (Some(e), Some(s)) => format!("{e} (step {s})"),
+            (Some(e), None) => e.clone(),
+            (None, _) => "—".into(),
+        };
+        c.extend([
+            eval,
+            pct(r.baseline),
+            final_cell,
+            r.delta()
+                .map_or("—".into(), |d| format!("{:+.1}", 100.0 * d)),
+            r.seeds(),
+            r.note(),
+        ]);
+        c
+    }
+
+    pub fn markdown(&self) -> String {
+        // `\<` keeps a Markdown renderer from reading `<…>` as HTML.
+        let esc = |s: &str| s.replace('|', "\\|").replace('<', "\\<").replace('\n', " ");
+        let mut out = format!("# {}: results\n\n", esc(&self.experiment));
+        out.push_str(CAPTION);
+        out.push_str("\n\n");
+        let header = self.header();
+        out.push_str(&format!("| {} |\n", header.join(" | ")));
+        out.push_str(&format!("|{}\n", "---|".repeat(header.len())));
+        for r in &self.rows {
+            let cells: Vec<String> = self.cells(r).iter().map(|c| esc(c)).collect();
+            out.push_str(&format!("| {} |\n", cells.join(" | ")));
+        }
+        out
+    }
+
+    /// Machine-readable: accuracies as fractions, every seed's final value.
+    pub fn csv(&self) -> String {
+        let num = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
+        let mut out = String::from(
+            "model,reward,variant,eval,final_step,baseline,final_mean,final_std,delta,\
+             seeds_finished,seeds_total,final_by_seed,note\n",
+        );
+        for r in &self.rows {
+            let by_seed = r
+                .finals
+                .iter()
+                .map(|(s, v)| format!("{s}={v:.6}"))
+                .collect::<Vec<_>>()
+                .join(";");
+            let fields = [
+                r.model.clone(),
+                r.reward.clone(),
+                r.variant.clone(),
+                r.eval.clone().unwrap_or_default(),
+                r.final_step.map_or(String::new(), |s| s.to_string()),
+                num(r.baseline),
+                num(r.mean()),
+                num(r.std()),
+                num(r.delta()),
+                r.finals.len().to_string(),
+                r.seeds_total.to_string(),
+                by_seed,
+                r.note(),
+            ];
+            let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+            out.push_str(&line.join(","));
+            out.push('\n');
+        }
+        out
+    }
+}
+
+pub const CAPTION: &str = "Accuracy in %. Baseline: the model's step-0 eval. \
+Final: the eval at the last planned step, mean ± sample standard deviation (n − 1) \
+over the seeds that reached it; Δ = final mean − baseline. \
+Seeds: seeds that reached the final eval / seeds in the grid.";
+
+fn csv_field(f: &str) -> String {
+    if f.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", f.replace('"', "\"\""))
+    } else {
+        f.to_string()
+    }
+}
+
+fn row(input: &ReportInput, views: &[RunView], g: &Group, eval: &str) -> Row {
+    let nodes = |i: usize| views[i].evals.iter().filter(move |e| e.eval == eval);
+    let final_step = g.runs.iter().flat_map(|&i| nodes(i)).map(|e| e.step).max();
+    let baseline = mean(
+        g.runs
+            .iter()
+            .flat_map(|&i| nodes(i))
+            .filter(|e| e.step == 0)
+            .filter_map(|e| e.metric("accuracy")),
+    );
+    let mut finals = Vec::new();
+    let mut missing = Vec::new();
+    for &i in &g.runs {
+        let seed = &input.runs[i].seed;
+        let last = nodes(i)
+            .filter(|e| Some(e.step) == final_step)
+            .find_map(|e| e.metric("accuracy"));
+        match (last, views[i].state) {
+            (Some(acc), _) => finals.push((seed.clone(), acc)),
+            (None, State::NotStarted) => missing.push(format!("seed {seed} not started")),
+            (None, state) => {
+                let at = match views[i].latest_eval_step() {
+                    Some(s) => format!("last eval at step {s}"),
+                    None => "no eval yet".into(),
+                };
+                let how = if state == State::Failed {
+                    "failed"
+                } else {
+                    "unfinished"
+                };
+                missing.push(format!("seed {seed} {how}, {at}"));
+            }
+        }
+    }
+    Row {
+        model: g.model.clone(),
+        reward: g.reward.clone(),
+        variant: g.variant.clone(),
+        eval: Some(eval.to_string()),
+        final_step,
+        baseline,
+        finals,
+        seeds_total: g.runs.len(),
+        missing,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdata::{self, accuracy, STEPS};
+
+    fn table() -> Table {
+        let input = testdata::input();
+        let views: Vec<RunView> = input
+            .runs
+            .iter()
+            .map(|r| RunView::parse(r).unwrap())
+            .collect();
+        Table::build(&input, &views)
+    }
+
+    fn find<'a>(t: &'a Table, model: &str, reward: &str, eval: &str) -> &'a Row {
+        t.rows
+            .iter()
+            .find(|r| r.model == model && r.reward == reward && r.eval.as_deref() == Some(eval))
+            .unwrap()
+    }
+
+    #[test]
+    fn one_row_per_model_reward_and_eval() {
+        let t = table();
+        assert_eq!(t.rows.len(), 2 * 2 * 2);
+        assert!(!t.has_variants);
+    }
+
+    #[test]
+    fn complete_cell_has_mean_std_delta() {
+        let t = table();
+        let r = find(&t, "alpha", "ground_truth", "math500");
+        let finals: Vec<f64> = (1..=3)
+            .map(|s| accuracy("alpha", "ground_truth", s, STEPS))
+            .collect();
+        let m = finals.iter().sum::<f64>() / 3.0;
+        let sd = (finals.iter().map(|f| (f - m).powi(2)).sum::<f64>() / 2.0).sqrt();
+        assert_eq!(r.final_step, Some(STEPS));
+        assert!((r.mean().unwrap() - m).abs() < 1e-12);
+        assert!((r.std().unwrap() - sd).abs() < 1e-12);
+        assert!((r.delta().unwrap() - (m - 0.5)).abs() < 1e-12);
+        assert_eq!(r.baseline, Some(0.5));
+        assert_eq!(r.seeds(), "3/3");
+        assert_eq!(r.note(), "");
+    }
+
+    #[test]
+    fn partial_cells_say_what_is_missing() {
+        let t = table();
+        let r = find(&t, "alpha", "random", "math500");
+        assert_eq!(r.seeds(), "2/3");
+        assert_eq!(r.note(), "partial; seed 3 unfinished, last eval at step 2");
+        let r = find(&t, "beta", "random", "math500");
+        assert_eq!(r.seeds(), "1/3");
+        assert!(r.note().contains("seed 2 failed"), "{}", r.note());
+        assert!(r.note().contains("seed 3 not started"), "{}", r.note());
+        // One seed: a mean, no standard deviation.
+        assert!(r.mean().is_some() && r.std().is_none());
+    }
+
+    #[test]
+    fn a_cell_with_nothing_finished_says_so() {
+        let mut input = testdata::input();
+        for run in input.runs.iter_mut().filter(|r| r.model == "beta") {
+            run.record = None;
+        }
+        let views: Vec<RunView> = input
+            .runs
+            .iter()
+            .map(|r| RunView::parse(r).unwrap())
+            .collect();
+        let t = Table::build(&input, &views);
+        let r = find(&t, "beta", "random", "math500");
+        assert_eq!(r.seeds(), "0/3");
+        assert!(r.note().starts_with("nothing finished"), "{}", r.note());
+        assert_eq!(t.cells(r)[4], "—");
+    }
+
+    #[test]
+    fn markdown_and_csv_carry_every_row() {
+        let t = table();
+        let md = t.markdown();
+        assert_eq!(md.lines().filter(|l| l.starts_with("| ")).count(), 1 + 8);
+        assert!(
+            md.contains("| alpha | random | math500 (step 4) | 50.0 |"),
+            "{md}"
+        );
+        assert!(md.contains("2/3"));
+        let csv = t.csv();
+        assert_eq!(csv.lines().count(), 1 + 8);
+        let line = csv
+            .lines()
+            .find(|l| l.starts_with("alpha,random,,math500,"))
+            .unwrap();
+        assert!(line.contains(",2,3,1=0.580000;2=0.600000,"), "{line}");
+        assert!(line.ends_with("\"partial; seed 3 unfinished, last eval at step 2\""));
+    }
+
+    #[test]
+    fn csv_quotes_what_needs_it() {
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"x\""), "\"say \"\"x\"\"\"");
+        assert_eq!(csv_field("plain"), "plain");
+    }
+}
