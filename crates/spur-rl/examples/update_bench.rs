@@ -17,6 +17,12 @@ use spur_rl::{
     sequence_logprobs, Policy, Rng, Rollout, RolloutGroup, RolloutSample, TrainConfig, Trainer,
 };
 
+// The allocator and setting of the `spur` binary (src/main.rs): without them a third of a step
+// goes to the kernel zeroing pages that were freed and faulted back in.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -46,6 +52,8 @@ fn gemm_peak() -> candle_core::Result<f64> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // SAFETY: sets an allocator option; no memory is touched.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let rollouts = env("SPUR_BENCH_ROLLOUTS", 8);
     let prompt_len = env("SPUR_BENCH_PROMPT", 111);
     let completion_len = env("SPUR_BENCH_COMPLETION", 256);
