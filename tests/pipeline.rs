@@ -67,8 +67,9 @@ fn grpo_pipeline_on_the_default_model() {
     let ws = Workspace::new();
     ws.write("exp.yaml", &experiment());
     let plan = ws.plan_json("exp.yaml");
-    // One step-0 eval for all four arms; the step-1 rollout shared by the
-    // three arms that train on all problems; labels only for `incorrect`.
+    // One step-0 eval for all five arms; the step-1 rollout shared by the
+    // four arms that train on all problems (the KL arm too: a rollout does
+    // not read the update's parameters); labels only for `incorrect`.
     let evals = nodes(&plan, "eval");
     assert_eq!(evals.iter().filter(|n| n["step"] == 0).count(), 1);
     assert_eq!(
@@ -76,7 +77,7 @@ fn grpo_pipeline_on_the_default_model() {
             .as_array()
             .unwrap()
             .len(),
-        4
+        5
     );
     let rollouts1: Vec<_> = nodes(&plan, "rollout")
         .into_iter()
@@ -85,7 +86,7 @@ fn grpo_pipeline_on_the_default_model() {
     assert_eq!(rollouts1.len(), 2);
     assert!(rollouts1
         .iter()
-        .any(|n| n["runs"].as_array().unwrap().len() == 3));
+        .any(|n| n["runs"].as_array().unwrap().len() == 4));
     assert_eq!(nodes(&plan, "label").len(), 1);
 
     ws.ok(&["run", "exp.yaml"]);
