@@ -244,7 +244,7 @@ fn grpo_pipeline_on_the_default_model() {
         );
     }
     assert_eq!(
-        html.matches("data:image/png;base64,").count(),
+        html.matches("<img class=\"plot\" src=\"data:image").count(),
         plots.len() / 2
     );
 

@@ -25,6 +25,9 @@ enum RopeStyle {
 }
 
 /// A projection `y = x Wᵀ (+ b)`, dense (trainable) or quantised.
+/// Up to this many rows a dense matmul takes the decode-friendly form (see `Linear::forward`).
+const DECODE_ROWS: usize = 64;
+
 #[derive(Debug)]
 enum Linear {
     Dense {
@@ -45,9 +48,13 @@ impl Linear {
         // One 2-D matmul over all rows: the weight is read once per call, whatever the batch.
         let x2 = x.reshape((rows, in_dim))?;
         let (y, bias) = match self {
-            // (W xᵀ)ᵀ reads W row-major as stored; measured faster on CPU than x Wᵀ for
-            // small batches (gemm packs the transposed right operand).
-            Linear::Dense { weight, bias } => (weight.matmul(&x2.t()?)?.t()?, bias),
+            // Decoding (few rows): (W xᵀ)ᵀ reads W row-major as stored, measured faster on
+            // CPU than x Wᵀ (gemm packs the transposed right operand). Prefill and training
+            // (many rows): x Wᵀ, whose result is contiguous and needs no copy to reshape.
+            Linear::Dense { weight, bias } if rows <= DECODE_ROWS => {
+                (weight.matmul(&x2.t()?)?.t()?, bias)
+            }
+            Linear::Dense { weight, bias } => (x2.matmul(&weight.t()?)?, bias),
             Linear::Quant { weight, bias } => (weight.forward(&x2)?, bias),
         };
         let y = match bias {

@@ -31,7 +31,8 @@ impl Stage for LabelStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: prefill matmuls in the x·Wᵀ form (different rounding, so different tokens).
+        2
     }
 
     fn resource(&self, _node: &spur_plan::Node) -> Resource {

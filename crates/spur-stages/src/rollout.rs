@@ -111,7 +111,8 @@ impl Stage for RolloutStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: prefill matmuls in the x·Wᵀ form (different rounding, so different tokens).
+        2
     }
 
     fn resource(&self, _node: &spur_plan::Node) -> Resource {

@@ -63,7 +63,8 @@ impl Stage for UpdateStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: π_old of the first mini-batch from its own forward pass; x·Wᵀ matmuls.
+        2
     }
 
     fn resource(&self, _node: &spur_plan::Node) -> crate::Resource {
