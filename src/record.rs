@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use spur_plan::Plan;
 use spur_spec::Experiment;
-use spur_store::Store;
+use spur_store::{NodeManifest, Store};
 
 pub fn now_rfc3339() -> String {
     let d = std::time::SystemTime::now()
@@ -61,6 +61,38 @@ impl Context {
     }
 }
 
+/// The part of a node's record entry that its manifest decides.
+fn set_state(entry: &mut Value, manifest: Option<NodeManifest>) {
+    entry["status"] = if manifest.is_some() {
+        "cached"
+    } else {
+        "pending"
+    }
+    .into();
+    entry["seconds"] = json!(manifest.as_ref().map(|m| m.seconds));
+    entry["finished_at"] = json!(manifest.as_ref().map(|m| m.finished_at.clone()));
+    entry["metrics"] = json!(manifest.map(|m| m.metrics));
+}
+
+/// `record` with the nodes finished since it was written filled in from
+/// their manifests: `spur run` rewrites records when an invocation starts
+/// and ends, and a reader during a run should see what is done.
+pub fn with_cached_nodes(store: &Store, mut record: Value) -> Value {
+    let Some(nodes) = record.get_mut("nodes").and_then(Value::as_array_mut) else {
+        return record;
+    };
+    for entry in nodes.iter_mut().filter(|n| n["status"] == "pending") {
+        let manifest = entry["id"]
+            .as_str()
+            .and_then(spur_plan::Hash::from_hex)
+            .and_then(|id| store.read_manifest(&id).ok());
+        if manifest.is_some() {
+            set_state(entry, manifest);
+        }
+    }
+    record
+}
+
 /// Write run `r`'s record with the current state of its nodes.
 pub fn write(
     store: &Store,
@@ -81,17 +113,15 @@ pub fn write(
             let node = &plan.nodes[n as usize];
             let manifest = store.read_manifest(&node.id).ok();
             done += usize::from(manifest.is_some());
-            json!({
+            let mut entry = json!({
                 "id": node.id.hex(),
                 "kind": node.kind.name(),
                 "step": node.step,
                 "shared": node.runs.len() > 1,
                 "eval": (node.kind == spur_plan::StageKind::Eval).then(|| node.params.get("name")).flatten(),
-                "status": if manifest.is_some() { "cached" } else { "pending" },
-                "seconds": manifest.as_ref().map(|m| m.seconds),
-                "finished_at": manifest.as_ref().map(|m| m.finished_at.clone()),
-                "metrics": manifest.map(|m| m.metrics),
-            })
+            });
+            set_state(&mut entry, manifest);
+            entry
         })
         .collect();
     let previous = store.read_run_record(&run.id)?;

@@ -15,7 +15,7 @@ use spur_report::{ExperimentInfo, ReportInput, RunInput, RunRecord, Sample};
 use spur_spec::scalar_text;
 use spur_store::Store;
 
-use crate::workspace;
+use crate::{record, workspace};
 
 #[derive(clap::Args, Debug)]
 pub struct ReportArgs {
@@ -42,7 +42,7 @@ pub fn run(args: ReportArgs, cache: &Path) -> Result<ExitCode> {
             .with_context(|| format!("cannot read the run record {}", path.display()))?
             .map(|json| RunRecord {
                 path,
-                json: with_cached_nodes(store, json),
+                json: record::with_cached_nodes(store, json),
             });
         let p = &spec.params;
         let variant = spec
@@ -109,28 +109,6 @@ pub fn run(args: ReportArgs, cache: &Path) -> Result<ExitCode> {
         written.runs_total
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// A record with the nodes finished since it was written filled in from
-/// their manifests: `spur run` rewrites records when an invocation starts
-/// and ends, and a report made while it runs should show what is done.
-fn with_cached_nodes(store: &Store, mut record: Value) -> Value {
-    let Some(nodes) = record.get_mut("nodes").and_then(Value::as_array_mut) else {
-        return record;
-    };
-    for node in nodes.iter_mut().filter(|n| n["status"] == "pending") {
-        let manifest = node["id"]
-            .as_str()
-            .and_then(Hash::from_hex)
-            .and_then(|id| store.read_manifest(&id).ok());
-        if let Some(m) = manifest {
-            node["status"] = "cached".into();
-            node["seconds"] = m.seconds.into();
-            node["finished_at"] = m.finished_at.into();
-            node["metrics"] = m.metrics;
-        }
-    }
-    record
 }
 
 /// Eval node id → eval name (`math500`…) for run `r`, from the plan.

@@ -24,10 +24,10 @@ enum RopeStyle {
     Interleaved,
 }
 
-/// A projection `y = x Wᵀ (+ b)`, dense (trainable) or quantised.
 /// Up to this many rows a dense matmul takes the decode-friendly form (see `Linear::forward`).
 const DECODE_ROWS: usize = 64;
 
+/// A projection `y = x Wᵀ (+ b)`, dense (trainable) or quantised.
 #[derive(Debug)]
 enum Linear {
     Dense {

@@ -325,11 +325,7 @@ mod tests {
 
     fn figs() -> Vec<Figure> {
         let input = testdata::input();
-        let views: Vec<RunView> = input
-            .runs
-            .iter()
-            .map(|r| RunView::parse(r).unwrap())
-            .collect();
+        let views = testdata::views(&input);
         figures(&input, &views)
     }
 

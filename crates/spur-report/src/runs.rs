@@ -272,11 +272,7 @@ mod tests {
     #[test]
     fn states_follow_the_nodes() {
         let input = testdata::input();
-        let views: Vec<RunView> = input
-            .runs
-            .iter()
-            .map(|r| RunView::parse(r).unwrap())
-            .collect();
+        let views = testdata::views(&input);
         let state_of = |label: &str| {
             let i = input.runs.iter().position(|r| r.label == label).unwrap();
             views[i].state
@@ -322,11 +318,7 @@ mod tests {
     #[test]
     fn a_pending_shared_eval_takes_the_metrics_another_record_has() {
         let input = testdata::input();
-        let mut views: Vec<RunView> = input
-            .runs
-            .iter()
-            .map(|r| RunView::parse(r).unwrap())
-            .collect();
+        let mut views = testdata::views(&input);
         // The stale record: its step-0 eval still pending.
         views[0].evals[0].metrics = None;
         share_eval_metrics(&mut views);

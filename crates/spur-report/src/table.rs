@@ -326,11 +326,7 @@ mod tests {
 
     fn table() -> Table {
         let input = testdata::input();
-        let views: Vec<RunView> = input
-            .runs
-            .iter()
-            .map(|r| RunView::parse(r).unwrap())
-            .collect();
+        let views = testdata::views(&input);
         Table::build(&input, &views)
     }
 
@@ -386,11 +382,7 @@ mod tests {
         for run in input.runs.iter_mut().filter(|r| r.model == "beta") {
             run.record = None;
         }
-        let views: Vec<RunView> = input
-            .runs
-            .iter()
-            .map(|r| RunView::parse(r).unwrap())
-            .collect();
+        let views = testdata::views(&input);
         let t = Table::build(&input, &views);
         let r = find(&t, "beta", "random", "math500");
         assert_eq!(r.seeds(), "0/3");

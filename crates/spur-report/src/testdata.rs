@@ -207,3 +207,12 @@ pub fn input() -> ReportInput {
         runs,
     }
 }
+
+/// The parsed view of every run of [`input`].
+pub fn views(input: &ReportInput) -> Vec<crate::runs::RunView> {
+    input
+        .runs
+        .iter()
+        .map(|r| crate::runs::RunView::parse(r).unwrap())
+        .collect()
+}
