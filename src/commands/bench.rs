@@ -1,4 +1,5 @@
-//! `spur bench plan`: planning speed on the paper's grid shape.
+//! `spur bench plan`: planning speed on the paper's grid shape (`spur bench models`:
+//! see `bench_models.rs`).
 //!
 //! The grid is generated in memory (8 models × 7 rewards × 3·scale seeds,
 //! 300 steps, MATH-500 every 10 steps, AIME/AMC at the end) with pinned
@@ -17,6 +18,8 @@ use crate::workspace;
 pub enum BenchCommand {
     /// Time parsing + planning, and the fully cached "nothing to do" decision.
     Plan(PlanBench),
+    /// Prefill and decode tokens/s of a model (f32 and quantised weights).
+    Models(super::bench_models::ModelsBench),
 }
 
 #[derive(clap::Args, Debug)]
@@ -79,7 +82,13 @@ pub fn paper_grid(seeds: usize) -> String {
 }
 
 pub fn run(cmd: BenchCommand, _cache: &Path) -> Result<ExitCode> {
-    let BenchCommand::Plan(args) = cmd;
+    match cmd {
+        BenchCommand::Plan(args) => plan(args),
+        BenchCommand::Models(args) => super::bench_models::run(args),
+    }
+}
+
+fn plan(args: PlanBench) -> Result<ExitCode> {
     let dir = tempfile::tempdir()?;
     let file = args
         .write

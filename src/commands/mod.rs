@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_models;
 pub mod cancel;
 pub mod exec_node;
 pub mod gc;

@@ -54,6 +54,10 @@ pub struct SampleArgs {
     /// `f32` or `quantized`.
     #[arg(long, default_value = "auto")]
     pub precision: String,
+    /// `auto` (the GPU when this build has CUDA and the machine one), `cpu`, `cuda` or
+    /// `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
     /// Print one JSON object per sample instead of text.
     #[arg(long)]
     pub json: bool,
@@ -109,7 +113,10 @@ pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
         bail!("--n must be at least 1");
     }
     let prompts = read_prompts(&args)?;
-    let mut options = LoadOptions::default();
+    let mut options = LoadOptions {
+        device: spur_lm::device(&args.device)?,
+        ..LoadOptions::default()
+    };
     let files = spur_lm::resolve(&args.model, &options.cache_dir)?;
     // candle's quantised kernels do not gain from batching; f32 weights do (docs/models.md).
     let few_sequences = prompts.len() * args.n <= 2;

@@ -8,9 +8,11 @@
 //! - [`engine`]: the generation trait and the candle implementation.
 
 pub mod config;
+mod decode_attention;
 pub mod engine;
 pub mod error;
 pub mod model;
+mod quant;
 pub mod source;
 pub mod template;
 pub mod tokenizer;
@@ -29,6 +31,40 @@ pub use model::{KvCache, Transformer};
 pub use source::{default_cache_dir, resolve, ModelFiles};
 pub use template::PromptTemplate;
 pub use tokenizer::Tokenizer;
+
+/// The device a spec names: `cpu`, `cuda` (device 0), `cuda:N`, or `auto` (CUDA device 0
+/// when this build has CUDA and the machine a GPU, else the CPU).
+pub fn device(spec: &str) -> Result<Device> {
+    let cuda = |ordinal: usize| {
+        if !cfg!(feature = "cuda") {
+            return Err(Error::Request(format!(
+                "device {spec:?}: this build of spur has no CUDA support; build it with \
+                 `--features cuda` (scripts/build-cuda.sh)"
+            )));
+        }
+        Device::new_cuda(ordinal)
+            .map_err(|e| Error::Request(format!("device {spec:?}: cannot open it: {e}")))
+    };
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() => {
+            cuda(0).or(Ok(Device::Cpu))
+        }
+        "auto" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => cuda(ordinal),
+            _ => Err(Error::Request(format!(
+                "device {spec:?}: expected cpu, cuda, cuda:N or auto"
+            ))),
+        },
+    }
+}
+
+/// Threads candle's CPU kernels (and spur's quantised kernel) use.
+pub fn cpu_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
 
 /// Which weights to build the model from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

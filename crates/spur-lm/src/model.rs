@@ -12,7 +12,9 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::VarMap;
 
 use crate::config::{Architecture, ModelConfig};
+use crate::decode_attention::DecodeAttention;
 use crate::error::{Error, Result};
+use crate::quant::QuantMatrix;
 
 /// How rotary embeddings pair up head dimensions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +36,13 @@ enum Linear {
         weight: Tensor,
         bias: Option<Tensor>,
     },
+    /// Quantised weights on the CPU, in a layout spur's own kernel reads (see
+    /// [`crate::quant`]: candle's Q4_1 kernel is ~3× slower).
+    QuantCpu {
+        weight: QuantMatrix,
+        bias: Option<Tensor>,
+    },
+    /// Other quantised weights: candle's kernels.
     Quant {
         weight: QMatMul,
         bias: Option<Tensor>,
@@ -41,6 +50,18 @@ enum Linear {
 }
 
 impl Linear {
+    fn quantized(weight: QTensor, bias: Option<Tensor>, device: &Device) -> Result<Self> {
+        if device.is_cpu() {
+            if let Some(weight) = QuantMatrix::from_qtensor(&weight)? {
+                return Ok(Linear::QuantCpu { weight, bias });
+            }
+        }
+        Ok(Linear::Quant {
+            weight: QMatMul::from_qtensor(weight)?,
+            bias,
+        })
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
@@ -55,6 +76,14 @@ impl Linear {
                 (weight.matmul(&x2.t()?)?.t()?, bias)
             }
             Linear::Dense { weight, bias } => (x2.matmul(&weight.t()?)?, bias),
+            Linear::QuantCpu { weight, bias } => {
+                let x = x2.flatten_all()?.to_vec1::<f32>()?;
+                let y = weight.matmul(&x, rows);
+                (
+                    Tensor::from_vec(y, (rows, weight.rows()), x2.device())?,
+                    bias,
+                )
+            }
             Linear::Quant { weight, bias } => (weight.forward(&x2)?, bias),
         };
         let y = match bias {
@@ -398,14 +427,12 @@ impl Transformer {
         for i in 0..config.num_hidden_layers {
             let p = format!("blk.{i}");
             let mut quant = |name: &str, bias: bool| -> Result<Linear> {
-                Ok(Linear::Quant {
-                    weight: QMatMul::from_qtensor(take(&format!("{p}.{name}.weight"))?)?,
-                    bias: if bias {
-                        Some(take(&format!("{p}.{name}.bias"))?.dequantize(device)?)
-                    } else {
-                        None
-                    },
-                })
+                let bias = if bias {
+                    Some(take(&format!("{p}.{name}.bias"))?.dequantize(device)?)
+                } else {
+                    None
+                };
+                Linear::quantized(take(&format!("{p}.{name}.weight"))?, bias, device)
             };
             let q = quant("attn_q", is_qwen)?;
             let k = quant("attn_k", is_qwen)?;
@@ -455,17 +482,12 @@ impl Transformer {
         }
         let embed_q = take("token_embd.weight")?;
         let embed = embed_q.dequantize(device)?;
-        let lm_head = if config.tie_word_embeddings {
-            Linear::Quant {
-                weight: QMatMul::from_qtensor(embed_q)?,
-                bias: None,
-            }
+        let head = if config.tie_word_embeddings {
+            embed_q
         } else {
-            Linear::Quant {
-                weight: QMatMul::from_qtensor(take("output.weight")?)?,
-                bias: None,
-            }
+            take("output.weight")?
         };
+        let lm_head = Linear::quantized(head, None, device)?;
         let norm = plain(&mut take, "output_norm.weight")?;
         let rope_style = if config.architecture == Architecture::Llama {
             RopeStyle::Interleaved
@@ -543,7 +565,7 @@ impl Transformer {
         x: &Tensor,
         rope_cs: &(Tensor, Tensor),
         mask: &Tensor,
-        cache: Option<(&mut (Tensor, Tensor), usize)>,
+        cache: Option<(&mut (Tensor, Tensor), usize, &[usize])>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
@@ -563,14 +585,26 @@ impl Transformer {
             .contiguous()?;
         let q = rope(&q.contiguous()?, &rope_cs.0, &rope_cs.1, self.rope_style)?;
         let k = rope(&k.contiguous()?, &rope_cs.0, &rope_cs.1, self.rope_style)?.contiguous()?;
-        let (k, v) = match cache {
-            None => (k, v),
-            Some(((ck, cv), offset)) => {
+        let (k, v, pad) = match cache {
+            None => (k, v, None),
+            Some(((ck, cv), offset, pad)) => {
                 ck.slice_set(&k, 2, offset)?;
                 cv.slice_set(&v, 2, offset)?;
-                (ck.narrow(2, 0, offset + t)?, cv.narrow(2, 0, offset + t)?)
+                let (k, v) = (ck.narrow(2, 0, offset + t)?, cv.narrow(2, 0, offset + t)?);
+                (k, v, Some(pad))
             }
         };
+        if let (1, Some(pad), true) = (t, pad, q.device().is_cpu()) {
+            let op = DecodeAttention {
+                pad: pad.to_vec(),
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
+            // [b, heads, 1, hd] has the memory order of [b, 1, heads·hd].
+            let out = q
+                .apply_op3_no_bwd(&k, &v, &op)?
+                .reshape((b, t, heads * hd))?;
+            return layer.o.forward(&out);
+        }
         let tk = k.dim(2)?;
         let n_rep = heads / kv_heads;
         // Grouped-query attention without copying k/v: the n_rep query heads that share a
@@ -612,7 +646,7 @@ impl Transformer {
             let layer_cache = match cache.as_deref_mut() {
                 Some(c) => {
                     let offset = c.len;
-                    Some((&mut c.layers[i], offset))
+                    Some((&mut c.layers[i], offset, c.pad.as_slice()))
                 }
                 None => None,
             };

@@ -23,7 +23,8 @@ impl Stage for EvalStage {
 
     fn version(&self) -> u32 {
         // 2: prefill matmuls in the x·Wᵀ form (different rounding, so different tokens).
-        2
+        // 3: decode attention as one fused CPU op (different rounding).
+        3
     }
 
     fn resource(&self, _node: &spur_plan::Node) -> Resource {

@@ -63,13 +63,33 @@ fn model_spec(ext: &External) -> Result<String, StageError> {
     )))
 }
 
-fn load_options() -> LoadOptions {
+fn load_options(ctx: &NodeContext<'_>) -> LoadOptions {
     LoadOptions {
+        device: node_device(ctx.devices),
         cache_dir: std::env::var_os("SPUR_MODEL_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(spur_lm::default_cache_dir),
         ..LoadOptions::default()
     }
+}
+
+/// The device a model node runs on: in a build with CUDA, the GPU the executor assigned
+/// (when it can be opened); otherwise the CPU.
+fn node_device(assigned: &[String]) -> spur_lm::Device {
+    let Some(id) = assigned.first() else {
+        return spur_lm::Device::Cpu;
+    };
+    if !cfg!(feature = "cuda") {
+        return spur_lm::Device::Cpu;
+    }
+    // Executor ids are CUDA_VISIBLE_DEVICES entries; CUDA numbers the visible devices from 0.
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default();
+    let ordinal = visible
+        .split(',')
+        .position(|v| v.trim() == id)
+        .or_else(|| id.parse().ok())
+        .unwrap_or(0);
+    spur_lm::device(&format!("cuda:{ordinal}")).unwrap_or(spur_lm::Device::Cpu)
 }
 
 fn model_external<'a>(ctx: &'a NodeContext<'_>) -> Option<&'a External> {
@@ -124,7 +144,7 @@ pub fn ensure_policy<'s>(
             (None, Some(ext)) => model_spec(ext)?,
             (None, None) => return Err(failed("the node reads no model")),
         };
-        let loaded = spur_lm::load_model(&spec, &load_options()).map_err(failed)?;
+        let loaded = spur_lm::load_model(&spec, &load_options(ctx)).map_err(failed)?;
         ctx.session.insert(LoadedPolicy {
             at: want,
             model: Arc::new(loaded.model),
@@ -166,7 +186,7 @@ pub fn ensure_reference(ctx: &mut NodeContext<'_>) -> Result<Arc<Transformer>, S
             return Ok(r.model.clone());
         }
     }
-    let loaded = spur_lm::load_model(&spec, &load_options()).map_err(failed)?;
+    let loaded = spur_lm::load_model(&spec, &load_options(ctx)).map_err(failed)?;
     let model = Arc::new(loaded.model);
     ctx.session.insert(ReferenceModel {
         at,
