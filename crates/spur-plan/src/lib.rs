@@ -220,11 +220,15 @@ impl RunCtx<'_> {
         let model_name = p.model.as_deref().unwrap_or_default();
         let model_def = &self.exp.models[model_name];
         let model_ext = self.ext(&format!("models.{model_name}"));
+        // Rollouts, labels and updates always run on candle (GRPO needs natural-log
+        // log-probs, per-sample seeds and the trainer's weights in memory); only
+        // evaluations use the model's `engine`.
         let model_view = json!({
             "template": model_def.template,
             "template_text": model_def.template_text,
-            "engine": model_def.engine,
         });
+        let mut eval_model_view = model_view.clone();
+        eval_model_view["engine"] = json!(model_def.engine);
 
         let mut evals: Vec<(String, Arc<Value>, Hash, u32, Vec<u32>)> = Vec::new();
         if self.exp.evaluates {
@@ -236,7 +240,7 @@ impl RunCtx<'_> {
                     "name": name,
                     "eval": view,
                     "dataset": dataset_view(self.exp, ds),
-                    "model": model_view,
+                    "model": eval_model_view,
                 }));
                 let d = digest(&params);
                 evals.push((
@@ -306,7 +310,6 @@ impl RunCtx<'_> {
                 "dataset": dataset_view(self.exp, train),
                 "template": "raw",
                 "seed": 0,
-                "model": {"engine": self.exp.models[label_model].engine},
             }));
             let d = digest(&params);
             let exts = vec![self.ext(&format!("models.{label_model}")), train_ext];

@@ -388,14 +388,17 @@ fn check_definitions(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecErro
     for (name, m) in &file.models {
         let key = format!("models.{name}");
         check_sources(ctx, &key, &m.sources, m.sha256.as_deref(), errors);
-        if m.engine == Engine::Mistralrs {
+        if m.engine == Engine::Mistralrs && !cfg!(feature = "mistralrs") {
             errors.push(
                 ctx.err(
                     &format!("{key}.engine"),
                     false,
                     "engine `mistralrs` is not available in this build of spur",
                 )
-                .with_hint(Some("use `engine: candle` (the default)".into())),
+                .with_hint(Some(
+                    "use `engine: candle` (the default), or build spur with `--features mistralrs`"
+                        .into(),
+                )),
             );
         }
         match (m.template, &m.template_text) {

@@ -46,7 +46,6 @@ impl Stage for LabelStage {
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
         let params = ctx.node.params.clone();
-        model::check_engine(&params)?;
         let problems = data::load(&model::dataset_path(ctx)?, &params["dataset"])?;
         let n = u64_at(&params, &["samples"]).unwrap_or(64) as usize;
         let seed = u64_at(&params, &["seed"]).unwrap_or(0);

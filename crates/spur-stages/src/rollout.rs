@@ -126,7 +126,6 @@ impl Stage for RolloutStage {
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
         let params = ctx.node.params.clone();
-        model::check_engine(&params)?;
         let step = ctx.node.step;
         let seed = u64_at(&params, &["seed"]).unwrap_or(0);
         let r = &params["rollout"];
