@@ -267,32 +267,21 @@ fn several_problems_are_reported_together() {
     );
 }
 
-/// A sampled evaluation needs a seed per sample, which mistral.rs cannot honour: refused when
-/// the experiment is planned, at the evaluation's line.
+/// `engine: mistralrs` in a build without mistral.rs is refused at plan time, at its key.
+#[cfg(not(feature = "mistralrs"))]
 #[test]
-fn mistralrs_cannot_take_seeded_sampled_evals() {
-    let ws = Workspace::new();
-    let file = GOOD
-        .replacen(
-            "smol: {sources: [{path: model.gguf}],",
-            "smol: {engine: mistralrs, sources: [{path: model.gguf}],",
-            1,
-        )
-        .replacen(
-            "math500: {dataset: math500}",
-            "math500: {dataset: math500, temperature: 0.6}",
-            1,
-        );
-    ws.write("exp.yaml", &file);
-    let err = ws.fails(&["plan", "exp.yaml"]);
+fn mistralrs_engine_needs_a_build_with_it() {
+    let err = error_for(
+        "smol: {sources: [{path: model.gguf}],",
+        "smol: {engine: mistralrs, sources: [{path: model.gguf}],",
+    );
     assert_has(
         &err,
         &[
-            "exp.yaml:18",
-            "key: defaults.evals.math500.temperature",
-            "evaluation `math500` samples at temperature 0.6",
-            "mistral.rs cannot honour",
-            "temperature: 0",
+            "exp.yaml:2:18",
+            "key: models.smol.engine",
+            "engine `mistralrs` is not available in this build",
+            "--features mistralrs",
         ],
     );
 }

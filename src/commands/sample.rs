@@ -103,10 +103,17 @@ fn read_prompts(args: &SampleArgs) -> anyhow::Result<Vec<String>> {
 }
 
 pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
-    if args.engine != "candle" {
+    let engines: &[&str] = if cfg!(feature = "mistralrs") {
+        &["candle", "mistralrs"]
+    } else {
+        &["candle"]
+    };
+    if !engines.contains(&args.engine.as_str()) {
         bail!(
-            "engine {:?} is not available in this build (available: candle)",
-            args.engine
+            "engine {:?} is not available in this build (available: {}; mistral.rs needs a build \
+             with `--features mistralrs`)",
+            args.engine,
+            engines.join(", ")
         );
     }
     if args.n == 0 {
@@ -127,15 +134,16 @@ pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
         (other, _) => bail!("--precision {other:?}: expected auto, f32 or quantized"),
     };
     let started = Instant::now();
-    let loaded = spur_lm::load_files(files, &options)
+    let engine = load_engine(&args, files, &options)
         .with_context(|| format!("loading model {:?}", args.model))?;
     eprintln!(
-        "loaded {} ({} layers, {:?}) in {:.1} s",
+        "loaded {} ({} engine, {:?}) in {:.1} s",
         args.model,
-        loaded.model.config().num_hidden_layers,
+        engine.name(),
         options.precision,
         started.elapsed().as_secs_f64()
     );
+    let tokenizer = engine.tokenizer();
     let template = match (PromptTemplate::parse(&args.template), &args.system) {
         (PromptTemplate::Chat { .. }, system) => PromptTemplate::Chat {
             system: system.clone(),
@@ -155,14 +163,13 @@ pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
     };
     let mut requests = Vec::with_capacity(prompts.len());
     for problem in &prompts {
-        let text = template.render(&loaded.tokenizer, problem)?;
+        let text = template.render(tokenizer, problem)?;
         requests.push(GenerationRequest {
-            prompt_ids: loaded.tokenizer.encode(&text)?,
+            prompt_ids: tokenizer.encode(&text)?,
             n: args.n,
             params: params.clone(),
         });
     }
-    let engine = CandleEngine::new(Arc::new(loaded.model), Arc::new(loaded.tokenizer));
     let started = Instant::now();
     let completions = engine.generate(&requests)?;
     let seconds = started.elapsed().as_secs_f64();
@@ -199,4 +206,27 @@ pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
         engine.name()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+fn load_engine(
+    args: &SampleArgs,
+    files: ModelFiles,
+    options: &LoadOptions,
+) -> anyhow::Result<Box<dyn Engine>> {
+    #[cfg(feature = "mistralrs")]
+    if args.engine == "mistralrs" {
+        let tokenizer = Arc::new(spur_lm::load_tokenizer(&files)?);
+        let mistral_options = spur_mistralrs::MistralRsOptions {
+            device: options.device.clone(),
+            ..Default::default()
+        };
+        let engine = spur_mistralrs::MistralRsEngine::load(&files, tokenizer, &mistral_options)?;
+        return Ok(Box::new(engine));
+    }
+    debug_assert_eq!(args.engine, "candle");
+    let loaded = spur_lm::load_files(files, options)?;
+    Ok(Box::new(CandleEngine::new(
+        Arc::new(loaded.model),
+        Arc::new(loaded.tokenizer),
+    )))
 }

@@ -272,6 +272,9 @@ impl ModelConfig {
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
+            // Every supported architecture uses SwiGLU; other readers (mistral.rs,
+            // transformers) require the key.
+            "hidden_act": "silu",
             "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,

@@ -136,6 +136,29 @@ pub fn save_checkpoint(
     Ok(())
 }
 
+/// Loads only the tokenizer of resolved files (for engines that load the weights themselves).
+pub fn load_tokenizer(files: &ModelFiles) -> Result<Tokenizer> {
+    match files {
+        ModelFiles::Gguf { path } => {
+            let gguf = weights::GgufFile::open(path)?;
+            Tokenizer::from_gguf(&gguf.content, path)
+        }
+        ModelFiles::HuggingFace {
+            config,
+            tokenizer,
+            tokenizer_config,
+            ..
+        } => {
+            let model_config = ModelConfig::from_hf_json(config)?;
+            Tokenizer::from_hf_files(
+                tokenizer,
+                tokenizer_config.as_deref(),
+                &model_config.eos_token_ids,
+            )
+        }
+    }
+}
+
 /// Resolves `spec` (see [`source::resolve`]) and loads model and tokenizer.
 pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
     let files = resolve(spec, &options.cache_dir)?;

@@ -701,31 +701,7 @@ pub(crate) fn expand(
                     errors,
                 );
             }
-            let engine = params
-                .model
-                .as_ref()
-                .and_then(|m| file.models.get(m))
-                .map(|m| m.engine);
             for (name, e) in &params.evals {
-                // mistral.rs 0.8.1 has one engine-wide seed, so the per-sample seeds of a
-                // sampled evaluation cannot be honoured.
-                if engine == Some(crate::Engine::Mistralrs) && e.temperature > 0.0 {
-                    report(
-                        ctx.err(
-                            &where_is(&format!("evals.{name}.temperature")),
-                            false,
-                            format!(
-                                "evaluation `{name}` samples at temperature {} with a seed per sample, which mistral.rs cannot honour (it has one engine-wide seed); model `{}` uses `engine: mistralrs`",
-                                e.temperature,
-                                params.model.as_deref().unwrap_or_default()
-                            ),
-                        )
-                        .with_hint(Some(
-                            "evaluate greedily (`temperature: 0`) or use `engine: candle` for this model".into(),
-                        )),
-                        errors,
-                    );
-                }
                 if e.dataset.is_none() {
                     report(
                         ctx.err(

@@ -4,7 +4,7 @@
 use std::io::Write;
 
 use serde_json::{json, Value};
-use spur_lm::{Engine, GenerationRequest, PromptTemplate, SamplingParams};
+use spur_lm::{GenerationRequest, PromptTemplate, SamplingParams};
 use spur_math::{EvalRecord, ExtractStyle, Grader};
 use spur_plan::StageKind;
 
@@ -37,7 +37,6 @@ impl Stage for EvalStage {
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
         let params = ctx.node.params.clone();
-        model::check_engine(&params)?;
         let e = &params["eval"];
         let problems = data::load(&model::dataset_path(ctx)?, &params["dataset"])?;
         let n = u64_at(e, &["samples"]).unwrap_or(1) as usize;
@@ -49,19 +48,17 @@ impl Stage for EvalStage {
             ExtractStyle::Default
         };
         let out = ctx.out.to_path_buf();
-        let policy = model::ensure_policy(ctx, None)?;
-        let engine = spur_lm::CandleEngine::new(policy.model.clone(), policy.tokenizer.clone());
+        let engine_name = params["model"]["engine"].as_str().unwrap_or("candle");
+        let (engine, tokenizer) = model::engine(ctx, engine_name)?;
         let mut requests = Vec::with_capacity(problems.len());
         let mut prompt_hashes = Vec::with_capacity(problems.len());
         for (i, p) in problems.iter().enumerate() {
-            let prompt = template
-                .render(&policy.tokenizer, &p.problem)
-                .map_err(failed)?;
+            let prompt = template.render(&tokenizer, &p.problem).map_err(failed)?;
             prompt_hashes.push(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
                 prompt.as_bytes(),
             )));
             requests.push(GenerationRequest {
-                prompt_ids: policy.tokenizer.encode(&prompt).map_err(failed)?,
+                prompt_ids: tokenizer.encode(&prompt).map_err(failed)?,
                 n,
                 params: SamplingParams {
                     temperature: f64_at(e, &["temperature"]).unwrap_or(0.0),

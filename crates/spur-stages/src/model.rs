@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
-use spur_lm::{LoadOptions, PromptTemplate, Tokenizer, Transformer};
+use spur_lm::{CandleEngine, Engine, LoadOptions, PromptTemplate, Tokenizer, Transformer};
 use spur_plan::{External, ExternalKind, Hash, Role};
 use spur_rl::{TrainConfig, Trainer};
 
@@ -119,6 +119,88 @@ pub fn dataset_path(ctx: &NodeContext<'_>) -> Result<PathBuf, StageError> {
     })
 }
 
+/// The spur-lm spec of the weights this node reads: its `Policy` input's checkpoint, or the
+/// model's own weights.
+pub fn policy_spec(ctx: &NodeContext<'_>) -> Result<String, StageError> {
+    match (ctx.input(Role::Policy), model_external(ctx)) {
+        (Some(i), _) => Ok(i.out.join(POLICY_DIR).display().to_string()),
+        (None, Some(ext)) => model_spec(ext),
+        (None, None) => Err(failed("the node reads no model")),
+    }
+}
+
+fn weights_at(ctx: &NodeContext<'_>) -> Result<WeightsAt, StageError> {
+    Ok(match ctx.input(Role::Policy) {
+        Some(i) => WeightsAt::Update(i.node),
+        None => WeightsAt::Base(
+            model_external(ctx)
+                .ok_or_else(|| failed("the node reads no model"))?
+                .hash,
+        ),
+    })
+}
+
+/// A sampling engine over the weights this node reads, and the tokenizer prompts are encoded
+/// with. `name` is the model's `engine`: `candle` samples from the session's policy;
+/// `mistralrs` (builds with the `mistralrs` feature) loads the same files into mistral.rs,
+/// kept in the session for the next node that reads the same weights.
+pub fn engine(
+    ctx: &mut NodeContext<'_>,
+    name: &str,
+) -> Result<(Arc<dyn Engine>, Arc<Tokenizer>), StageError> {
+    match name {
+        "candle" => {
+            let policy = ensure_policy(ctx, None)?;
+            let engine = CandleEngine::new(policy.model.clone(), policy.tokenizer.clone());
+            Ok((Arc::new(engine), policy.tokenizer.clone()))
+        }
+        #[cfg(feature = "mistralrs")]
+        "mistralrs" => mistralrs_engine(ctx),
+        other => Err(failed(format!(
+            "engine `{other}` is not available in this build of spur (build it with \
+             `--features mistralrs` for mistral.rs); use `engine: candle`"
+        ))),
+    }
+}
+
+/// mistral.rs over the weights a node reads.
+#[cfg(feature = "mistralrs")]
+struct MistralRsPolicy {
+    at: WeightsAt,
+    engine: Arc<spur_mistralrs::MistralRsEngine>,
+    tokenizer: Arc<Tokenizer>,
+}
+
+#[cfg(feature = "mistralrs")]
+fn mistralrs_engine(
+    ctx: &mut NodeContext<'_>,
+) -> Result<(Arc<dyn Engine>, Arc<Tokenizer>), StageError> {
+    let want = weights_at(ctx)?;
+    let cached = ctx
+        .session
+        .get_mut::<MistralRsPolicy>()
+        .filter(|p| p.at == want);
+    if let Some(p) = cached {
+        return Ok((p.engine.clone(), p.tokenizer.clone()));
+    }
+    let options = load_options(ctx);
+    let files = spur_lm::resolve(&policy_spec(ctx)?, &options.cache_dir).map_err(failed)?;
+    let tokenizer = Arc::new(spur_lm::load_tokenizer(&files).map_err(failed)?);
+    let mistral_options = spur_mistralrs::MistralRsOptions {
+        device: options.device,
+        ..Default::default()
+    };
+    let engine = spur_mistralrs::MistralRsEngine::load(&files, tokenizer.clone(), &mistral_options)
+        .map_err(failed)?;
+    let engine = Arc::new(engine);
+    ctx.session.insert(MistralRsPolicy {
+        at: want,
+        engine: engine.clone(),
+        tokenizer: tokenizer.clone(),
+    });
+    Ok((engine, tokenizer))
+}
+
 /// Make the session hold the policy this node reads (after its `Policy`
 /// input, or the model's own weights), with a trainer when `train` is given.
 pub fn ensure_policy<'s>(
@@ -126,24 +208,13 @@ pub fn ensure_policy<'s>(
     train: Option<&TrainConfig>,
 ) -> Result<&'s mut LoadedPolicy, StageError> {
     let input = ctx.input(Role::Policy).cloned();
-    let want = match &input {
-        Some(i) => WeightsAt::Update(i.node),
-        None => WeightsAt::Base(
-            model_external(ctx)
-                .ok_or_else(|| failed("the node reads no model"))?
-                .hash,
-        ),
-    };
+    let want = weights_at(ctx)?;
     let reusable = ctx
         .session
         .get_mut::<LoadedPolicy>()
         .is_some_and(|p| p.at == want);
     if !reusable {
-        let spec = match (&input, model_external(ctx)) {
-            (Some(i), _) => i.out.join(POLICY_DIR).display().to_string(),
-            (None, Some(ext)) => model_spec(ext)?,
-            (None, None) => return Err(failed("the node reads no model")),
-        };
+        let spec = policy_spec(ctx)?;
         let loaded = spur_lm::load_model(&spec, &load_options(ctx)).map_err(failed)?;
         ctx.session.insert(LoadedPolicy {
             at: want,
@@ -213,15 +284,6 @@ pub fn template(params: &Value) -> PromptTemplate {
 }
 
 /// Refuse engines this build cannot honour, rather than silently use another.
-pub fn check_engine(params: &Value) -> Result<(), StageError> {
-    match params["model"].get("engine").and_then(Value::as_str) {
-        None | Some("candle") => Ok(()),
-        Some(other) => Err(failed(format!(
-            "engine `{other}` is not available in this build of spur; use `engine: candle`"
-        ))),
-    }
-}
-
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), StageError> {
     let bytes = serde_json::to_vec(value).map_err(failed)?;
     std::fs::write(path, bytes).map_err(|e| failed(format!("{}: {e}", path.display())))
