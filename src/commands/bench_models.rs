@@ -97,9 +97,8 @@ fn decode(loaded: &LoadedModel, prompt: &KvCache, batch: usize, steps: usize) ->
     let rows: Vec<&KvCache> = (0..batch).map(|_| prompt).collect();
     let mut cache = KvCache::stack(&rows, steps)?;
     // A newline token as the first input: every row then follows its own greedy path.
-    let mut next = loaded.tokenizer.encode("\n")?;
-    next.resize(1, 0);
-    let mut next = vec![next[0]; batch];
+    let newline = loaded.tokenizer.encode("\n")?.first().copied().unwrap_or(0);
+    let mut next = vec![newline; batch];
     let start = Instant::now();
     for _ in 0..steps {
         let input = Tensor::new(next.as_slice(), loaded.model.device())?.unsqueeze(1)?;

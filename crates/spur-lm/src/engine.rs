@@ -11,6 +11,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Transformer};
 use crate::tokenizer::Tokenizer;
@@ -130,9 +131,15 @@ impl SeqRng {
     }
 }
 
-/// Draws the next token from `logits`; returns it with its log-probability (see
-/// [`Completion::logprobs`]).
-fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut SeqRng) -> (u32, f32) {
+/// Picks the next token from `logits` with spur's sampling rules; `draw` gives the uniform
+/// number in [0, 1) (called only when sampling, not for greedy decoding). Returns the token
+/// with its log-probability (see [`Completion::logprobs`]). Every engine chooses tokens here,
+/// so their seeds and log-probs mean the same thing.
+pub fn choose_token(
+    logits: &[f32],
+    params: &SamplingParams,
+    draw: impl FnOnce() -> f64,
+) -> (u32, f32) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     if params.temperature == 0.0 {
         let best = logits
@@ -182,7 +189,7 @@ fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut SeqRng) -> (u
         cands.truncate(keep);
     }
     let kept: f64 = cands.iter().map(|c| c.1).sum();
-    let target = rng.next_f64() * kept;
+    let target = draw() * kept;
     let mut acc = 0.0;
     let mut chosen = cands[cands.len() - 1];
     for &c in &cands {
@@ -193,6 +200,42 @@ fn sample_token(logits: &[f32], params: &SamplingParams, rng: &mut SeqRng) -> (u
         }
     }
     (chosen.0, (chosen.1 / kept).ln() as f32)
+}
+
+/// Checks requests against the sampling rules and `config` (context length, vocabulary);
+/// the error names the first bad request.
+pub fn validate_requests(requests: &[GenerationRequest], config: &ModelConfig) -> Result<()> {
+    let context = config.max_position_embeddings;
+    for (i, r) in requests.iter().enumerate() {
+        let p = &r.params;
+        let problem = if r.prompt_ids.is_empty() {
+            Some("the prompt is empty".to_string())
+        } else if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
+            Some(format!(
+                "temperature {} must be finite and >= 0",
+                p.temperature
+            ))
+        } else if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            Some(format!("top_p {} must be in (0, 1]", p.top_p))
+        } else if p.max_new_tokens == 0 {
+            Some("max_new_tokens must be at least 1".to_string())
+        } else if r.prompt_ids.len() + p.max_new_tokens > context {
+            Some(format!(
+                "{} prompt tokens + {} new tokens exceed the model's context of {context}",
+                r.prompt_ids.len(),
+                p.max_new_tokens
+            ))
+        } else {
+            r.prompt_ids
+                .iter()
+                .find(|&&t| t as usize >= config.vocab_size)
+                .map(|t| format!("token id {t} is outside the vocabulary"))
+        };
+        if let Some(problem) = problem {
+            return Err(Error::Request(format!("request {i}: {problem}")));
+        }
+    }
+    Ok(())
 }
 
 /// One sequence being generated.
@@ -258,40 +301,6 @@ impl CandleEngine {
         &self.model
     }
 
-    fn validate(&self, requests: &[GenerationRequest]) -> Result<()> {
-        let context = self.model.config().max_position_embeddings;
-        for (i, r) in requests.iter().enumerate() {
-            let p = &r.params;
-            let problem = if r.prompt_ids.is_empty() {
-                Some("the prompt is empty".to_string())
-            } else if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
-                Some(format!(
-                    "temperature {} must be finite and >= 0",
-                    p.temperature
-                ))
-            } else if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-                Some(format!("top_p {} must be in (0, 1]", p.top_p))
-            } else if p.max_new_tokens == 0 {
-                Some("max_new_tokens must be at least 1".to_string())
-            } else if r.prompt_ids.len() + p.max_new_tokens > context {
-                Some(format!(
-                    "{} prompt tokens + {} new tokens exceed the model's context of {context}",
-                    r.prompt_ids.len(),
-                    p.max_new_tokens
-                ))
-            } else {
-                r.prompt_ids
-                    .iter()
-                    .find(|&&t| t as usize >= self.model.config().vocab_size)
-                    .map(|t| format!("token id {t} is outside the vocabulary"))
-            };
-            if let Some(problem) = problem {
-                return Err(Error::Request(format!("request {i}: {problem}")));
-            }
-        }
-        Ok(())
-    }
-
     /// Runs the prompt once; returns its cache and the logits of its last position.
     fn prefill(&self, prompt: &[u32]) -> Result<(KvCache, Vec<f32>)> {
         let mut cache = self.model.new_cache(1, prompt.len())?;
@@ -319,7 +328,7 @@ impl Engine for CandleEngine {
     }
 
     fn generate(&self, requests: &[GenerationRequest]) -> Result<Vec<Completion>> {
-        self.validate(requests)?;
+        validate_requests(requests, self.model.config())?;
         let tokenizer = &*self.tokenizer;
         let order: Vec<(usize, usize)> = requests
             .iter()
@@ -349,7 +358,7 @@ impl Engine for CandleEngine {
                     logprobs: Vec::new(),
                     finish: None,
                 };
-                let (token, logprob) = sample_token(&prefills[&p].1, params, &mut seq.rng);
+                let (token, logprob) = choose_token(&prefills[&p].1, params, || seq.rng.next_f64());
                 seq.push(token, logprob, params, tokenizer, stop_window(params))?;
                 seqs.push(seq);
             }
@@ -378,7 +387,8 @@ impl Engine for CandleEngine {
                     .to_vec2::<f32>()?;
                 for (row, &i) in active.iter().enumerate() {
                     let params = &requests[seqs[i].prompt_index].params;
-                    let (token, logprob) = sample_token(&logits[row], params, &mut seqs[i].rng);
+                    let (token, logprob) =
+                        choose_token(&logits[row], params, || seqs[i].rng.next_f64());
                     seqs[i].push(token, logprob, params, tokenizer, stop_window(params))?;
                 }
                 let keep: Vec<usize> = (0..active.len())

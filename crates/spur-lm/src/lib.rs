@@ -23,8 +23,8 @@ use std::path::PathBuf;
 pub use candle_core::{Device, Tensor, Var};
 pub use config::{Architecture, ModelConfig};
 pub use engine::{
-    CandleEngine, Completion, Engine, EngineCapabilities, FinishReason, GenerationRequest,
-    SamplingParams,
+    choose_token, validate_requests, CandleEngine, Completion, Engine, EngineCapabilities,
+    FinishReason, GenerationRequest, SamplingParams,
 };
 pub use error::{Error, Result};
 pub use model::{KvCache, Transformer};

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 use mistralrs::CustomLogitsProcessor;
-use spur_lm::{FinishReason, SamplingParams, Tokenizer};
+use spur_lm::{choose_token, FinishReason, SamplingParams, Tokenizer};
 
 /// What a chooser has decided for its sequence so far.
 #[derive(Debug, Default)]
@@ -104,8 +104,9 @@ impl CustomLogitsProcessor for TokenChooser {
         chosen.tokens.truncate(step);
         chosen.logprobs.truncate(step);
         let values = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let u = uniform(self.params.seed, self.sample_index, step as u64);
-        let (token, logprob) = choose(&values, &self.params, u);
+        let (token, logprob) = choose_token(&values, &self.params, || {
+            uniform(self.params.seed, self.sample_index, step as u64)
+        });
         chosen.tokens.push(token);
         chosen.logprobs.push(logprob);
         chosen.finish = self.finish_after_push(&chosen)?;
@@ -130,61 +131,6 @@ pub(crate) fn uniform(seed: u64, sample_index: u64, step: u64) -> f64 {
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Picks the next token from `logits` with the draw `u`; returns it with its natural-log
-/// probability under the distribution it was drawn from (temperature, top-k and top-p applied,
-/// renormalised), or for greedy decoding the model's plain log-softmax.
-pub(crate) fn choose(logits: &[f32], params: &SamplingParams, u: f64) -> (u32, f32) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    if params.temperature == 0.0 {
-        // The first maximum, as in spur's candle engine.
-        let best = logits
-            .iter()
-            .enumerate()
-            .fold(0, |best, (i, &l)| if l > logits[best] { i } else { best });
-        let log_z = logits
-            .iter()
-            .map(|&l| (l as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
-        return (best as u32, (logits[best] as f64 - max - log_z) as f32);
-    }
-    let mut cands: Vec<(u32, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, ((l as f64 - max) / params.temperature).exp()))
-        .collect();
-    // Larger weight first, ties by token id, so that the kept set is deterministic.
-    let desc = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    if params.top_k > 0 && params.top_k < cands.len() {
-        cands.select_nth_unstable_by(params.top_k - 1, desc);
-        cands.truncate(params.top_k);
-    }
-    if params.top_p < 1.0 {
-        cands.sort_unstable_by(desc);
-        let total: f64 = cands.iter().map(|c| c.1).sum();
-        let mut acc = 0.0;
-        let keep = cands
-            .iter()
-            .position(|c| {
-                acc += c.1;
-                acc >= params.top_p * total
-            })
-            .map_or(cands.len(), |i| i + 1);
-        cands.truncate(keep);
-    }
-    let kept: f64 = cands.iter().map(|c| c.1).sum();
-    let target = u * kept;
-    let mut acc = 0.0;
-    let chosen = cands
-        .iter()
-        .find(|c| {
-            acc += c.1;
-            acc > target
-        })
-        .unwrap_or(&cands[cands.len() - 1]);
-    (chosen.0, (chosen.1 / kept).ln() as f32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,7 +147,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum_with_its_log_softmax() {
         let logits = [1.0f32, 3.0, 3.0, -2.0];
-        let (token, logprob) = choose(&logits, &params(0.0, 0, 1.0), 0.5);
+        let (token, logprob) = choose_token(&logits, &params(0.0, 0, 1.0), || 0.5);
         assert_eq!(token, 1);
         let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
         assert!((logprob as f64 - (3.0 - z.ln())).abs() < 1e-6);
@@ -212,14 +158,14 @@ mod tests {
         let logits = [0.0f32, 1.0, 2.0, 3.0];
         // top-k 2 keeps tokens 3 and 2; draws below their split pick 3.
         let p3 = 1.0 / (1.0 + (-1.0f64).exp());
-        let (token, logprob) = choose(&logits, &params(1.0, 2, 1.0), p3 - 1e-9);
+        let (token, logprob) = choose_token(&logits, &params(1.0, 2, 1.0), || p3 - 1e-9);
         assert_eq!(token, 3);
         assert!((logprob as f64 - p3.ln()).abs() < 1e-6);
-        let (token, logprob) = choose(&logits, &params(1.0, 2, 1.0), p3 + 1e-9);
+        let (token, logprob) = choose_token(&logits, &params(1.0, 2, 1.0), || p3 + 1e-9);
         assert_eq!(token, 2);
         assert!((logprob as f64 - (1.0 - p3).ln()).abs() < 1e-6);
         // A nucleus smaller than the top token's mass keeps that token alone.
-        let (token, logprob) = choose(&logits, &params(1.0, 0, 0.1), 0.99);
+        let (token, logprob) = choose_token(&logits, &params(1.0, 0, 0.1), || 0.99);
         assert_eq!((token, logprob), (3, 0.0));
     }
 

@@ -166,40 +166,6 @@ impl MistralRsEngine {
             .map_err(|e| engine_failure(format!("tokenizing failed: {e}")))
     }
 
-    fn validate(&self, requests: &[GenerationRequest]) -> spur_lm::Result<()> {
-        let context = self.config.max_position_embeddings;
-        for (i, r) in requests.iter().enumerate() {
-            let p = &r.params;
-            let problem = if r.prompt_ids.is_empty() {
-                Some("the prompt is empty".to_string())
-            } else if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
-                Some(format!(
-                    "temperature {} must be finite and >= 0",
-                    p.temperature
-                ))
-            } else if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-                Some(format!("top_p {} must be in (0, 1]", p.top_p))
-            } else if p.max_new_tokens == 0 {
-                Some("max_new_tokens must be at least 1".to_string())
-            } else if r.prompt_ids.len() + p.max_new_tokens > context {
-                Some(format!(
-                    "{} prompt tokens + {} new tokens exceed the model's context of {context}",
-                    r.prompt_ids.len(),
-                    p.max_new_tokens
-                ))
-            } else {
-                r.prompt_ids
-                    .iter()
-                    .find(|&&t| t as usize >= self.config.vocab_size)
-                    .map(|t| format!("token id {t} is outside the vocabulary"))
-            };
-            if let Some(problem) = problem {
-                return Err(spur_lm::Error::Request(format!("request {i}: {problem}")));
-            }
-        }
-        Ok(())
-    }
-
     /// The request for one sample; the chooser decides its tokens.
     fn request(
         &self,
@@ -289,7 +255,7 @@ impl Engine for MistralRsEngine {
     }
 
     fn generate(&self, requests: &[GenerationRequest]) -> spur_lm::Result<Vec<Completion>> {
-        self.validate(requests)?;
+        spur_lm::validate_requests(requests, &self.config)?;
         let sender = self
             .model
             .inner()
