@@ -79,32 +79,63 @@ impl CustomOp3 for DecodeAttention {
         );
         let n_rep = heads / kv_heads;
         let mut out = vec![0f32; b * heads * hd];
-        out.par_chunks_mut(hd).enumerate().for_each(|(task, out)| {
-            let (row, head) = (task / heads, task % heads);
-            let kv_head = head / n_rep;
-            let query = q.row(row, head, 0, hd);
-            let visible = self.pad[row].min(len)..len;
-            let mut scores: Vec<f32> = visible
-                .clone()
-                .map(|col| {
+        // One task per (sequence, kv head): its n_rep query heads are consecutive in `out`
+        // and share every key and value row, which is then read once.
+        out.par_chunks_mut(n_rep * hd)
+            .enumerate()
+            .for_each(|(task, out)| {
+                let (row, kv_head) = (task / kv_heads, task % kv_heads);
+                let visible = self.pad[row].min(len)..len;
+                let queries: Vec<&[f32]> = (0..n_rep)
+                    .map(|r| q.row(row, kv_head * n_rep + r, 0, hd))
+                    .collect();
+                // scores[r * n + j]: query r against visible column j.
+                let n = visible.len();
+                let mut scores = vec![0f32; n_rep * n];
+                for (j, col) in visible.clone().enumerate() {
                     let key = k.row(row, kv_head, col, hd);
-                    query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * self.scale
-                })
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut total = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
-            }
-            for (col, weight) in visible.zip(&scores) {
-                let value = v.row(row, kv_head, col, hd);
-                let weight = weight / total;
-                for (o, x) in out.iter_mut().zip(value) {
-                    *o += weight * x;
+                    for (r, query) in queries.iter().enumerate() {
+                        scores[r * n + j] = dot(query, key) * self.scale;
+                    }
                 }
-            }
-        });
+                for scores in scores.chunks_exact_mut(n.max(1)) {
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut total = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        total += *s;
+                    }
+                    for s in scores.iter_mut() {
+                        *s /= total;
+                    }
+                }
+                for (j, col) in visible.enumerate() {
+                    let value = v.row(row, kv_head, col, hd);
+                    for (r, out) in out.chunks_exact_mut(hd).enumerate() {
+                        let weight = scores[r * n + j];
+                        for (o, x) in out.iter_mut().zip(value) {
+                            *o = weight.mul_add(*x, *o);
+                        }
+                    }
+                }
+            });
         Ok((CpuStorage::F32(out), Shape::from((b, heads, 1, hd))))
     }
+}
+
+/// `a · b` over eight lanes (one AVX2 register of fused multiply-adds).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = (a_chunks.remainder().iter())
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let mut acc = [0f32; LANES];
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for i in 0..LANES {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }

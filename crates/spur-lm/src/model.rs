@@ -13,6 +13,7 @@ use candle_nn::VarMap;
 
 use crate::config::{Architecture, ModelConfig};
 use crate::decode_attention::DecodeAttention;
+use crate::decode_matmul::DecodeMatmul;
 use crate::error::{Error, Result};
 use crate::quant::QuantMatrix;
 
@@ -26,7 +27,8 @@ enum RopeStyle {
     Interleaved,
 }
 
-/// Up to this many rows a dense matmul takes the decode-friendly form (see `Linear::forward`).
+/// Up to this many rows a decoding pass's dense matmul on the CPU uses spur's decode kernel
+/// ([`crate::decode_matmul`]); above, `gemm`'s packed micro-kernel is faster.
 const DECODE_ROWS: usize = 64;
 
 /// A projection `y = x Wᵀ (+ b)`, dense (trainable) or quantised.
@@ -62,18 +64,22 @@ impl Linear {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `decoding`: no gradient will be taken (a KV-cache pass), so kernels without a backward
+    /// pass may be used.
+    fn forward(&self, x: &Tensor, decoding: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
         // One 2-D matmul over all rows: the weight is read once per call, whatever the batch.
         let x2 = x.reshape((rows, in_dim))?;
         let (y, bias) = match self {
-            // Decoding (few rows): (W xᵀ)ᵀ reads W row-major as stored, measured faster on
-            // CPU than x Wᵀ (gemm packs the transposed right operand). Prefill and training
-            // (many rows): x Wᵀ, whose result is contiguous and needs no copy to reshape.
-            Linear::Dense { weight, bias } if rows <= DECODE_ROWS => {
-                (weight.matmul(&x2.t()?)?.t()?, bias)
+            Linear::Dense { weight, bias }
+                if decoding && rows <= DECODE_ROWS && weight.device().is_cpu() =>
+            {
+                (
+                    x2.contiguous()?.apply_op2_no_bwd(weight, &DecodeMatmul)?,
+                    bias,
+                )
             }
             Linear::Dense { weight, bias } => (x2.matmul(&weight.t()?)?, bias),
             Linear::QuantCpu { weight, bias } => {
@@ -570,9 +576,10 @@ impl Transformer {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let mut q = layer.q.forward(x)?;
-        let mut k = layer.k.forward(x)?;
-        let v = layer.v.forward(x)?;
+        let decoding = cache.is_some();
+        let mut q = layer.q.forward(x, decoding)?;
+        let mut k = layer.k.forward(x, decoding)?;
+        let v = layer.v.forward(x, decoding)?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             q = rms_norm(&q, qn, c.rms_norm_eps)?;
             k = rms_norm(&k, kn, c.rms_norm_eps)?;
@@ -603,7 +610,7 @@ impl Transformer {
             let out = q
                 .apply_op3_no_bwd(&k, &v, &op)?
                 .reshape((b, t, heads * hd))?;
-            return layer.o.forward(&out);
+            return layer.o.forward(&out, decoding);
         }
         let tk = k.dim(2)?;
         let n_rep = heads / kv_heads;
@@ -620,12 +627,12 @@ impl Transformer {
             .reshape((b, heads, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, heads * hd))?;
-        layer.o.forward(&out)
+        layer.o.forward(&out, decoding)
     }
 
-    fn mlp(layer: &Layer, x: &Tensor) -> Result<Tensor> {
-        let h = (layer.gate.forward(x)?.silu()? * layer.up.forward(x)?)?;
-        layer.down.forward(&h)
+    fn mlp(layer: &Layer, x: &Tensor, decoding: bool) -> Result<Tensor> {
+        let h = (layer.gate.forward(x, decoding)?.silu()? * layer.up.forward(x, decoding)?)?;
+        layer.down.forward(&h, decoding)
     }
 
     fn run_layers(
@@ -637,6 +644,7 @@ impl Transformer {
     ) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         let eps = self.config.rms_norm_eps;
+        let decoding = cache.is_some();
         let mut x = self
             .embed
             .index_select(&tokens.flatten_all()?, 0)?
@@ -654,7 +662,8 @@ impl Transformer {
                 Some(input_norm) => {
                     let h = rms_norm(&x, input_norm, eps)?;
                     let h = (x + self.attention(layer, &h, &rope_cs, mask, layer_cache)?)?;
-                    let m = Self::mlp(layer, &rms_norm(&h, &layer.post_attention_norm, eps)?)?;
+                    let h_norm = rms_norm(&h, &layer.post_attention_norm, eps)?;
+                    let m = Self::mlp(layer, &h_norm, decoding)?;
                     (h + m)?
                 }
                 None => {
@@ -664,7 +673,7 @@ impl Transformer {
                         .post_feedforward_norm
                         .as_ref()
                         .expect("OLMo2 layers have a post-feedforward norm");
-                    let m = Self::mlp(layer, &h)?;
+                    let m = Self::mlp(layer, &h, decoding)?;
                     (&h + rms_norm(&m, ff_norm, eps)?)?
                 }
             };
@@ -689,6 +698,10 @@ impl Transformer {
     /// predicted; skipping the prompt positions saves the largest matmul there (the vocabulary
     /// projection) and its log-softmax.
     pub fn forward_from(&self, tokens: &Tensor, start: usize) -> Result<Tensor> {
+        crate::on_compute_pool(|| self.forward_from_in_pool(tokens, start))
+    }
+
+    fn forward_from_in_pool(&self, tokens: &Tensor, start: usize) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         if start >= t {
             return Err(Error::Request(format!(
@@ -706,7 +719,7 @@ impl Transformer {
         let x = self.run_layers(tokens, &positions, &mask, None)?;
         let x = x.narrow(1, start, t - start)?;
         let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-        self.lm_head.forward(&x)
+        self.lm_head.forward(&x, false)
     }
 
     /// Log-probabilities of `targets` ([batch, seq] u32) under the logits at the same positions
@@ -751,6 +764,10 @@ impl Transformer {
     /// Feeds `tokens` (u32 [batch, t]) after the positions held in `cache`, appends their keys
     /// and values, and returns the logits of the last fed position, f32 [batch, vocab].
     pub fn forward_cached(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        crate::on_compute_pool(|| self.forward_cached_in_pool(tokens, cache))
+    }
+
+    fn forward_cached_in_pool(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         if b != cache.batch_size() {
             return Err(Error::Request(format!(
@@ -777,6 +794,6 @@ impl Transformer {
         let x = self.run_layers(tokens, &positions, &mask, Some(cache))?;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
         let last = rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
-        self.lm_head.forward(&last)
+        self.lm_head.forward(&last, true)
     }
 }

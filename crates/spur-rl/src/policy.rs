@@ -4,8 +4,9 @@ use candle_core::{Device, Tensor, Var, D};
 
 use crate::{Error, Result};
 
-/// A trainable causal language model.
-pub trait Policy {
+/// A trainable causal language model. `Sync`, so that a training step can run on the compute
+/// pool ([`spur_lm::on_compute_pool`]).
+pub trait Policy: Sync {
     /// The trainable weights with unique, stable names (the checkpoint keys), in a fixed order.
     fn named_vars(&self) -> Vec<(String, Var)>;
 

@@ -184,6 +184,16 @@ impl Trainer {
         reference: Option<&dyn Policy>,
         rollout: &Rollout,
     ) -> Result<StepMetrics> {
+        // Forward, backward and the optimizer are thousands of small parallel ops.
+        spur_lm::on_compute_pool(|| self.step_in_pool(policy, reference, rollout))
+    }
+
+    fn step_in_pool(
+        &mut self,
+        policy: &dyn Policy,
+        reference: Option<&dyn Policy>,
+        rollout: &Rollout,
+    ) -> Result<StepMetrics> {
         let step = self.step + 1;
         self.check_policy(policy)?;
         let objective = &self.cfg.objective;

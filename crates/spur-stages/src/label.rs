@@ -33,7 +33,8 @@ impl Stage for LabelStage {
     fn version(&self) -> u32 {
         // 2: prefill matmuls in the x·Wᵀ form (different rounding, so different tokens).
         // 3: decode attention as one fused CPU op (different rounding).
-        3
+        // 4: decode matmuls with spur's f32 kernel, vectorised attention sums (rounding).
+        4
     }
 
     fn resource(&self, _node: &spur_plan::Node) -> Resource {
