@@ -4,7 +4,7 @@
 //! dequantised f32 weights, mistral.rs over the GGUF with f32 activations).
 //!
 //! ```text
-//! cargo run -p spur-mistralrs --example agreement -- [N=50] [T=64]
+//! cargo run -p spur-mistralrs --example agreement -- [N=50] [T=64] [MAX_NUM_SEQS=32]
 //! ```
 //!
 //! Prints whether mistral.rs's own tokenizer agrees with spur's on the prompts, tokens/s of
@@ -77,6 +77,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
     let n: usize = args.next().map_or(Ok(50), |s| s.parse())?;
     let max_new_tokens: usize = args.next().map_or(Ok(64), |s| s.parse())?;
+    let max_num_seqs: usize = args
+        .next()
+        .map_or(Ok(MistralRsOptions::default().max_num_seqs), |s| s.parse())?;
 
     let quantized = load_model(
         "default",
@@ -115,7 +118,11 @@ fn main() -> Result<(), Box<dyn Error>> {
     );
 
     let start = Instant::now();
-    let mistral = MistralRsEngine::load(&files, tokenizer.clone(), &MistralRsOptions::default())?;
+    let options = MistralRsOptions {
+        max_num_seqs,
+        ..MistralRsOptions::default()
+    };
+    let mistral = MistralRsEngine::load(&files, tokenizer.clone(), &options)?;
     println!(
         "mistral.rs loaded in {:.1} s",
         start.elapsed().as_secs_f64()

@@ -112,10 +112,7 @@ fn greedy_continuations_equal_the_candle_engine() {
     }
 }
 
-// Fails in about 3 of 4 runs at 5eedc69: the same seeded request gives different tokens alone
-// and inside a batch (not a near-tie). Open problem, docs/models.md "Known problem".
 #[test]
-#[ignore = "open: mistral.rs batching changes seeded samples (docs/models.md, known problem)"]
 fn seeded_samples_do_not_depend_on_the_batch() {
     let dir = checkpoint(Architecture::Llama);
     let (candle, mistral) = engines(dir.path());
