@@ -35,6 +35,16 @@ fn set_hidden_act(dir: &Path, act: Option<&str>) {
     std::fs::write(&path, config.to_string()).unwrap();
 }
 
+/// The mistral.rs engine over the checkpoint in `dir` (spur loads it first, as the stages do).
+fn load_mistral(dir: &Path) -> Result<MistralRsEngine, Error> {
+    let loaded = load_model(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    MistralRsEngine::load(
+        &loaded.files,
+        Arc::new(loaded.tokenizer),
+        &MistralRsOptions::default(),
+    )
+}
+
 fn engines(dir: &Path) -> (CandleEngine, MistralRsEngine) {
     let loaded = load_model(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
     let tokenizer = Arc::new(loaded.tokenizer);
@@ -161,14 +171,9 @@ fn seeded_samples_do_not_depend_on_the_batch() {
 #[test]
 fn olmo2_is_refused_naming_the_config() {
     let dir = checkpoint(Architecture::Olmo2);
-    let loaded = load_model(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let err = MistralRsEngine::load(
-        &loaded.files,
-        Arc::new(loaded.tokenizer),
-        &MistralRsOptions::default(),
-    )
-    .err()
-    .expect("OLMo2 must be refused");
+    let err = load_mistral(dir.path())
+        .err()
+        .expect("OLMo2 must be refused");
     assert!(
         matches!(err, Error::UnsupportedArchitecture { .. }),
         "{err}"
@@ -184,14 +189,9 @@ fn olmo2_is_refused_naming_the_config() {
 fn an_incomplete_config_is_named_in_the_error() {
     let dir = checkpoint(Architecture::Llama);
     set_hidden_act(dir.path(), None);
-    let loaded = load_model(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let err = MistralRsEngine::load(
-        &loaded.files,
-        Arc::new(loaded.tokenizer),
-        &MistralRsOptions::default(),
-    )
-    .err()
-    .expect("a config without hidden_act must be refused");
+    let err = load_mistral(dir.path())
+        .err()
+        .expect("a config without hidden_act must be refused");
     let message = err.to_string();
     assert!(
         message.contains("config.json") && message.contains("hidden_act"),
