@@ -73,7 +73,7 @@ enum Command {
     /// Compute units of work into the cache (what a Slurm job runs).
     #[command(hide = true)]
     ExecNode(commands::exec_node::ExecNodeArgs),
-    /// Benchmarks (planning speed).
+    /// Benchmarks: planning, model speed, generation, update step.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
 }

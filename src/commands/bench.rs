@@ -1,5 +1,5 @@
-//! `spur bench plan`: planning speed on the paper's grid shape (`spur bench models`:
-//! see `bench_models.rs`).
+//! `spur bench plan`: planning speed on the paper's grid shape (`spur bench models`,
+//! `generate` and `update`: see `bench_models.rs`, `bench_generate.rs`, `bench_update.rs`).
 //!
 //! The grid is generated in memory (8 models × 7 rewards × 3·scale seeds,
 //! 300 steps, MATH-500 every 10 steps, AIME/AMC at the end) with pinned
@@ -20,6 +20,10 @@ pub enum BenchCommand {
     Plan(PlanBench),
     /// Prefill and decode tokens/s of a model (f32 and quantised weights).
     Models(super::bench_models::ModelsBench),
+    /// End-to-end greedy generation tokens/s of an engine (prefill included).
+    Generate(super::bench_generate::GenerateBench),
+    /// Tokens/s and model FLOPs utilisation of one GRPO update step.
+    Update(super::bench_update::UpdateBench),
 }
 
 #[derive(clap::Args, Debug)]
@@ -85,6 +89,8 @@ pub fn run(cmd: BenchCommand, _cache: &Path) -> Result<ExitCode> {
     match cmd {
         BenchCommand::Plan(args) => plan(args),
         BenchCommand::Models(args) => super::bench_models::run(args),
+        BenchCommand::Generate(args) => super::bench_generate::run(args),
+        BenchCommand::Update(args) => super::bench_update::run(args),
     }
 }
 

@@ -37,9 +37,12 @@ pub struct SampleArgs {
     pub max_tokens: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Generation engine (this build has `candle`).
+    /// Generation engine: `candle`, or `mistralrs` in a build with that feature.
     #[arg(long, default_value = "candle")]
     pub engine: String,
+    /// Most sequences decoded together (default: candle 32, mistral.rs 1; see docs/models.md).
+    #[arg(long)]
+    pub max_sequences: Option<usize>,
     /// `chat` (the model's own template), `qwen-math`, `r1`, `raw`, or a Jinja template
     /// string that uses `{{ problem }}`.
     #[arg(long, default_value = "chat")]
@@ -103,21 +106,11 @@ fn read_prompts(args: &SampleArgs) -> anyhow::Result<Vec<String>> {
 }
 
 pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
-    let engines: &[&str] = if cfg!(feature = "mistralrs") {
-        &["candle", "mistralrs"]
-    } else {
-        &["candle"]
-    };
-    if !engines.contains(&args.engine.as_str()) {
-        bail!(
-            "engine {:?} is not available in this build (available: {}; mistral.rs needs a build \
-             with `--features mistralrs`)",
-            args.engine,
-            engines.join(", ")
-        );
-    }
     if args.n == 0 {
         bail!("--n must be at least 1");
+    }
+    if args.max_sequences == Some(0) {
+        bail!("--max-sequences must be at least 1");
     }
     let prompts = read_prompts(&args)?;
     let mut options = LoadOptions {
@@ -135,7 +128,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
         (other, _) => bail!("--precision {other:?}: expected auto, f32 or quantized"),
     };
     let started = Instant::now();
-    let engine = load_engine(&args, files, &options)
+    let engine = load_engine(&args.engine, files, &options, args.max_sequences)
         .with_context(|| format!("loading model {:?}", args.model))?;
     eprintln!(
         "loaded {} ({} engine, {:?}) in {:.1} s",
@@ -209,25 +202,48 @@ pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn load_engine(
-    args: &SampleArgs,
+/// Loads `files` into the named engine (`candle`, or `mistralrs` in a build with that feature).
+/// `max_sequences` overrides how many sequences the engine decodes together (candle: 32,
+/// mistral.rs: 1).
+pub(crate) fn load_engine(
+    engine: &str,
     files: ModelFiles,
     options: &LoadOptions,
+    max_sequences: Option<usize>,
 ) -> anyhow::Result<Box<dyn Engine>> {
     #[cfg(feature = "mistralrs")]
-    if args.engine == "mistralrs" {
+    if engine == "mistralrs" {
         let tokenizer = Arc::new(spur_lm::load_tokenizer(&files)?);
-        let mistral_options = spur_mistralrs::MistralRsOptions {
+        let mut mistral_options = spur_mistralrs::MistralRsOptions {
             device: options.device.clone(),
             ..Default::default()
         };
+        if let Some(n) = max_sequences {
+            mistral_options.max_num_seqs = n;
+        }
         let engine = spur_mistralrs::MistralRsEngine::load(&files, tokenizer, &mistral_options)?;
         return Ok(Box::new(engine));
     }
-    debug_assert_eq!(args.engine, "candle");
+    if engine != "candle" {
+        bail!(
+            "engine {engine:?} is not available in this build (available: {}; mistral.rs needs a \
+             build with `--features mistralrs`)",
+            available_engines().join(", ")
+        );
+    }
     let loaded = spur_lm::load_files(files, options)?;
-    Ok(Box::new(CandleEngine::new(
-        Arc::new(loaded.model),
-        Arc::new(loaded.tokenizer),
-    )))
+    let engine = CandleEngine::new(Arc::new(loaded.model), Arc::new(loaded.tokenizer));
+    Ok(Box::new(match max_sequences {
+        Some(n) => engine.with_max_batch(n),
+        None => engine,
+    }))
+}
+
+/// Engines this build has.
+fn available_engines() -> &'static [&'static str] {
+    if cfg!(feature = "mistralrs") {
+        &["candle", "mistralrs"]
+    } else {
+        &["candle"]
+    }
 }

@@ -21,7 +21,7 @@ pub mod weights;
 
 use std::path::PathBuf;
 
-pub use candle_core::{Device, Tensor, Var};
+pub use candle_core::{DType, Device, Tensor, Var};
 pub use config::{Architecture, ModelConfig};
 pub use engine::{
     choose_token, validate_requests, CandleEngine, Completion, Engine, EngineCapabilities,
@@ -60,6 +60,13 @@ pub fn device(spec: &str) -> Result<Device> {
             ))),
         },
     }
+}
+
+/// Lets f32 matrix products on CUDA use TF32 tensor cores (10-bit mantissa inputs, f32 sums).
+/// Off by default, as in PyTorch: spur's f32 policy then computes the same products on CPU and
+/// GPU up to summation order. No effect on the CPU or in a build without CUDA.
+pub fn allow_tf32(allow: bool) {
+    candle_core::cuda::set_gemm_reduced_precision_f32(allow);
 }
 
 /// Threads candle's CPU kernels (and spur's quantised kernel) use.

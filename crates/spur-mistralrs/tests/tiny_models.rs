@@ -114,7 +114,11 @@ fn greedy_continuations_equal_the_candle_engine() {
         let text = &expected[2].text;
         let stop: String = text.chars().skip(6).take(2).collect();
         assert_eq!(stop.chars().count(), 2, "continuation too short: {text:?}");
-        let stopped = [greedy(requests[2].prompt_ids.clone(), 20, &[stop.clone()])];
+        let stopped = [greedy(
+            requests[2].prompt_ids.clone(),
+            20,
+            std::slice::from_ref(&stop),
+        )];
         let expected = candle.generate(&stopped).unwrap();
         assert_eq!(expected[0].finish_reason, FinishReason::Stop);
         assert!(expected[0].text.contains(&stop));

@@ -721,7 +721,7 @@ pub(crate) fn expand(
             ("train_data", "dataset", file.datasets.keys().collect()),
         ] {
             if let (Some(Value::String(s)), true) = (tree.get(field), uses.model(field)) {
-                if !defined.iter().any(|d| *d == s) {
+                if !defined.contains(&s) {
                     let mut errs = Vec::new();
                     check_name(
                         ctx,

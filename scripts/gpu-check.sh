@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# The GPU check, run on a lent GPU machine (no Rust, no network; PyTorch's CUDA 13 wheels and
+# transformers installed) from the repository root, with the binary that
+# `scripts/build-cuda.sh --features mistralrs` built carried along:
+#
+#   scripts/gpu-check.sh [target/cuda-dist/spur-cuda.xz]
+#
+# 1. Environment: unpacks the binary, puts the CUDA libraries of PyTorch's wheels
+#    (site-packages/nvidia/cu13/lib) on LD_LIBRARY_PATH, checks that every library resolves.
+# 2. CPU vs CUDA: tiny random-weight Qwen2 and Llama checkpoints; `spur sample` greedy and
+#    seeded (T=1) on both devices, compared token by token and log-prob by log-prob; the
+#    mistral.rs engine on CUDA against the candle engine.
+# 3. Decode speed: a random-weight model with Qwen2.5-Math-1.5B's shapes, `spur bench generate`
+#    (candle f32, f32 with TF32, mistral.rs) at batch 1 and 64 against transformers `generate`
+#    (bf16 and f32), all greedy, 128 new tokens, the same prompt ids.
+# 4. Update step: `spur bench update` (f32, f32 with TF32) against the same GRPO step in PyTorch
+#    (bf16 autocast with f32 master weights, and f32).
+#
+# Every step appends one JSON line {"step", "seconds", "result"|"error"} to
+# $OUT/gpu-check.jsonl (or ./gpu-check.jsonl without $OUT); the log goes to gpu-check.log
+# beside it. A failed step is recorded and the next one runs.
+# Environment: GPU_CHECK_STEPS (steps to run, space-separated: full names such as
+# generate:mistralrs, or the part before the first colon such as generate; default all),
+# GPU_CHECK_ROLLOUTS (update-step rollouts, default 16), GPU_CHECK_STEP_TIMEOUT (seconds a
+# command may run, default 150). To try the script on a machine without
+# a GPU: GPU_CHECK_DEVICE=cpu GPU_CHECK_TORCH_DEVICE=cpu GPU_CHECK_SHAPE=tiny-qwen2.
+set -uo pipefail
+
+packed=${1:-target/cuda-dist/spur-cuda.xz}
+[[ -f $packed ]] || { echo "error: $packed not found; carry it from scripts/build-cuda.sh" >&2; exit 1; }
+out=${OUT:-$PWD}
+results=$out/gpu-check.jsonl
+: >"$results"
+exec > >(tee "$out/gpu-check.log") 2>&1
+
+device=${GPU_CHECK_DEVICE:-cuda}
+step_timeout=${GPU_CHECK_STEP_TIMEOUT:-150}
+shape=${GPU_CHECK_SHAPE:-qwen2.5-math-1.5b}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+helper=$here/gpu_check.py
+work=$(mktemp -d)
+spur=$work/spur-cuda
+python3 - "$packed" "$spur" <<'EOF'
+import lzma, shutil, sys
+with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+EOF
+chmod +x "$spur"
+
+echo "== environment"
+if [[ $device == cuda* ]]; then
+    cuda_lib=$(python3 -c '
+import glob, sys
+print(next((p for d in sys.path for p in glob.glob(d + "/nvidia/cu13/lib")), ""))')
+    [[ -n $cuda_lib ]] || { echo "error: no site-packages/nvidia/cu13/lib for python3; is PyTorch (CUDA 13) installed?" >&2; exit 1; }
+    export LD_LIBRARY_PATH=$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    echo "CUDA libraries: $cuda_lib"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+fi
+ldd "$spur" | grep -E 'libcuda|libcublas|libcurand|libcudart|libnvrtc|libstdc|not found'
+if ldd "$spur" | grep -q 'not found'; then
+    echo "error: unresolved libraries above" >&2
+    exit 1
+fi
+"$spur" --version
+
+# step NAME COMMAND...: runs COMMAND, whose stdout is one JSON value, and records it.
+step() {
+    local name=$1; shift
+    if [[ -n ${GPU_CHECK_STEPS:-} && " $GPU_CHECK_STEPS " != *" ${name%%:*} "*
+          && " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+        return 0
+    fi
+    echo "== $name: $*"
+    local start=$SECONDS status
+    if [[ $(type -t "$1") == function ]]; then
+        "$@" >"$work/stdout"
+    else
+        timeout "$step_timeout" "$@" >"$work/stdout"
+    fi
+    status=$?
+    cat "$work/stdout"
+    python3 - "$name" "$((SECONDS - start))" "$status" "$work/stdout" >>"$results" <<'EOF'
+import json, sys
+name, seconds, status, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+row = {"step": name, "seconds": seconds}
+text = open(path).read().strip()
+try:
+    value = json.loads(text) if text else None
+except ValueError:
+    value = None
+if status != 0 or value is None:
+    row["error"] = f"exit {status}" + ("" if value is not None else "; no JSON on stdout")
+else:
+    row["result"] = value
+print(json.dumps(row))
+EOF
+}
+
+# Samples from one model as JSONL, on a device, by an engine (ENGINE/N: at most N sequences
+# decoded together).
+samples() { # DIR DEVICE ENGINE[/N] [spur sample flags...]
+    local dir=$1 device=$2 engine=${3%/*} together=()
+    [[ $3 == */* ]] && together=(--max-sequences "${3#*/}")
+    shift 3
+    timeout "$step_timeout" "$spur" sample --model "$dir" --prompts "$work/prompts.jsonl" \
+        --device "$device" --engine "$engine" "${together[@]}" --precision f32 --max-tokens 48 \
+        --json "$@"
+}
+compare() { # DIR A_DEVICE A_ENGINE B_DEVICE B_ENGINE [flags...]
+    local dir=$1 a_dev=$2 a_eng=$3 b_dev=$4 b_eng=$5; shift 5
+    samples "$dir" "$a_dev" "$a_eng" "$@" >"$work/a.jsonl" \
+        && samples "$dir" "$b_dev" "$b_eng" "$@" >"$work/b.jsonl" \
+        && python3 "$helper" compare-samples "$work/a.jsonl" "$work/b.jsonl"
+}
+
+python3 - "$work/prompts.jsonl" <<'EOF'
+import json, sys
+prompts = ["What is 2 + 2?", "Express the quotient $413_5 \\div 2_5$ in base 5.",
+           "Find all real x with x^2 - 5x + 6 = 0.", "Write a python function.",
+           "The sum of two numbers is 25 and their difference is 11. What is the larger?",
+           "Hi", "Compute $\\dbinom{8}{4}$.", "Let f(x) = 3x + 2. What is f(f(1))?"]
+with open(sys.argv[1], "w") as f:
+    for p in prompts:
+        f.write(json.dumps({"problem": p}) + "\n")
+EOF
+
+# Most telling steps first: a run cut short by the lease still says the most it can.
+echo "== CPU vs $device on tiny models"
+for tiny in tiny-qwen2 tiny-llama; do
+    python3 "$helper" write-model "$work/$tiny" "$tiny" --dtype f32 >/dev/null
+    step "cpu-vs-cuda:$tiny:greedy" compare "$work/$tiny" cpu candle "$device" candle \
+        --temperature 0
+    step "cpu-vs-cuda:$tiny:seeded" compare "$work/$tiny" cpu candle "$device" candle \
+        --temperature 1 --n 4 --seed 7
+done
+
+echo "== $shape"
+big=$work/$shape
+step "write-model" python3 "$helper" write-model "$big" "$shape" --dtype bf16
+# ~110 tokens with the byte-level tokenizer, like a MATH-500 problem in a chat template.
+prompt='Express the quotient $413_5 \div 2_5$ in base 5. Then check the answer by multiplying it back out, in base 5.'
+generate=(--model "$big" --device "$device" --batches 1,64 --max-tokens 128 --prompt "$prompt")
+step "generate:candle-f32" "$spur" bench generate --engine candle "${generate[@]}" --json
+for dtype in bf16 f32; do
+    step "generate:transformers-$dtype" python3 "$helper" hf-generate "$big" --dtype "$dtype" \
+        --batches 1,64 --max-tokens 128 --prompt "$prompt"
+done
+step "generate:mistralrs" "$spur" bench generate --engine mistralrs "${generate[@]}" --json
+
+rollouts=${GPU_CHECK_ROLLOUTS:-16}
+update=(--rollouts "$rollouts" --prompt-tokens 111 --completion-tokens 512 --micro-batch 4)
+step "update:spur-f32" "$spur" bench update --model "$big" --device "$device" "${update[@]}" --json
+for dtype in f32 bf16; do
+    step "update:pytorch-$dtype" python3 "$helper" torch-update "$big" --dtype "$dtype" "${update[@]}"
+done
+
+echo "== TF32 and mistral.rs on the tiny models"
+step "generate:candle-tf32" "$spur" bench generate --engine candle "${generate[@]}" --tf32 --json
+step "update:spur-tf32" "$spur" bench update --model "$big" --device "$device" "${update[@]}" \
+    --tf32 --json
+for tiny in tiny-qwen2 tiny-llama; do
+    step "mistralrs-vs-candle:$tiny:greedy" compare "$work/$tiny" "$device" candle "$device" \
+        mistralrs --temperature 0
+    step "mistralrs-batched:$tiny:greedy" compare "$work/$tiny" "$device" mistralrs "$device" \
+        mistralrs/8 --temperature 0
+done
+
+echo "== summary"
+python3 - "$results" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    row = json.loads(line)
+    r = row.get("result")
+    if r is None:
+        print(f"{row['step']:40s} FAILED ({row['error']})")
+    elif "identical" in r:
+        print(f"{row['step']:40s} {r['identical']}/{r['samples']} identical, "
+              f"max log-prob gap {r['max_logprob_gap']:.2e}")
+    elif "runs" in r:
+        print(f"{row['step']:40s} " + ", ".join(
+            f"batch {x['batch']}: {x['tok_s']:.1f} tok/s" for x in r["runs"]))
+    elif "step_s" in r:
+        mfu = "" if r.get("mfu_bf16") is None else (
+            f", MFU {100 * r['mfu_bf16']:.1f}% of the measured bf16 peak "
+            f"{r['peak_bf16_flops_per_s'] / 1e12:.0f} TFLOP/s")
+        print(f"{row['step']:40s} {r['tokens_per_s']:.0f} tokens/s, "
+              f"grad norm {r['grad_norm']:.4f}{mfu}")
+    else:
+        print(f"{row['step']:40s} done in {row['seconds']} s")
+EOF

@@ -1,0 +1,122 @@
+//! `spur bench generate`: end-to-end generation speed of an engine (candle or mistral.rs), in
+//! the shape of Hugging Face `generate`: `batch` greedy sequences of one prompt, prefill
+//! included, each decoded to `--max-tokens`. It is the measurement `scripts/gpu-check.sh` sets
+//! against PyTorch/transformers on the same GPU; `spur bench models` times the model's own
+//! prefill and decode steps instead.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use serde_json::json;
+use spur_lm::engine::{GenerationRequest, SamplingParams};
+use spur_lm::{LoadOptions, PromptTemplate};
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateBench {
+    /// Model spec: `default`, a local path or a hub id.
+    #[arg(long, default_value = "default")]
+    pub model: String,
+    /// `candle` or `mistralrs` (in a build with that feature).
+    #[arg(long, default_value = "candle")]
+    pub engine: String,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Sequences generated together, comma-separated; each size is one timed run.
+    #[arg(long, default_value = "1,16,64", value_delimiter = ',')]
+    pub batches: Vec<usize>,
+    /// New tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// The prompt, fed to the model as is (no chat template), so that another framework can
+    /// tokenise the same text to the same ids.
+    #[arg(long)]
+    pub prompt: String,
+    /// Most sequences the engine decodes together (default: the largest batch, so that each
+    /// batch is one).
+    #[arg(long)]
+    pub max_sequences: Option<usize>,
+    /// Let f32 matrix products on CUDA use TF32 tensor cores (candle engine).
+    #[arg(long)]
+    pub tf32: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: GenerateBench) -> Result<ExitCode> {
+    if args.batches.is_empty() || args.batches.contains(&0) || args.max_tokens == 0 {
+        bail!("--batches and --max-tokens must be at least 1");
+    }
+    spur_lm::allow_tf32(args.tf32);
+    let options = LoadOptions {
+        device: spur_lm::device(&args.device)?,
+        ..LoadOptions::default()
+    };
+    let files = spur_lm::resolve(&args.model, &options.cache_dir)?;
+    let largest = args.batches.iter().copied().max().unwrap_or(1);
+    let started = Instant::now();
+    let engine = super::sample::load_engine(
+        &args.engine,
+        files,
+        &options,
+        Some(args.max_sequences.unwrap_or(largest)),
+    )?;
+    let load_s = started.elapsed().as_secs_f64();
+    let tokenizer = engine.tokenizer();
+    let prompt_ids = tokenizer.encode(&PromptTemplate::Raw.render(tokenizer, &args.prompt)?)?;
+    eprintln!(
+        "{} engine on {}: loaded in {load_s:.1} s, prompt {} tokens",
+        engine.name(),
+        args.device,
+        prompt_ids.len()
+    );
+    let request = |n: usize| GenerationRequest {
+        prompt_ids: prompt_ids.clone(),
+        n,
+        params: SamplingParams {
+            temperature: 0.0,
+            max_new_tokens: args.max_tokens,
+            ..SamplingParams::default()
+        },
+    };
+    // One short run first: CUDA kernels load and the allocators fill on first use.
+    engine.generate(&[GenerationRequest {
+        params: SamplingParams {
+            max_new_tokens: 4,
+            ..request(1).params
+        },
+        ..request(1)
+    }])?;
+    let mut rows = Vec::new();
+    for &batch in &args.batches {
+        let start = Instant::now();
+        let completions = engine.generate(&[request(batch)])?;
+        let seconds = start.elapsed().as_secs_f64();
+        let tokens: usize = completions.iter().map(|c| c.token_ids.len()).sum();
+        let tok_s = tokens as f64 / seconds;
+        eprintln!("batch {batch}: {tokens} tokens in {seconds:.2} s, {tok_s:.1} tok/s");
+        rows.push(json!({
+            "batch": batch,
+            "tokens": tokens,
+            "seconds": seconds,
+            "tok_s": tok_s,
+            "first_token_ids": completions.first().map(|c| c.token_ids.clone()),
+        }));
+    }
+    if args.json {
+        let out = json!({
+            "engine": engine.name(),
+            "model": args.model,
+            "device": args.device,
+            "tf32": args.tf32,
+            "load_s": load_s,
+            "prompt_tokens": prompt_ids.len(),
+            "max_tokens": args.max_tokens,
+            "runs": rows,
+        });
+        println!("{out}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

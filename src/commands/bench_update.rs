@@ -1,0 +1,237 @@
+//! `spur bench update`: training throughput of one GRPO update step (forward, backward, Adam)
+//! and its model FLOPs utilisation, 6 × parameters × tokens / time, against the matrix-product
+//! peak this device reaches in the same run (f32 on the CPU; f32 and bf16 on a GPU, where the
+//! bf16 peak is what the card is rated by). `scripts/gpu-check.sh` runs it beside the same step
+//! in PyTorch.
+//!
+//! Tokens are pseudo-random ids (speed does not depend on their values): id number i, counted
+//! over each group's prompt and then its completions in order, is SplitMix64(i) mod vocabulary
+//! size, a rule `scripts/gpu_check.py torch-update` repeats, so that both steps see the same
+//! tokens and their gradient norms can be compared. Groups of four samples get rewards 1, 0,
+//! 0, 1, so that every group carries a gradient.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use spur_lm::{DType, Device, LoadOptions, Tensor};
+use spur_rl::policy::Entropy;
+use spur_rl::{
+    sequence_logprobs, Policy, Rollout, RolloutGroup, RolloutSample, TrainConfig, Trainer,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct UpdateBench {
+    /// Model spec: `default`, a local path or a hub id.
+    #[arg(long, default_value = "default")]
+    pub model: String,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Rollouts in the step (all in one mini-batch: one optimizer update).
+    #[arg(long, default_value_t = 8)]
+    pub rollouts: usize,
+    /// Prompt tokens per rollout (111: a MATH-500 problem in SmolLM2's chat template).
+    #[arg(long, default_value_t = 111)]
+    pub prompt_tokens: usize,
+    /// Completion tokens per rollout.
+    #[arg(long, default_value_t = 256)]
+    pub completion_tokens: usize,
+    /// Rollouts per forward/backward pass.
+    #[arg(long, default_value_t = 4)]
+    pub micro_batch: usize,
+    /// Let f32 matrix products on CUDA use TF32 tensor cores.
+    #[arg(long)]
+    pub tf32: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Best matrix-product throughput of `dtype` over a few square sizes on `device`, in FLOP/s.
+fn matmul_peak(device: &Device, dtype: DType) -> Result<f64> {
+    let sizes: &[usize] = if device.is_cpu() {
+        &[512, 1024, 2048]
+    } else {
+        &[4096, 8192]
+    };
+    let mut best = 0.0f64;
+    for &n in sizes {
+        let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+        let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+        a.matmul(&b)?; // warm-up
+        device.synchronize()?;
+        let reps = if device.is_cpu() {
+            (4096 / n).max(2)
+        } else {
+            20
+        };
+        for _ in 0..3 {
+            let t = Instant::now();
+            for _ in 0..reps {
+                a.matmul(&b)?;
+            }
+            device.synchronize()?;
+            let flops = 2.0 * (n * n * n) as f64 * reps as f64;
+            best = best.max(flops / t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(best)
+}
+
+/// SplitMix64's output function (its published constants).
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn random_rollout(args: &UpdateBench, vocab: u64) -> Rollout {
+    let mut index = 0u64;
+    let mut ids = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| {
+                index += 1;
+                (splitmix64(index) % vocab) as u32
+            })
+            .collect()
+    };
+    let mut groups = Vec::new();
+    for g in 0..args.rollouts.div_ceil(4) {
+        let prompt = ids(args.prompt_tokens);
+        let n = (args.rollouts - 4 * g).min(4);
+        let samples = (0..n)
+            .map(|s| RolloutSample {
+                completion: ids(args.completion_tokens),
+                reward: (s % 3 == 0) as u8 as f64,
+                old_logprobs: None,
+                text: None,
+            })
+            .collect();
+        groups.push(RolloutGroup { prompt, samples });
+    }
+    Rollout { groups }
+}
+
+pub fn run(args: UpdateBench) -> Result<ExitCode> {
+    if args.rollouts == 0 || args.micro_batch == 0 || args.completion_tokens == 0 {
+        bail!("--rollouts, --micro-batch and --completion-tokens must be at least 1");
+    }
+    spur_lm::allow_tf32(args.tf32);
+    let options = LoadOptions {
+        device: spur_lm::device(&args.device)?,
+        ..LoadOptions::default()
+    };
+    let device = options.device.clone();
+    let peak_f32 = matmul_peak(&device, DType::F32)?;
+    let peak_bf16 = if device.is_cpu() {
+        None
+    } else {
+        Some(matmul_peak(&device, DType::BF16)?)
+    };
+    let loaded = spur_lm::load_model(&args.model, &options)
+        .with_context(|| format!("loading model {:?}", args.model))?;
+    let model = loaded.model;
+    let params: usize = Policy::named_vars(&model)
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    let mut rollout = random_rollout(&args, model.config().vocab_size as u64);
+
+    // π_old as the sampler would hand it over, so the timed step is forward + backward + Adam.
+    let start = Instant::now();
+    for group in &mut rollout.groups {
+        let seqs: Vec<(&[u32], &[u32])> = group
+            .samples
+            .iter()
+            .map(|s| (&group.prompt[..], &s.completion[..]))
+            .collect();
+        let old = sequence_logprobs(&model, &seqs, Entropy::Skip)?;
+        let rows = old.logprobs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        for (s, row) in group.samples.iter_mut().zip(rows) {
+            s.old_logprobs = Some(row);
+        }
+    }
+    let score_s = start.elapsed().as_secs_f64();
+
+    let cfg = TrainConfig {
+        mini_batch: args.rollouts,
+        micro_batch: args.micro_batch,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(cfg, &model)?;
+    let start = Instant::now();
+    let metrics = trainer.step(&model, None, &rollout)?;
+    device.synchronize()?;
+    let step_s = start.elapsed().as_secs_f64();
+
+    let tokens = args.rollouts * (args.prompt_tokens + args.completion_tokens);
+    let flops = 6.0 * params as f64 * tokens as f64;
+    let achieved = flops / step_s;
+    let result = json!({
+        "model": args.model,
+        "device": args.device,
+        "tf32": args.tf32,
+        "parameters": params,
+        "rollouts": args.rollouts,
+        "prompt_tokens": args.prompt_tokens,
+        "completion_tokens": args.completion_tokens,
+        "micro_batch": args.micro_batch,
+        "tokens": tokens,
+        "score_s": score_s,
+        "step_s": step_s,
+        "tokens_per_s": tokens as f64 / step_s,
+        "flops_per_s": achieved,
+        "peak_f32_flops_per_s": peak_f32,
+        "peak_bf16_flops_per_s": peak_bf16,
+        "mfu_f32": achieved / peak_f32,
+        "mfu_bf16": peak_bf16.map(|p| achieved / p),
+        "grad_norm": metrics.grad_norm,
+        "loss": metrics.loss,
+    });
+    if args.json {
+        println!("{result}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "model {}: {params} parameters on {}, {} CPU threads",
+        args.model,
+        args.device,
+        spur_lm::cpu_threads()
+    );
+    println!(
+        "scoring (forward only, {} rollouts): {score_s:.2} s, {:.0} tokens/s",
+        args.rollouts,
+        tokens as f64 / score_s
+    );
+    println!(
+        "update step: {} rollouts x ({} prompt + {} completion) tokens, micro-batch {}: \
+         {step_s:.2} s, {:.0} tokens/s",
+        args.rollouts,
+        args.prompt_tokens,
+        args.completion_tokens,
+        args.micro_batch,
+        tokens as f64 / step_s
+    );
+    println!(
+        "model FLOPs 6*N*T = {flops:.3e}: {:.1} GFLOP/s = {:.1}% of the measured f32 peak \
+         ({:.1} GFLOP/s)",
+        achieved / 1e9,
+        100.0 * achieved / peak_f32,
+        peak_f32 / 1e9
+    );
+    if let Some(peak) = peak_bf16 {
+        println!(
+            "                 = {:.1}% of the measured bf16 peak ({:.1} TFLOP/s)",
+            100.0 * achieved / peak,
+            peak / 1e12
+        );
+    }
+    println!(
+        "grad norm {:.4}, loss {:.5}",
+        metrics.grad_norm, metrics.loss
+    );
+    Ok(ExitCode::SUCCESS)
+}
