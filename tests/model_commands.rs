@@ -95,27 +95,22 @@ fn sample_reads_prompts_from_jsonl_in_every_accepted_form() {
 #[test]
 fn sample_names_the_file_and_line_of_a_bad_prompt() {
     let ws = Workspace::new();
-    let file = ws.write("prompts.jsonl", "\"fine\"\n{\"prompt\": \n");
-    let err = ws.fails(&[
-        "sample",
-        "--prompts",
-        file.to_str().unwrap(),
-        "--max-tokens",
-        "2",
-    ]);
+    let sample_from = |name: &str, text: &str| {
+        let file = ws.write(name, text);
+        ws.fails(&[
+            "sample",
+            "--prompts",
+            file.to_str().unwrap(),
+            "--max-tokens",
+            "2",
+        ])
+    };
+    let err = sample_from("prompts.jsonl", "\"fine\"\n{\"prompt\": \n");
     assert!(
         err.contains("prompts.jsonl:2") && err.contains("not JSON"),
         "{err}"
     );
-
-    let file = ws.write("keys.jsonl", "{\"question\": \"x\"}\n");
-    let err = ws.fails(&[
-        "sample",
-        "--prompts",
-        file.to_str().unwrap(),
-        "--max-tokens",
-        "2",
-    ]);
+    let err = sample_from("keys.jsonl", "{\"question\": \"x\"}\n");
     assert!(
         err.contains("keys.jsonl:1") && err.contains("\"prompt\" or \"problem\""),
         "{err}"

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde_json::json;
 use spur_lm::engine::{GenerationRequest, SamplingParams};
-use spur_lm::{LoadOptions, PromptTemplate};
+use spur_lm::LoadOptions;
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateBench {
@@ -65,7 +65,7 @@ pub fn run(args: GenerateBench) -> Result<ExitCode> {
     )?;
     let load_s = started.elapsed().as_secs_f64();
     let tokenizer = engine.tokenizer();
-    let prompt_ids = tokenizer.encode(&PromptTemplate::Raw.render(tokenizer, &args.prompt)?)?;
+    let prompt_ids = tokenizer.encode(&args.prompt)?;
     eprintln!(
         "{} engine on {}: loaded in {load_s:.1} s, prompt {} tokens",
         engine.name(),
