@@ -49,8 +49,8 @@ pub fn units(plan: &Plan, runs: &[usize], cached: &HashSet<Hash>) -> Vec<Unit> {
         }
     }
     // Dependencies between units, from node inputs.
-    for u in 0..units.len() {
-        let mut after: Vec<usize> = units[u]
+    for (u, unit) in units.iter_mut().enumerate() {
+        let mut after: Vec<usize> = unit
             .nodes
             .iter()
             .flat_map(|&n| plan.nodes[n as usize].inputs.iter())
@@ -59,7 +59,7 @@ pub fn units(plan: &Plan, runs: &[usize], cached: &HashSet<Hash>) -> Vec<Unit> {
             .collect();
         after.sort_unstable();
         after.dedup();
-        units[u].after = after;
+        unit.after = after;
     }
     units
 }
