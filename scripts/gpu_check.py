@@ -207,7 +207,7 @@ def sync():
 def torch_dtype(name):
     import torch
 
-    return {"bf16": torch.bfloat16, "f32": torch.float32, "tf32": torch.float32, "f64": torch.float64}[name]
+    return {"bf16": torch.bfloat16, "f32": torch.float32, "tf32": torch.float32}[name]
 
 
 def load_hf(path, dtype):
@@ -293,7 +293,6 @@ def torch_update(args):
     if args.rollouts % 4:
         sys.exit("--rollouts must be a multiple of 4 (groups of four, as in spur bench update)")
     torch.manual_seed(1)
-    torch.backends.cuda.matmul.allow_tf32 = args.dtype == "tf32"
     peak_bf16 = matmul_peak(torch.bfloat16)
     # f32 master weights; bf16 runs the forward/backward under autocast (mixed precision).
     model = load_hf(args.dir, "tf32" if args.dtype == "tf32" else "f32").train()

@@ -49,6 +49,7 @@ pub fn run(args: GenerateBench) -> Result<ExitCode> {
     if args.batches.is_empty() || args.batches.contains(&0) || args.max_tokens == 0 {
         bail!("--batches and --max-tokens must be at least 1");
     }
+    super::sample::check_engine(&args.engine)?;
     spur_lm::allow_tf32(args.tf32);
     let options = LoadOptions {
         device: spur_lm::device(&args.device)?,

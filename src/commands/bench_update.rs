@@ -18,7 +18,8 @@ use serde_json::json;
 use spur_lm::{DType, Device, LoadOptions, Tensor};
 use spur_rl::policy::Entropy;
 use spur_rl::{
-    sequence_logprobs, Policy, Rollout, RolloutGroup, RolloutSample, TrainConfig, Trainer,
+    sequence_logprobs, splitmix64, Policy, Rollout, RolloutGroup, RolloutSample, TrainConfig,
+    Trainer,
 };
 
 #[derive(clap::Args, Debug)]
@@ -78,14 +79,6 @@ fn matmul_peak(device: &Device, dtype: DType) -> Result<f64> {
         }
     }
     Ok(best)
-}
-
-/// SplitMix64's output function (its published constants).
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 fn random_rollout(args: &UpdateBench, vocab: u64) -> Rollout {

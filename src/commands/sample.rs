@@ -112,6 +112,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
     if args.max_sequences == Some(0) {
         bail!("--max-sequences must be at least 1");
     }
+    check_engine(&args.engine)?;
     let prompts = read_prompts(&args)?;
     let mut options = LoadOptions {
         device: spur_lm::device(&args.device)?,
@@ -202,7 +203,7 @@ pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Loads `files` into the named engine (`candle`, or `mistralrs` in a build with that feature).
+/// Loads `files` into the named engine, which [`check_engine`] has accepted.
 /// `max_sequences` overrides how many sequences the engine decodes together (candle: 32,
 /// mistral.rs: 1).
 pub(crate) fn load_engine(
@@ -224,13 +225,7 @@ pub(crate) fn load_engine(
         let engine = spur_mistralrs::MistralRsEngine::load(&files, tokenizer, &mistral_options)?;
         return Ok(Box::new(engine));
     }
-    if engine != "candle" {
-        bail!(
-            "engine {engine:?} is not available in this build (available: {}; mistral.rs needs a \
-             build with `--features mistralrs`)",
-            available_engines().join(", ")
-        );
-    }
+    debug_assert_eq!(engine, "candle", "callers check the engine first");
     let loaded = spur_lm::load_files(files, options)?;
     let engine = CandleEngine::new(Arc::new(loaded.model), Arc::new(loaded.tokenizer));
     Ok(Box::new(match max_sequences {
@@ -239,11 +234,19 @@ pub(crate) fn load_engine(
     }))
 }
 
-/// Engines this build has.
-fn available_engines() -> &'static [&'static str] {
-    if cfg!(feature = "mistralrs") {
+/// Fails unless this build has the named engine; called before any model is fetched.
+pub(crate) fn check_engine(engine: &str) -> anyhow::Result<()> {
+    let available: &[&str] = if cfg!(feature = "mistralrs") {
         &["candle", "mistralrs"]
     } else {
         &["candle"]
+    };
+    if !available.contains(&engine) {
+        bail!(
+            "engine {engine:?} is not available in this build (available: {}; mistral.rs needs a \
+             build with `--features mistralrs`)",
+            available.join(", ")
+        );
     }
+    Ok(())
 }

@@ -148,7 +148,6 @@ impl MistralRsEngine {
                 path: origin.clone(),
                 message: format!("paged attention: {e:#}"),
             })?;
-        let paged = paged_attention.is_some();
         let pipeline = loader
             .load_model_from_hf(
                 None,
@@ -168,11 +167,9 @@ impl MistralRsEngine {
             .enable_all()
             .build()
             .map_err(Error::Runtime)?;
-        let cache_config = if paged {
-            runtime.block_on(async { pipeline.lock().await.get_metadata().cache_config.clone() })
-        } else {
-            None
-        };
+        // A pipeline loaded with paged attention carries its KV-cache layout.
+        let cache_config =
+            runtime.block_on(async { pipeline.lock().await.get_metadata().cache_config.clone() });
         let scheduler = match cache_config {
             Some(config) => SchedulerConfig::PagedAttentionMeta {
                 max_num_seqs: max_num_seqs.get(),

@@ -29,5 +29,5 @@ pub use objective::{
 };
 pub use optim::{Adam, AdamConfig, LrSchedule};
 pub use policy::{sequence_logprobs, Policy, SeqLogprobs};
-pub use rng::Rng;
+pub use rng::{splitmix64, Rng};
 pub use trainer::{Rollout, RolloutGroup, RolloutSample, StepMetrics, TrainConfig, Trainer};

@@ -3,6 +3,17 @@
 
 use serde::{Deserialize, Serialize};
 
+const SPLITMIX_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64's output for state `x`: `x` advanced by the golden gamma, then mixed. The values
+/// `splitmix64(x)`, `splitmix64(x + γ)`, … are SplitMix64's stream seeded with `x`.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(SPLITMIX_GAMMA);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// xoshiro256** seeded through SplitMix64 (the generators' published definitions).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rng {
@@ -11,16 +22,9 @@ pub struct Rng {
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        let mut x = seed;
-        let mut next = || {
-            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        };
+        let at = |i: u64| splitmix64(seed.wrapping_add(i.wrapping_mul(SPLITMIX_GAMMA)));
         Self {
-            state: [next(), next(), next(), next()],
+            state: [at(0), at(1), at(2), at(3)],
         }
     }
 
