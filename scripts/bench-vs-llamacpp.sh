@@ -3,14 +3,18 @@
 # the same model file and thread count, and print the table used in
 # docs/performance.md.
 #
-#   scripts/bench-vs-llamacpp.sh [--model GGUF] [--threads N] [--spur-json FILE]
+#   scripts/bench-vs-llamacpp.sh [--model GGUF] [--threads N] [--rounds N] [--spur-json FILE]
 #
 #   --model GGUF       default: the embedded model in spur's model cache,
 #                      ${SPUR_MODEL_CACHE:-$HOME/.cache/spur/models}/SmolLM2-135M-Instruct.Q4_1.gguf
 #                      (spur fetches it on first use, e.g. `spur sample --model default`)
 #   --threads N        threads for both engines (default 2)
-#   --spur-json FILE   use a saved `spur bench models --json` result instead of
-#                      running spur (to check the table only)
+#   --rounds N         rounds of (llama-batched-bench, spur bench models), run
+#                      alternately (default 3); the table gives medians, and each
+#                      ratio is the median of the rounds' ratios with its range:
+#                      on a shared VM one run's speed can move by 10-15%
+#   --spur-json FILE   use a saved `spur bench models --json` result in every
+#                      round instead of running spur (to check the table only)
 #
 # spur is $SPUR_BIN, default target/release/spur; it runs from the repository
 # root so that its prompt comes from ../shared/data (MATH-500 problem 138).
@@ -21,9 +25,12 @@
 # is installed with apt-get when missing and running as root.
 #
 # Measured, each with a 111-token prompt and 128 new tokens:
-#   llama-bench          prefill pp111 and decode tg128 at batch 1 (mean ± sd of 5 runs);
-#   llama-batched-bench  per-sequence prompts, aggregate decode at batch 1, 16, 64;
-#   spur bench models    prefill and decode, f32 and quantized weights.
+#   llama-bench          prefill pp111 and decode tg128 at batch 1 (mean ± sd of 5 runs),
+#                        once;
+#   llama-batched-bench  per-sequence prompts, aggregate decode at batch 1, 16, 64,
+#                        once per round;
+#   spur bench models    prefill and decode, f32 and quantized weights, once per
+#                        round, right after llama-batched-bench.
 # Raw outputs are kept in a temporary folder whose path is printed at the end.
 set -euo pipefail
 
@@ -36,6 +43,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 default_model=${SPUR_MODEL_CACHE:-$HOME/.cache/spur/models}/SmolLM2-135M-Instruct.Q4_1.gguf
 model=$default_model
 threads=2
+rounds=3
 spur_json=
 cache=$HOME/.cache/spur/llama.cpp-$llamacpp_python_version
 spur_bin=${SPUR_BIN:-$repo/target/release/spur}
@@ -45,11 +53,12 @@ die() { echo "error: $*" >&2; exit 1; }
 step() { echo "==> $*" >&2; }
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --model|--threads|--spur-json)
+        --model|--threads|--rounds|--spur-json)
             [[ $# -ge 2 ]] || die "$1 needs a value"
             case $1 in
                 --model) model=$2 ;;
                 --threads) threads=$2 ;;
+                --rounds) rounds=$2 ;;
                 --spur-json) spur_json=$2 ;;
             esac
             shift 2 ;;
@@ -59,6 +68,7 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -f $model ]] || die "model $model not found; run \`spur sample --model default --prompt hi\` to fetch it, or pass --model"
 [[ $threads =~ ^[1-9][0-9]*$ ]] || die "--threads must be a positive integer, got '$threads'"
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || die "--rounds must be a positive integer, got '$rounds'"
 helper=$repo/scripts/llamacpp_compare.py
 
 # Build llama.cpp once.
@@ -111,32 +121,42 @@ peak_bench=$(python3 "$helper" run "$raw/llama-bench.json" -- \
 # between sequences, in multiples of 256 cells.
 max_batch=${batches##*,}
 ctx=$(( max_batch * ((prompt_tokens + new_tokens + 255) / 256 * 256) ))
-step "llama-batched-bench: npp $prompt_tokens, ntg $new_tokens, batches $batches, context $ctx"
-peak_batched=$(python3 "$helper" run "$raw/llama-batched-bench.jsonl" -- \
-    "$cache/bin/llama-batched-bench" -m "$model" -t "$threads" -c "$ctx" -b 2048 -ub 512 \
-    -npp "$prompt_tokens" -ntg "$new_tokens" -npl "$batches" --output-format jsonl \
-    2>"$raw/llama-batched-bench.log") || { tail -n 20 "$raw/llama-batched-bench.log" >&2; die "llama-batched-bench failed"; }
-
-peaks=(--peak "llama-bench=$peak_bench" --peak "llama-batched-bench=$peak_batched")
-if [[ -n $spur_json ]]; then
-    step "spur: using saved result $spur_json"
-    cp "$spur_json" "$raw/spur.json"
-else
+if [[ -z $spur_json ]]; then
     [[ -x $spur_bin ]] || die "$spur_bin not found; run \`cargo build --release\` (or set SPUR_BIN)"
-    spur_model=$model
-    [[ $model == "$default_model" ]] && spur_model=default
-    step "spur bench models: model $spur_model, batches $batches, $new_tokens steps"
-    # candle sizes its thread pool from RAYON_NUM_THREADS.
-    peak_spur=$(cd "$repo" && RAYON_NUM_THREADS=$threads python3 "$helper" run "$raw/spur.json" -- \
-        "$spur_bin" bench models --json --model "$spur_model" --device cpu \
-        --batches "$batches" --steps "$new_tokens")
-    peaks+=(--peak "spur bench models=$peak_spur")
 fi
+spur_model=$model
+[[ $model == "$default_model" ]] && spur_model=default
+peak_batched=0
+peak_spur=0
+round_files=()
+for round in $(seq 1 "$rounds"); do
+    step "round $round of $rounds: llama-batched-bench: npp $prompt_tokens, ntg $new_tokens, batches $batches, context $ctx"
+    batched_out=$raw/llama-batched-bench.$round.jsonl
+    peak=$(python3 "$helper" run "$batched_out" -- \
+        "$cache/bin/llama-batched-bench" -m "$model" -t "$threads" -c "$ctx" -b 2048 -ub 512 \
+        -npp "$prompt_tokens" -ntg "$new_tokens" -npl "$batches" --output-format jsonl \
+        2>"$raw/llama-batched-bench.$round.log") || { tail -n 20 "$raw/llama-batched-bench.$round.log" >&2; die "llama-batched-bench failed"; }
+    (( peak > peak_batched )) && peak_batched=$peak
+    spur_out=$raw/spur.$round.json
+    if [[ -n $spur_json ]]; then
+        step "round $round of $rounds: spur: using saved result $spur_json"
+        cp "$spur_json" "$spur_out"
+    else
+        step "round $round of $rounds: spur bench models: model $spur_model, batches $batches, $new_tokens steps"
+        # candle sizes its thread pool from RAYON_NUM_THREADS.
+        peak=$(cd "$repo" && RAYON_NUM_THREADS=$threads python3 "$helper" run "$spur_out" -- \
+            "$spur_bin" bench models --json --model "$spur_model" --device cpu \
+            --batches "$batches" --steps "$new_tokens")
+        (( peak > peak_spur )) && peak_spur=$peak
+    fi
+    round_files+=(--batched-bench "$batched_out" --spur "$spur_out")
+done
+peaks=(--peak "llama-bench=$peak_bench" --peak "llama-batched-bench=$peak_batched")
+[[ -z $spur_json ]] && peaks+=(--peak "spur bench models=$peak_spur")
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
 echo "$(date -u +%Y-%m-%dT%H:%MZ), $cpu, $(nproc) CPUs; load average before ${load_before}, after ${load_after}."
-python3 "$helper" table --llama-bench "$raw/llama-bench.json" \
-    --batched-bench "$raw/llama-batched-bench.jsonl" --spur "$raw/spur.json" \
+python3 "$helper" table --llama-bench "$raw/llama-bench.json" "${round_files[@]}" \
     --batches "$batches" --threads "$threads" --prompt-tokens "$prompt_tokens" "${peaks[@]}"
 step "raw outputs in $raw"

@@ -5,17 +5,20 @@
       Run COMMAND with stdout saved to OUT_FILE (stderr passes through) and
       print its peak resident memory in MiB. Fails if COMMAND fails.
 
-  llamacpp_compare.py table --llama-bench F --batched-bench F --spur F
+  llamacpp_compare.py table --llama-bench F (--batched-bench F --spur F)...
                             [--batches 1,16,64] [--threads N] [--prompt-tokens N]
                             [--peak NAME=MiB ...]
       Print the markdown comparison table from llama-bench's `-o json`,
       llama-batched-bench's `--output-format jsonl` and spur's
-      `bench models --json` output.
+      `bench models --json` output. --batched-bench and --spur repeat once per
+      round, in the order the rounds ran; each ratio is the median over rounds
+      of spur's speed over llama.cpp's in the same round, with its range.
 """
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 
@@ -84,18 +87,35 @@ def fmt(x):
     return "—" if x is None else f"{x:.1f}"
 
 
-def ratio(a, b):
-    return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}×"
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def ratio_text(pairs):
+    """Median and range of a/b over (a, b) pairs, one pair per round."""
+    ratios = [a / b for a, b in pairs if a is not None and b]
+    if not ratios:
+        return "—"
+    text = f"{statistics.median(ratios):.2f}×"
+    if len(ratios) > 1:
+        text += f" ({min(ratios):.2f}–{max(ratios):.2f})"
+    return text
 
 
 def table(args):
     (pp, pp_sd), (tg, tg_sd), build = llama_bench(args.llama_bench)
-    batched = batched_bench(args.batched_bench)
-    prompt_tokens, threads, spur = spur_results(args.spur)
+    if len(args.batched_bench) != len(args.spur):
+        sys.exit("error: give one --batched-bench and one --spur per round")
     batches = [int(b) for b in args.batches.split(",")]
-    missing = [b for b in batches if b not in batched]
-    if missing:
-        sys.exit(f"error: llama-batched-bench gave no result for batch {missing} (context too small?)")
+    rounds = []
+    for batched_path, spur_path in zip(args.batched_bench, args.spur):
+        batched = batched_bench(batched_path)
+        missing = [b for b in batches if b not in batched]
+        if missing:
+            sys.exit(f"error: {batched_path} has no result for batch {missing} (context too small?)")
+        prompt_tokens, threads, spur = spur_results(spur_path)
+        rounds.append((batched, spur))
 
     if args.threads is not None and threads != args.threads:
         print(f"warning: spur ran with {threads} threads, llama.cpp with {args.threads}", file=sys.stderr)
@@ -103,26 +123,34 @@ def table(args):
         print(f"warning: spur's prompt has {prompt_tokens} tokens, llama.cpp's {args.prompt_tokens}",
               file=sys.stderr)
 
-    f32 = spur.get("f32", (None, {}))
-    quant = spur.get("quantized", (None, {}))
+    def spur_speed(spur, precision, batch):
+        """Prefill speed for batch None, else decode speed at that batch."""
+        prefill, decode = spur.get(precision, (None, {}))
+        return prefill if batch is None else decode.get(batch)
 
+    # Per row: llama.cpp's speed in each round, and which spur speed it compares with.
     rows = [
-        ("prefill, batch 1 (llama-bench pp)", pp, pp_sd, f32[0], quant[0]),
-        ("prefill, batch 1 (llama-batched-bench)", batched[1][0] if 1 in batched else None,
-         None, f32[0], quant[0]),
-        ("decode, batch 1 (llama-bench tg)", tg, tg_sd, f32[1].get(1), quant[1].get(1)),
+        ("prefill, batch 1 (llama-bench pp)", [pp] * len(rounds), pp_sd, None),
+        ("prefill, batch 1 (llama-batched-bench)", [b.get(1, (None,))[0] for b, _ in rounds], None, None),
+        ("decode, batch 1 (llama-bench tg)", [tg] * len(rounds), tg_sd, 1),
     ]
-    for b in batches:
-        rows.append((f"decode, batch {b}, aggregate (llama-batched-bench)", batched[b][1], None,
-                     f32[1].get(b), quant[1].get(b)))
+    for batch in batches:
+        rows.append((f"decode, batch {batch}, aggregate (llama-batched-bench)",
+                     [b[batch][1] for b, _ in rounds], None, batch))
 
-    print(f"llama.cpp {build}; spur: {prompt_tokens}-token prompt, {threads} threads. Speeds in tok/s.")
+    n = len(rounds)
+    print(f"llama.cpp {build}; spur: {prompt_tokens}-token prompt, {threads} threads. Speeds in tok/s"
+          + (f", medians of {n} rounds; ratios are medians of each round's ratio (range)." if n > 1 else "."))
     print()
     print("| measurement | llama.cpp | spur f32 | spur quantized | f32 / llama.cpp | quantized / llama.cpp |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, ref, sd, a, b in rows:
+    for name, refs, sd, batch in rows:
+        f32 = [spur_speed(s, "f32", batch) for _, s in rounds]
+        quant = [spur_speed(s, "quantized", batch) for _, s in rounds]
+        ref = median(refs)
         ref_text = fmt(ref) if sd is None else f"{ref:.1f} ± {sd:.1f}"
-        print(f"| {name} | {ref_text} | {fmt(a)} | {fmt(b)} | {ratio(a, ref)} | {ratio(b, ref)} |")
+        print(f"| {name} | {ref_text} | {fmt(median(f32))} | {fmt(median(quant))} | "
+              f"{ratio_text(zip(f32, refs))} | {ratio_text(zip(quant, refs))} |")
     if args.peak:
         print()
         print("Peak RSS: " + ", ".join(f"{p.split('=', 1)[0]} {p.split('=', 1)[1]} MiB" for p in args.peak) + ".")
@@ -136,8 +164,8 @@ def main():
     p.add_argument("command", nargs=argparse.REMAINDER)
     p = sub.add_parser("table")
     p.add_argument("--llama-bench", required=True)
-    p.add_argument("--batched-bench", required=True)
-    p.add_argument("--spur", required=True)
+    p.add_argument("--batched-bench", required=True, action="append")
+    p.add_argument("--spur", required=True, action="append")
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--threads", type=int, help="warn when spur ran with another thread count")
     p.add_argument("--prompt-tokens", type=int, help="warn when spur's prompt has another length")

@@ -109,17 +109,38 @@ impl CustomOp3 for DecodeAttention {
                         *s /= total;
                     }
                 }
-                for (j, col) in visible.enumerate() {
-                    let value = v.row(row, kv_head, col, hd);
-                    for (r, out) in out.chunks_exact_mut(hd).enumerate() {
-                        let weight = scores[r * n + j];
-                        for (o, x) in out.iter_mut().zip(value) {
-                            *o = weight.mul_add(*x, *o);
-                        }
-                    }
+                let values: Vec<&[f32]> = visible.map(|col| v.row(row, kv_head, col, hd)).collect();
+                for (out, weights) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(n.max(1))) {
+                    weighted_sum(&values, weights, out);
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from((b, heads, 1, hd))))
+    }
+}
+
+/// Dimensions of an output accumulated at once: eight AVX2 registers.
+const BLOCK: usize = 64;
+
+/// `out = Σ_j weights[j] · values[j]`, each output a chain of fused multiply-adds in column
+/// order. A block of outputs stays in registers across all columns instead of being loaded
+/// and stored for every column.
+fn weighted_sum(values: &[&[f32]], weights: &[f32], out: &mut [f32]) {
+    let whole = out.len() - out.len() % BLOCK;
+    for (b, out) in out[..whole].chunks_exact_mut(BLOCK).enumerate() {
+        let mut acc = [0f32; BLOCK];
+        for (value, &weight) in values.iter().zip(weights) {
+            let value = &value[b * BLOCK..(b + 1) * BLOCK];
+            for i in 0..BLOCK {
+                acc[i] = weight.mul_add(value[i], acc[i]);
+            }
+        }
+        out.copy_from_slice(&acc);
+    }
+    for (i, o) in out.iter_mut().enumerate().skip(whole) {
+        *o = 0.0;
+        for (value, &weight) in values.iter().zip(weights) {
+            *o = weight.mul_add(value[i], *o);
+        }
     }
 }
 

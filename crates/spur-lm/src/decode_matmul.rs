@@ -4,10 +4,12 @@
 //! its micro-kernel; with 1–64 activation rows the packing is a second pass over the weights
 //! and the micro-kernel's tiles are mostly empty. Here each output is a dot product of an
 //! activation row with a weight row as stored (`W` is `[n, k]` row-major): a tile of
-//! [`TILE_M`] activation rows × [`TILE_N`] weight rows keeps its 12 partial sums in AVX2
-//! registers, so each weight row is read from memory once per call and reused from cache for
-//! every group of activation rows. Each output's sum runs over k in the same order whatever the
-//! number of rows, so a sequence's logits do not depend on the batch it is decoded in.
+//! [`TILE_M`] activation rows × N weight rows keeps its partial sums in registers, so each
+//! weight row is read from memory once per call and reused from cache for every group of
+//! activation rows. N is 3 with AVX2's 16 vector registers and 6 where AVX-512VL gives 32 (the
+//! same 8-lane AVX2 arithmetic, so the bits do not change, only fewer loads per multiply-add).
+//! Each output's sum runs over k in the same order whatever the number of rows or the tile
+//! width, so a sequence's logits do not depend on the batch it is decoded in.
 //! No backward pass: decoding takes no gradient.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
@@ -15,10 +17,8 @@ use rayon::prelude::*;
 
 /// Activation rows per register tile.
 const TILE_M: usize = 4;
-/// Weight rows per register tile.
-const TILE_N: usize = 3;
-/// Weight rows per parallel task (a multiple of [`TILE_N`]).
-const TASK_N: usize = 16 * TILE_N;
+/// Weight rows per parallel task: a multiple of every tile width.
+const TASK_N: usize = 48;
 
 /// `x Wᵀ` for x `[m, k]` and W `[n, k]`, both contiguous f32: `[m, n]`.
 pub(crate) struct DecodeMatmul;
@@ -69,7 +69,7 @@ struct Output {
 }
 
 // SAFETY: tasks write through `Output::set` only at columns of their own weight rows, which
-// no other task writes (see `matmul_t`), and the buffer outlives the parallel loop.
+// no other task writes (see `matmul_with`), and the buffer outlives the parallel loop.
 unsafe impl Sync for Output {}
 
 impl Output {
@@ -79,7 +79,50 @@ impl Output {
     }
 }
 
+/// The next tile's weight rows, fetched into cache while a tile computes. A tile is computed
+/// in `passes` passes (one per group of activation rows); pass `pass` fetches one cache line
+/// in every `passes`, so the memory requests spread over all of the tile's arithmetic instead
+/// of queueing up in the first pass.
+#[derive(Clone, Copy)]
+struct Prefetch<'a> {
+    rows: &'a [&'a [f32]],
+    pass: usize,
+    passes: usize,
+}
+
+/// Dot products of 1–[`TILE_M`] activation rows with N weight rows.
+type Tile<const N: usize> = fn(&[&[f32]], &[&[f32]; N], Prefetch) -> [[f32; N]; TILE_M];
+
 fn matmul_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            return matmul_with::<6>(x, m, w, n, k, simd::tile_avx512);
+        }
+        matmul_with::<3>(x, m, w, n, k, simd::tile_avx2)
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    matmul_with::<3>(x, m, w, n, k, portable_tile)
+}
+
+fn matmul_with<const N: usize>(
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    tile: Tile<N>,
+) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     let output = Output {
         ptr: out.as_mut_ptr(),
@@ -94,15 +137,26 @@ fn matmul_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
         .enumerate()
         .for_each(|(task, weights)| {
             let w_rows: Vec<&[f32]> = weights.chunks_exact(k).collect();
-            let w_tiles: Vec<&[&[f32]]> = w_rows.chunks(TILE_N).collect();
-            for (tile_n, &w_tile) in w_tiles.iter().enumerate() {
-                let col = task * TASK_N + tile_n * TILE_N;
-                let next = w_tiles.get(tile_n + 1).copied().unwrap_or(w_tile);
+            // The last tile of a matrix whose rows are not a multiple of N repeats its last
+            // row; those outputs are dropped.
+            let w_tiles: Vec<[&[f32]; N]> = w_rows
+                .chunks(N)
+                .map(|rows| std::array::from_fn(|j| rows[j.min(rows.len() - 1)]))
+                .collect();
+            for (tile_n, w_tile) in w_tiles.iter().enumerate() {
+                let col = task * TASK_N + tile_n * N;
+                let cols = N.min(n - col);
+                let next = w_tiles.get(tile_n + 1).unwrap_or(w_tile);
                 for (tile_m, x_tile) in x_rows.chunks(TILE_M).enumerate() {
                     let row = tile_m * TILE_M;
-                    let sums = tile(x_tile, w_tile, next);
+                    let prefetch = Prefetch {
+                        rows: next,
+                        pass: tile_m,
+                        passes: m.div_ceil(TILE_M),
+                    };
+                    let sums = tile(x_tile, w_tile, prefetch);
                     for (i, sums) in sums.iter().enumerate().take(x_tile.len()) {
-                        for (j, &sum) in sums.iter().enumerate().take(w_tile.len()) {
+                        for (j, &sum) in sums.iter().enumerate().take(cols) {
                             // SAFETY: row + i < m and col + j < n by the chunking above, and
                             // column col + j belongs to this task's weight rows alone.
                             unsafe { output.set(row + i, col + j, sum) };
@@ -114,38 +168,17 @@ fn matmul_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     out
 }
 
-/// Dot products of up to [`TILE_M`] activation rows with up to [`TILE_N`] weight rows.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
-fn tile(x: &[&[f32]], w: &[&[f32]], next: &[&[f32]]) -> [[f32; TILE_N]; TILE_M] {
-    // Fixed tile shapes, so that the accumulators are registers.
-    match (x.len(), w.len()) {
-        (4, 3) => simd::tile::<4, 3>(x, w, next),
-        (4, 2) => simd::tile::<4, 2>(x, w, next),
-        (4, 1) => simd::tile::<4, 1>(x, w, next),
-        (3, 3) => simd::tile::<3, 3>(x, w, next),
-        (3, 2) => simd::tile::<3, 2>(x, w, next),
-        (3, 1) => simd::tile::<3, 1>(x, w, next),
-        (2, 3) => simd::tile::<2, 3>(x, w, next),
-        (2, 2) => simd::tile::<2, 2>(x, w, next),
-        (2, 1) => simd::tile::<2, 1>(x, w, next),
-        (1, 3) => simd::tile::<1, 3>(x, w, next),
-        (1, 2) => simd::tile::<1, 2>(x, w, next),
-        (1, 1) => simd::tile::<1, 1>(x, w, next),
-        (rows, cols) => unreachable!("a {rows}x{cols} tile"),
-    }
-}
-
 #[cfg(not(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma"
 )))]
-fn tile(x: &[&[f32]], w: &[&[f32]], _next: &[&[f32]]) -> [[f32; TILE_N]; TILE_M] {
-    let mut sums = [[0f32; TILE_N]; TILE_M];
+fn portable_tile<const N: usize>(
+    x: &[&[f32]],
+    w: &[&[f32]; N],
+    _prefetch: Prefetch,
+) -> [[f32; N]; TILE_M] {
+    let mut sums = [[0f32; N]; TILE_M];
     for (i, x) in x.iter().enumerate() {
         for (j, w) in w.iter().enumerate() {
             sums[i][j] = x.iter().zip(w.iter()).map(|(a, b)| a * b).sum();
@@ -162,32 +195,81 @@ fn tile(x: &[&[f32]], w: &[&[f32]], _next: &[&[f32]]) -> [[f32; TILE_N]; TILE_M]
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{TILE_M, TILE_N};
+    use super::{Prefetch, TILE_M};
 
     const LANES: usize = 8;
 
-    #[inline(always)]
-    pub(super) fn tile<const M: usize, const N: usize>(
+    /// 4×3 tiles: 12 accumulators, 3 weight vectors and 1 activation vector fill AVX2's 16
+    /// registers.
+    pub(super) fn tile_avx2(
         x: &[&[f32]],
-        w: &[&[f32]],
-        next: &[&[f32]],
-    ) -> [[f32; TILE_N]; TILE_M] {
+        w: &[&[f32]; 3],
+        prefetch: Prefetch,
+    ) -> [[f32; 3]; TILE_M] {
+        // Fixed tile shapes, so that the accumulators are registers.
+        match x.len() {
+            4 => tile::<4, 3>(x, w, prefetch),
+            3 => tile::<3, 3>(x, w, prefetch),
+            2 => tile::<2, 3>(x, w, prefetch),
+            1 => tile::<1, 3>(x, w, prefetch),
+            rows => unreachable!("a tile of {rows} rows"),
+        }
+    }
+
+    /// 4×6 tiles: 24 accumulators and 6 weight vectors need AVX-512VL's 32 registers (still
+    /// 256-bit arithmetic). Only called after `matmul_t` has detected AVX-512F and -VL.
+    pub(super) fn tile_avx512(
+        x: &[&[f32]],
+        w: &[&[f32]; 6],
+        prefetch: Prefetch,
+    ) -> [[f32; 6]; TILE_M] {
+        #[target_feature(enable = "avx512f,avx512vl")]
+        unsafe fn wide(x: &[&[f32]], w: &[&[f32]; 6], prefetch: Prefetch) -> [[f32; 6]; TILE_M] {
+            match x.len() {
+                4 => tile::<4, 6>(x, w, prefetch),
+                3 => tile::<3, 6>(x, w, prefetch),
+                2 => tile::<2, 6>(x, w, prefetch),
+                1 => tile::<1, 6>(x, w, prefetch),
+                rows => unreachable!("a tile of {rows} rows"),
+            }
+        }
+        // SAFETY: `matmul_t` picks this kernel only on CPUs with AVX-512F and AVX-512VL.
+        unsafe { wide(x, w, prefetch) }
+    }
+
+    #[inline(always)]
+    fn tile<const M: usize, const N: usize>(
+        x: &[&[f32]],
+        w: &[&[f32]; N],
+        prefetch: Prefetch,
+    ) -> [[f32; N]; TILE_M] {
         let k = x[0].len();
-        assert!(x.len() == M && w.len() == N);
-        assert!(x.iter().chain(w).chain(next).all(|row| row.len() == k));
+        assert!(x.len() == M);
+        assert!(x
+            .iter()
+            .chain(w)
+            .chain(prefetch.rows)
+            .all(|row| row.len() == k));
         let body = k - k % LANES;
-        let mut sums = [[0f32; TILE_N]; TILE_M];
+        let mut sums = [[0f32; N]; TILE_M];
         // SAFETY: AVX2 and FMA are enabled at compile time (cfg above); every load reads
         // LANES values at offset `at` < body ≤ k from a row of length k (asserted above).
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); N]; M];
             let mut at = 0;
+            // Lines to skip before this pass's next prefetch.
+            let mut skip = prefetch.pass;
             while at < body {
-                // The next weight rows, while this tile computes: the first pass over a
-                // tile otherwise waits on memory.
+                // Into L2 (measured faster here than into L1), at most one cache line (16
+                // floats) per row every other step.
                 if at % 16 == 0 {
-                    for row in next {
-                        _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().add(at) as *const i8);
+                    if skip == 0 {
+                        for row in prefetch.rows {
+                            _mm_prefetch::<_MM_HINT_T1>(row.as_ptr().add(at) as *const i8);
+                        }
+                        skip = prefetch.passes - 1;
+                    } else {
+                        skip -= 1;
                     }
                 }
                 let mut wv = [_mm256_setzero_ps(); N];
@@ -261,6 +343,32 @@ mod tests {
                 alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 in_batch.flatten_all().unwrap().to_vec1::<f32>().unwrap()
             );
+        }
+    }
+
+    /// The AVX2 and AVX-512VL kernels give the same bits, so tokens do not depend on which
+    /// one the CPU runs (on a CPU without AVX-512VL only the AVX2 kernel is checked).
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    #[test]
+    fn kernels_agree_bit_for_bit() {
+        let wide = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl");
+        for (m, n, k) in [(1, 7, 13), (6, 100, 64), (16, 53, 200)] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 9.0)
+                .collect();
+            let narrow = matmul_with::<3>(&x, m, &w, n, k, simd::tile_avx2);
+            assert_eq!(matmul_t(&x, m, &w, n, k), narrow);
+            if wide {
+                assert_eq!(matmul_with::<6>(&x, m, &w, n, k, simd::tile_avx512), narrow);
+            }
         }
     }
 }

@@ -10,6 +10,7 @@
 pub mod config;
 mod decode_attention;
 mod decode_matmul;
+mod decode_silu;
 pub mod engine;
 pub mod error;
 pub mod model;

@@ -14,6 +14,7 @@ use candle_nn::VarMap;
 use crate::config::{Architecture, ModelConfig};
 use crate::decode_attention::DecodeAttention;
 use crate::decode_matmul::DecodeMatmul;
+use crate::decode_silu::SiluMul;
 use crate::error::{Error, Result};
 use crate::quant::QuantMatrix;
 
@@ -297,17 +298,43 @@ pub fn parameter_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    // Written out (not candle_nn::ops::rms_norm) so that the weight gets a gradient.
+/// RMS norm of the last dimension. `decoding`: no gradient will be taken.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, decoding: bool) -> Result<Tensor> {
+    if decoding && x.device().is_cpu() {
+        // candle's fused kernel: one pass instead of six ops, each with its own allocation
+        // (a sixth of a CPU decode step went to such small ops), but it cuts the gradient.
+        return Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            weight,
+            eps as f32,
+        )?);
+    }
+    // Written out so that the weight gets a gradient.
     let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?;
     Ok(normed.broadcast_mul(weight)?)
 }
 
 /// Rotary embedding of `x` ([b, heads, t, d]) with `cos`/`sin` of shape [b, 1, t, d/2].
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Result<Tensor> {
+/// `decoding`: no gradient will be taken.
+fn rope(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    style: RopeStyle,
+    decoding: bool,
+) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
     let half = d / 2;
+    if decoding && x.device().is_cpu() {
+        // candle's fused kernels (same products and sums as below), without a gradient.
+        let (cos, sin) = (cos.reshape((b, t, half))?, sin.reshape((b, t, half))?);
+        let x = x.contiguous()?;
+        return Ok(match style {
+            RopeStyle::Half => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
+        });
+    }
     match style {
         RopeStyle::Half => {
             let x1 = x.narrow(D::Minus1, 0, half)?;
@@ -581,8 +608,8 @@ impl Transformer {
         let mut k = layer.k.forward(x, decoding)?;
         let v = layer.v.forward(x, decoding)?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            q = rms_norm(&q, qn, c.rms_norm_eps)?;
-            k = rms_norm(&k, kn, c.rms_norm_eps)?;
+            q = rms_norm(&q, qn, c.rms_norm_eps, decoding)?;
+            k = rms_norm(&k, kn, c.rms_norm_eps, decoding)?;
         }
         let q = q.reshape((b, t, heads, hd))?.transpose(1, 2)?;
         let k = k.reshape((b, t, kv_heads, hd))?.transpose(1, 2)?;
@@ -590,8 +617,9 @@ impl Transformer {
             .reshape((b, t, kv_heads, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = rope(&q.contiguous()?, &rope_cs.0, &rope_cs.1, self.rope_style)?;
-        let k = rope(&k.contiguous()?, &rope_cs.0, &rope_cs.1, self.rope_style)?.contiguous()?;
+        let (cos, sin) = rope_cs;
+        let q = rope(&q.contiguous()?, cos, sin, self.rope_style, decoding)?;
+        let k = rope(&k.contiguous()?, cos, sin, self.rope_style, decoding)?.contiguous()?;
         let (k, v, pad) = match cache {
             None => (k, v, None),
             Some(((ck, cv), offset, pad)) => {
@@ -631,7 +659,14 @@ impl Transformer {
     }
 
     fn mlp(layer: &Layer, x: &Tensor, decoding: bool) -> Result<Tensor> {
-        let h = (layer.gate.forward(x, decoding)?.silu()? * layer.up.forward(x, decoding)?)?;
+        let gate = layer.gate.forward(x, decoding)?;
+        let up = layer.up.forward(x, decoding)?;
+        let h = if decoding && gate.device().is_cpu() {
+            gate.contiguous()?
+                .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)?
+        } else {
+            (gate.silu()? * up)?
+        };
         layer.down.forward(&h, decoding)
     }
 
@@ -660,21 +695,21 @@ impl Transformer {
             };
             x = match &layer.input_norm {
                 Some(input_norm) => {
-                    let h = rms_norm(&x, input_norm, eps)?;
+                    let h = rms_norm(&x, input_norm, eps, decoding)?;
                     let h = (x + self.attention(layer, &h, &rope_cs, mask, layer_cache)?)?;
-                    let h_norm = rms_norm(&h, &layer.post_attention_norm, eps)?;
+                    let h_norm = rms_norm(&h, &layer.post_attention_norm, eps, decoding)?;
                     let m = Self::mlp(layer, &h_norm, decoding)?;
                     (h + m)?
                 }
                 None => {
                     let a = self.attention(layer, &x, &rope_cs, mask, layer_cache)?;
-                    let h = (x + rms_norm(&a, &layer.post_attention_norm, eps)?)?;
+                    let h = (x + rms_norm(&a, &layer.post_attention_norm, eps, decoding)?)?;
                     let ff_norm = layer
                         .post_feedforward_norm
                         .as_ref()
                         .expect("OLMo2 layers have a post-feedforward norm");
                     let m = Self::mlp(layer, &h, decoding)?;
-                    (&h + rms_norm(&m, ff_norm, eps)?)?
+                    (&h + rms_norm(&m, ff_norm, eps, decoding)?)?
                 }
             };
         }
@@ -718,7 +753,7 @@ impl Transformer {
         let mask = Tensor::from_vec(mask, (1, 1, 1, t, t), &self.device)?;
         let x = self.run_layers(tokens, &positions, &mask, None)?;
         let x = x.narrow(1, start, t - start)?;
-        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps, false)?;
         self.lm_head.forward(&x, false)
     }
 
@@ -793,7 +828,7 @@ impl Transformer {
         let mask = Tensor::from_vec(mask, (b, 1, 1, t, total), &self.device)?;
         let x = self.run_layers(tokens, &positions, &mask, Some(cache))?;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
-        let last = rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
+        let last = rms_norm(&last, &self.norm, self.config.rms_norm_eps, true)?;
         self.lm_head.forward(&last, true)
     }
 }
