@@ -25,7 +25,8 @@ impl Stage for EvalStage {
         // 2: prefill matmuls in the x·Wᵀ form (different rounding, so different tokens).
         // 3: decode attention as one fused CPU op (different rounding).
         // 4: decode matmuls with spur's f32 kernel, vectorised attention sums (rounding).
-        4
+        // 5: candle's fused RMS norm in CPU KV-cache passes (rounding).
+        5
     }
 
     fn resource(&self, _node: &spur_plan::Node) -> Resource {
