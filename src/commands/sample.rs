@@ -53,7 +53,7 @@ pub struct SampleArgs {
     /// Extra stop strings (repeatable); the r1 template adds `</answer>`.
     #[arg(long)]
     pub stop: Vec<String>,
-    /// Weights: `auto` (quantised for a GGUF file and at most four sequences, else f32),
+    /// Weights: `auto` (quantised for a GGUF file and at most three sequences, else f32),
     /// `f32` or `quantized`.
     #[arg(long, default_value = "auto")]
     pub precision: String,
@@ -119,9 +119,9 @@ pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
         ..LoadOptions::default()
     };
     let files = spur_lm::resolve(&args.model, &options.cache_dir)?;
-    // Decoding from the quantised weights is faster up to 4 sequences at once, from the f32
-    // weights from 8 on (`spur bench models --batches 1,2,4,8`, docs/models.md).
-    let few_sequences = prompts.len() * args.n <= 4;
+    // Decoding from the quantised weights is faster up to 3 sequences at once, from the f32
+    // weights from 4 on (`spur bench models --batches 1,2,3,4,8`, docs/performance.md).
+    let few_sequences = prompts.len() * args.n <= 3;
     options.precision = match (args.precision.as_str(), &files) {
         ("auto", ModelFiles::Gguf { .. }) if few_sequences => Precision::Quantized,
         ("quantized", _) => Precision::Quantized,
