@@ -93,6 +93,13 @@ impl CustomOp3 for DecodeAttention {
                 let n = visible.len();
                 let mut scores = vec![0f32; n_rep * n];
                 for (j, col) in visible.clone().enumerate() {
+                    // The cache streams from memory (130 MB a step at batch 16): fetch the key
+                    // row KEYS_AHEAD columns on, and this column's value row, which the
+                    // weighted sum below reads.
+                    if col + KEYS_AHEAD < len {
+                        prefetch(k.row(row, kv_head, col + KEYS_AHEAD, hd));
+                    }
+                    prefetch(v.row(row, kv_head, col, hd));
                     let key = k.row(row, kv_head, col, hd);
                     for (r, query) in queries.iter().enumerate() {
                         scores[r * n + j] = dot(query, key) * self.scale;
@@ -116,6 +123,26 @@ impl CustomOp3 for DecodeAttention {
             });
         Ok((CpuStorage::F32(out), Shape::from((b, heads, 1, hd))))
     }
+}
+
+/// How far ahead of the scores the key rows are fetched (measured on SmolLM2's shapes over 30
+/// layers' caches: 7.2 → 6.3 ms a step at batch 16, 28.5 → 25.2 at batch 64, with the values
+/// fetched too).
+const KEYS_AHEAD: usize = 16;
+
+/// Asks for `row`'s cache lines (16 floats each) in L1.
+fn prefetch(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in row.chunks(16) {
+        // SAFETY: a prefetch is only a hint; it reads nothing and cannot fault.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
 }
 
 /// Dimensions of an output accumulated at once: eight AVX2 registers.
