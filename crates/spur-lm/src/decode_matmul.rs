@@ -84,6 +84,15 @@ impl Output {
 /// in every `passes`, so the memory requests spread over all of the tile's arithmetic instead
 /// of queueing up in the first pass.
 #[derive(Clone, Copy)]
+// The portable kernel leaves prefetching to the hardware.
+#[cfg_attr(
+    not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )),
+    allow(dead_code)
+)]
 struct Prefetch<'a> {
     rows: &'a [&'a [f32]],
     pass: usize,
