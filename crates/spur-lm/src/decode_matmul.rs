@@ -15,6 +15,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
 use rayon::prelude::*;
 
+use crate::contiguous_f32;
+
 /// Activation rows per register tile.
 const TILE_M: usize = 4;
 /// Weight rows per parallel task: a multiple of every tile width.
@@ -23,19 +25,15 @@ const TASK_N: usize = 48;
 /// `x Wᵀ` for x `[m, k]` and W `[n, k]`, both contiguous f32: `[m, n]`.
 pub(crate) struct DecodeMatmul;
 
-fn contiguous<'a>(
+/// A rank-2 operand: its values, rows and columns.
+fn matrix<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     what: &str,
 ) -> candle_core::Result<(&'a [f32], usize, usize)> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("decode-matmul: {what} must be f32");
-    };
     let (rows, cols) = layout.shape().dims2()?;
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("decode-matmul: {what} must be contiguous");
-    };
-    Ok((&data[start..end], rows, cols))
+    let data = contiguous_f32(storage, layout, "decode-matmul", what)?;
+    Ok((data, rows, cols))
 }
 
 impl CustomOp2 for DecodeMatmul {
@@ -50,8 +48,8 @@ impl CustomOp2 for DecodeMatmul {
         w_storage: &CpuStorage,
         w_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, m, k) = contiguous(x_storage, x_layout, "x")?;
-        let (w, n, wk) = contiguous(w_storage, w_layout, "W")?;
+        let (x, m, k) = matrix(x_storage, x_layout, "x")?;
+        let (w, n, wk) = matrix(w_storage, w_layout, "W")?;
         if wk != k {
             candle_core::bail!("decode-matmul: x [{m}, {k}] against W [{n}, {wk}]");
         }
@@ -142,6 +140,7 @@ fn matmul_with<const N: usize>(
         return out;
     }
     let x_rows: Vec<&[f32]> = x.chunks_exact(k).collect();
+    let passes = m.div_ceil(TILE_M);
     w.par_chunks(TASK_N * k)
         .enumerate()
         .for_each(|(task, weights)| {
@@ -161,7 +160,7 @@ fn matmul_with<const N: usize>(
                     let prefetch = Prefetch {
                         rows: next,
                         pass: tile_m,
-                        passes: m.div_ceil(TILE_M),
+                        passes,
                     };
                     let sums = tile(x_tile, w_tile, prefetch);
                     for (i, sums) in sums.iter().enumerate().take(x_tile.len()) {
@@ -215,14 +214,7 @@ mod simd {
         w: &[&[f32]; 3],
         prefetch: Prefetch,
     ) -> [[f32; 3]; TILE_M] {
-        // Fixed tile shapes, so that the accumulators are registers.
-        match x.len() {
-            4 => tile::<4, 3>(x, w, prefetch),
-            3 => tile::<3, 3>(x, w, prefetch),
-            2 => tile::<2, 3>(x, w, prefetch),
-            1 => tile::<1, 3>(x, w, prefetch),
-            rows => unreachable!("a tile of {rows} rows"),
-        }
+        by_rows(x, w, prefetch)
     }
 
     /// 4×6 tiles: 24 accumulators and 6 weight vectors need AVX-512VL's 32 registers (still
@@ -234,16 +226,27 @@ mod simd {
     ) -> [[f32; 6]; TILE_M] {
         #[target_feature(enable = "avx512f,avx512vl")]
         unsafe fn wide(x: &[&[f32]], w: &[&[f32]; 6], prefetch: Prefetch) -> [[f32; 6]; TILE_M] {
-            match x.len() {
-                4 => tile::<4, 6>(x, w, prefetch),
-                3 => tile::<3, 6>(x, w, prefetch),
-                2 => tile::<2, 6>(x, w, prefetch),
-                1 => tile::<1, 6>(x, w, prefetch),
-                rows => unreachable!("a tile of {rows} rows"),
-            }
+            by_rows(x, w, prefetch)
         }
         // SAFETY: `matmul_t` picks this kernel only on CPUs with AVX-512F and AVX-512VL.
         unsafe { wide(x, w, prefetch) }
+    }
+
+    /// The tile for `x.len()` rows, each shape compiled on its own so that the accumulators
+    /// are registers (inlined into its caller, with the caller's target features).
+    #[inline(always)]
+    fn by_rows<const N: usize>(
+        x: &[&[f32]],
+        w: &[&[f32]; N],
+        prefetch: Prefetch,
+    ) -> [[f32; N]; TILE_M] {
+        match x.len() {
+            4 => tile::<4, N>(x, w, prefetch),
+            3 => tile::<3, N>(x, w, prefetch),
+            2 => tile::<2, N>(x, w, prefetch),
+            1 => tile::<1, N>(x, w, prefetch),
+            rows => unreachable!("a tile of {rows} rows"),
+        }
     }
 
     #[inline(always)]

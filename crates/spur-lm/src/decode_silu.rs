@@ -8,25 +8,13 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
 use rayon::prelude::*;
 
+use crate::contiguous_f32;
+
 /// Elements per parallel task.
 const TASK: usize = 4096;
 
 /// `silu(gate) · up` for two contiguous f32 tensors of the same shape.
 pub(crate) struct SiluMul;
-
-fn contiguous<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("silu-mul: {what} must be f32");
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("silu-mul: {what} must be contiguous");
-    };
-    Ok(&data[start..end])
-}
 
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
@@ -47,8 +35,8 @@ impl CustomOp2 for SiluMul {
                 up_layout.shape()
             );
         }
-        let gate = contiguous(gate_storage, gate_layout, "gate")?;
-        let up = contiguous(up_storage, up_layout, "up")?;
+        let gate = contiguous_f32(gate_storage, gate_layout, "silu-mul", "gate")?;
+        let up = contiguous_f32(up_storage, up_layout, "silu-mul", "up")?;
         let mut out = vec![0f32; gate.len()];
         out.par_chunks_mut(TASK)
             .zip(gate.par_chunks(TASK).zip(up.par_chunks(TASK)))

@@ -298,11 +298,18 @@ pub fn parameter_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// Whether a pass over `x` uses fused kernels without a backward pass for its small ops (norms,
+/// rotary embeddings, gating): only a pass that takes no gradient (`decoding`, a KV-cache pass),
+/// and only on the CPU, where such ops were a sixth of a decode step; CUDA decoding keeps the
+/// ops it was checked against transformers with (docs/cuda.md).
+fn fused(decoding: bool, x: &Tensor) -> bool {
+    decoding && x.device().is_cpu()
+}
+
 /// RMS norm of the last dimension. `decoding`: no gradient will be taken.
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, decoding: bool) -> Result<Tensor> {
-    if decoding && x.device().is_cpu() {
-        // candle's fused kernel: one pass instead of six ops, each with its own allocation
-        // (a sixth of a CPU decode step went to such small ops), but it cuts the gradient.
+    if fused(decoding, x) {
+        // candle's kernel: one pass instead of six ops, each with its own allocation.
         return Ok(candle_nn::ops::rms_norm(
             &x.contiguous()?,
             weight,
@@ -326,8 +333,8 @@ fn rope(
 ) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
     let half = d / 2;
-    if decoding && x.device().is_cpu() {
-        // candle's fused kernels (same products and sums as below), without a gradient.
+    if fused(decoding, x) {
+        // candle's kernels (same products and sums as below).
         let (cos, sin) = (cos.reshape((b, t, half))?, sin.reshape((b, t, half))?);
         let x = x.contiguous()?;
         return Ok(match style {
@@ -661,7 +668,7 @@ impl Transformer {
     fn mlp(layer: &Layer, x: &Tensor, decoding: bool) -> Result<Tensor> {
         let gate = layer.gate.forward(x, decoding)?;
         let up = layer.up.forward(x, decoding)?;
-        let h = if decoding && gate.device().is_cpu() {
+        let h = if fused(decoding, &gate) {
             gate.contiguous()?
                 .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)?
         } else {
