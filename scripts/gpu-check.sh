@@ -8,13 +8,17 @@
 # 1. Environment: unpacks the binary, puts the CUDA libraries of PyTorch's wheels
 #    (site-packages/nvidia/cu13/lib) on LD_LIBRARY_PATH, checks that every library resolves.
 # 2. CPU vs CUDA: tiny random-weight Qwen2 and Llama checkpoints; `spur sample` greedy and
-#    seeded (T=1) on both devices, compared token by token and log-prob by log-prob; the
-#    mistral.rs engine on CUDA against the candle engine.
-# 3. Decode speed: a random-weight model with Qwen2.5-Math-1.5B's shapes, `spur bench generate`
-#    (candle f32, f32 with TF32, mistral.rs) at batch 1 and 64 against transformers `generate`
-#    (bf16 and f32), all greedy, 128 new tokens, the same prompt ids.
-# 4. Update step: `spur bench update` (f32, f32 with TF32) against the same GRPO step in PyTorch
-#    (bf16 autocast with f32 master weights, and f32).
+#    seeded (T=1) on both devices in f32, and greedy in bf16, compared token by token and
+#    log-prob by log-prob.
+# 3. Update step, Qwen2.5-Math-1.5B shapes: `spur bench update` in bf16 (with and without
+#    activation checkpointing) and f32 against the same GRPO step in PyTorch (bf16 autocast
+#    over f32 master weights, and f32), with peak memory beside the memory model's estimate.
+# 4. Rollouts: `spur bench generate` in bf16 against transformers `generate` in bf16, batch 64
+#    and 256, 512 new tokens, greedy, the same prompt ids.
+# 5. Qwen2.5-Math-7B shapes: an update step of 4 x 2,048 tokens (bf16, checkpointing, bf16 Adam
+#    moments unless GPU_CHECK_7B_MOMENTS=f32) and a 64-sequence rollout, peak device memory
+#    beside the estimate.
+# 6. The earlier runs' comparisons: f32/TF32 decoding at batch 1 and 64, mistral.rs.
 #
 # Every step appends one JSON line {"step", "seconds", "result"|"error"} to
 # $OUT/gpu-check.jsonl (or ./gpu-check.jsonl without $OUT); the log goes to gpu-check.log
@@ -104,7 +108,8 @@ samples() { # DIR DEVICE ENGINE[/N] [spur sample flags...]
     [[ $3 == */* ]] && together=(--max-sequences "${3#*/}")
     shift 3
     timeout "$step_timeout" "$spur" sample --model "$dir" --prompts "$work/prompts.jsonl" \
-        --device "$device" --engine "$engine" "${together[@]}" --precision f32 --max-tokens 48 \
+        --device "$device" --engine "$engine" "${together[@]}" --precision "${precision:-f32}" \
+        --max-tokens 48 \
         --json "$@"
 }
 compare() { # DIR A_DEVICE A_ENGINE B_DEVICE B_ENGINE [flags...]
@@ -133,13 +138,49 @@ for tiny in tiny-qwen2 tiny-llama; do
         --temperature 0
     step "cpu-vs-cuda:$tiny:seeded" compare "$work/$tiny" cpu candle "$device" candle \
         --temperature 1 --n 4 --seed 7
+    # bf16 compute: the CPU multiplies bf16 operands in f32 and rounds (tensor cores' sums).
+    precision=bf16 step "cpu-vs-cuda-bf16:$tiny:greedy" compare "$work/$tiny" cpu candle \
+        "$device" candle --temperature 0
 done
 
 echo "== $shape"
 big=$work/$shape
 step "write-model" python3 "$helper" write-model "$big" "$shape" --dtype bf16
+
+# The update step against PyTorch in bf16 (spur: bf16 products over f32 master weights, with
+# and without activation checkpointing; PyTorch: autocast over f32 master weights).
+rollouts=${GPU_CHECK_ROLLOUTS:-16}
+update=(--rollouts "$rollouts" --prompt-tokens 111 --completion-tokens 512 --micro-batch 4)
+step "update:spur-bf16" "$spur" bench update --model "$big" --device "$device" "${update[@]}" \
+    --precision bf16 --json
+step "update:spur-bf16-ckpt" "$spur" bench update --model "$big" --device "$device" \
+    "${update[@]}" --precision bf16 --checkpoint-activations --json
+step "update:pytorch-bf16" python3 "$helper" torch-update "$big" --dtype bf16 "${update[@]}"
+
+# Rollouts at the paper's scale: batch 64 and 256, 512 new tokens, bf16 on both sides.
 # ~110 tokens with the byte-level tokenizer, like a MATH-500 problem in a chat template.
 prompt='Express the quotient $413_5 \div 2_5$ in base 5. Then check the answer by multiplying it back out, in base 5.'
+rollout=(--model "$big" --device "$device" --batches 64,256 --max-tokens 512 --prompt "$prompt")
+step "rollout:candle-bf16" "$spur" bench generate --engine candle "${rollout[@]}" \
+    --precision bf16 --json
+step "rollout:transformers-bf16" python3 "$helper" hf-generate "$big" --dtype bf16 \
+    --batches 64,256 --max-tokens 512 --prompt "$prompt"
+
+# Qwen2.5-Math-7B's shapes on one GPU: an update step of 4 x 2,048 tokens and a 64-sequence
+# rollout, with peak device memory beside the memory model's estimate.
+seven=$work/qwen2.5-math-7b
+step "7b:write-model" python3 "$helper" write-model "$seven" qwen2.5-math-7b --dtype bf16
+step "7b:update" "$spur" bench update --model "$seven" --device "$device" --rollouts 4 \
+    --prompt-tokens 512 --completion-tokens 1536 --micro-batch 4 --precision bf16 \
+    --checkpoint-activations --moments "${GPU_CHECK_7B_MOMENTS:-bf16}" --json
+step "7b:rollout" "$spur" bench generate --engine candle --model "$seven" --device "$device" \
+    --batches 64 --max-tokens 512 --prompt "$prompt" --precision bf16 --json
+
+# f32, as the earlier runs measured it (docs/gpu-runs).
+step "update:spur-f32" "$spur" bench update --model "$big" --device "$device" "${update[@]}" --json
+step "update:pytorch-f32" python3 "$helper" torch-update "$big" --dtype f32 "${update[@]}"
+
+# Earlier runs' comparisons, kept for reruns.
 generate=(--model "$big" --device "$device" --batches 1,64 --max-tokens 128 --prompt "$prompt")
 step "generate:candle-f32" "$spur" bench generate --engine candle "${generate[@]}" --json
 for dtype in bf16 f32; do
@@ -147,15 +188,6 @@ for dtype in bf16 f32; do
         --batches 1,64 --max-tokens 128 --prompt "$prompt"
 done
 step "generate:mistralrs" "$spur" bench generate --engine mistralrs "${generate[@]}" --json
-
-rollouts=${GPU_CHECK_ROLLOUTS:-16}
-update=(--rollouts "$rollouts" --prompt-tokens 111 --completion-tokens 512 --micro-batch 4)
-step "update:spur-f32" "$spur" bench update --model "$big" --device "$device" "${update[@]}" --json
-for dtype in f32 bf16; do
-    step "update:pytorch-$dtype" python3 "$helper" torch-update "$big" --dtype "$dtype" "${update[@]}"
-done
-
-echo "== TF32 and mistral.rs on the tiny models"
 step "generate:candle-tf32" "$spur" bench generate --engine candle "${generate[@]}" --tf32 --json
 step "update:spur-tf32" "$spur" bench update --model "$big" --device "$device" "${update[@]}" \
     --tf32 --json
@@ -179,13 +211,23 @@ for line in open(sys.argv[1]):
               f"max log-prob gap {r['max_logprob_gap']:.2e}")
     elif "runs" in r:
         print(f"{row['step']:40s} " + ", ".join(
-            f"batch {x['batch']}: {x['tok_s']:.1f} tok/s" for x in r["runs"]))
+            f"batch {x['batch']}: {x['tok_s']:.1f} tok/s"
+            + (f" (peak {x['peak_memory_bytes'] / 2**30:.1f} GiB, estimated "
+               f"{x['estimated_memory_bytes'] / 2**30:.1f})"
+               if x.get("peak_memory_bytes") and x.get("estimated_memory_bytes") else "")
+            for x in r["runs"]))
     elif "step_s" in r:
         mfu = "" if r.get("mfu_bf16") is None else (
             f", MFU {100 * r['mfu_bf16']:.1f}% of the measured bf16 peak "
             f"{r['peak_bf16_flops_per_s'] / 1e12:.0f} TFLOP/s")
-        print(f"{row['step']:40s} {r['tokens_per_s']:.0f} tokens/s, "
-              f"grad norm {r['grad_norm']:.4f}{mfu}")
+        memory = ""
+        if r.get("peak_memory_bytes"):
+            memory = (f", peak {r['peak_memory_bytes'] / 2**30:.1f} GiB (estimated "
+                      f"{r['estimated_memory_bytes'] / 2**30:.1f})")
+        elif r.get("max_memory_gb"):
+            memory = f", torch max allocated {r['max_memory_gb'] / 1.073741824:.1f} GiB"
+        print(f"{row['step']:40s} {r['step_s']:.2f} s, {r['tokens_per_s']:.0f} tokens/s, "
+              f"grad norm {r['grad_norm']:.4f}{mfu}{memory}")
     else:
         print(f"{row['step']:40s} done in {row['seconds']} s")
 EOF

@@ -4,7 +4,7 @@
     gpu_check.py write-model DIR SHAPE [--dtype bf16|f32] [--seed S]
         A random-weight Hugging Face checkpoint (config.json, tokenizer.json,
         tokenizer_config.json, model.safetensors). SHAPE: tiny-qwen2, tiny-llama, or
-        qwen2.5-math-1.5b (Qwen2.5-Math-1.5B's config). The tokenizer is byte-level BPE
+        qwen2.5-math-1.5b or qwen2.5-math-7b (those models' configs). The tokenizer is byte-level BPE
         over the 256 byte symbols plus ChatML specials, so every framework tokenises a
         text to the same ids.
     gpu_check.py compare-samples A.jsonl B.jsonl
@@ -58,6 +58,12 @@ SHAPES = {
                               num_attention_heads=12, num_key_value_heads=2,
                               tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
                               init_std=0.02),
+    # Qwen/Qwen2.5-Math-7B's config.json (7.6 B parameters, untied head).
+    "qwen2.5-math-7b": dict(model_type="qwen2", arch="Qwen2ForCausalLM", vocab_size=152064,
+                            hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                            num_attention_heads=28, num_key_value_heads=4,
+                            tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6,
+                            init_std=0.02),
 }
 
 

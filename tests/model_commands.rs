@@ -196,3 +196,81 @@ fn bench_update_reports_throughput_mfu_and_a_gradient() {
     let err = ws.fails(&["bench", "update", "--rollouts", "0"]);
     assert!(err.contains("at least 1"), "{err}");
 }
+
+#[test]
+fn checkpointing_keeps_the_gradient_and_lowers_peak_memory_as_estimated() {
+    let ws = Workspace::new();
+    let run = |extra: &[&str]| -> Value {
+        let mut args = vec![
+            "bench",
+            "update",
+            "--device",
+            "cpu",
+            "--rollouts",
+            "4",
+            "--completion-tokens",
+            "192",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ws.ok(&args)).unwrap()
+    };
+    let whole = run(&[]);
+    let staged = run(&["--checkpoint-activations"]);
+    assert_eq!(staged["checkpoint_activations"], true);
+    let norm = |r: &Value| r["grad_norm"].as_f64().unwrap();
+    let gap = (norm(&whole) - norm(&staged)).abs() / norm(&whole);
+    assert!(gap <= 1e-5, "grad norms {} and {}", norm(&whole), norm(&staged));
+    let peak = |r: &Value| r["peak_memory_bytes"].as_u64().expect("a measured peak") as f64;
+    assert!(
+        peak(&staged) <= 0.75 * peak(&whole),
+        "checkpointing's peak {} vs {}",
+        peak(&staged),
+        peak(&whole)
+    );
+    // The memory model's estimate is within 15% of the measured resident peak.
+    for r in [&whole, &staged] {
+        let estimate = r["estimated_memory_bytes"].as_u64().unwrap() as f64;
+        let ratio = estimate / peak(r);
+        assert!((0.85..=1.15).contains(&ratio), "estimate/peak {ratio}: {r}");
+        for phase in ["forward_s", "backward_s", "optimizer_s"] {
+            assert!(r["phases"][phase].as_f64().unwrap() > 0.0, "{r}");
+        }
+    }
+}
+
+#[test]
+fn bf16_compute_trains_close_to_f32_and_says_so() {
+    let ws = Workspace::new();
+    let args = |precision: &'static str| {
+        [
+            "bench",
+            "update",
+            "--device",
+            "cpu",
+            "--rollouts",
+            "4",
+            "--prompt-tokens",
+            "7",
+            "--completion-tokens",
+            "5",
+            "--precision",
+            precision,
+            "--moments",
+            "bf16",
+            "--json",
+        ]
+    };
+    let f32_run: Value = serde_json::from_str(&ws.ok(&args("f32"))).unwrap();
+    let bf16_run: Value = serde_json::from_str(&ws.ok(&args("bf16"))).unwrap();
+    assert_eq!(bf16_run["precision"], "bf16");
+    assert_eq!(bf16_run["moments"], "bf16");
+    let (a, b) = (
+        f32_run["grad_norm"].as_f64().unwrap(),
+        bf16_run["grad_norm"].as_f64().unwrap(),
+    );
+    assert!(a != b && (a - b).abs() / a < 0.05, "f32 {a} vs bf16 {b}");
+
+    let err = ws.fails(&["bench", "update", "--precision", "f16"]);
+    assert!(err.contains("f16") && err.contains("bf16"), "{err}");
+}

@@ -10,7 +10,8 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde_json::json;
 use spur_lm::engine::{GenerationRequest, SamplingParams};
-use spur_lm::LoadOptions;
+use spur_lm::memory::{self, PeakMemory};
+use spur_lm::{DType, LoadOptions, Precision};
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateBench {
@@ -40,6 +41,10 @@ pub struct GenerateBench {
     /// Let f32 matrix products on CUDA use TF32 tensor cores (candle engine).
     #[arg(long)]
     pub tf32: bool,
+    /// Compute dtype of the candle engine: `f32`, or `bf16` (bf16 weights copy, activations
+    /// and KV cache over the f32 master weights, as a trained policy samples).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub precision: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -53,9 +58,22 @@ pub fn run(args: GenerateBench) -> Result<ExitCode> {
     spur_lm::allow_tf32(args.tf32);
     let options = LoadOptions {
         device: spur_lm::device(&args.device)?,
+        precision: match args.precision.as_str() {
+            "bf16" => Precision::Bf16,
+            _ => Precision::F32,
+        },
         ..LoadOptions::default()
     };
+    let device = options.device.clone();
     let files = spur_lm::resolve(&args.model, &options.cache_dir)?;
+    let config = (args.engine == "candle")
+        .then(|| spur_lm::model_config(&files))
+        .transpose()?;
+    let compute = if options.precision == Precision::Bf16 {
+        DType::BF16
+    } else {
+        DType::F32
+    };
     let largest = args.batches.iter().copied().max().unwrap_or(1);
     let started = Instant::now();
     let engine = super::sample::load_engine(
@@ -67,6 +85,19 @@ pub fn run(args: GenerateBench) -> Result<ExitCode> {
     let load_s = started.elapsed().as_secs_f64();
     let tokenizer = engine.tokenizer();
     let prompt_ids = tokenizer.encode(&args.prompt)?;
+    // The memory model's figure for the candle engine's sampling (a trainable model).
+    let estimate = |batch: usize| {
+        config.as_ref().map(|c| {
+            memory::rollout_bytes(
+                c,
+                batch,
+                prompt_ids.len() + args.max_tokens,
+                compute,
+                &device,
+            )
+            .total
+        })
+    };
     eprintln!(
         "{} engine on {}: loaded in {load_s:.1} s, prompt {} tokens",
         engine.name(),
@@ -92,9 +123,12 @@ pub fn run(args: GenerateBench) -> Result<ExitCode> {
     }])?;
     let mut rows = Vec::new();
     for &batch in &args.batches {
+        device.synchronize()?;
+        let peak = PeakMemory::start(&device);
         let start = Instant::now();
         let completions = engine.generate(&[request(batch)])?;
         let seconds = start.elapsed().as_secs_f64();
+        let peak_memory = peak.finish();
         let tokens: usize = completions.iter().map(|c| c.token_ids.len()).sum();
         let tok_s = tokens as f64 / seconds;
         eprintln!("batch {batch}: {tokens} tokens in {seconds:.2} s, {tok_s:.1} tok/s");
@@ -103,6 +137,8 @@ pub fn run(args: GenerateBench) -> Result<ExitCode> {
             "tokens": tokens,
             "seconds": seconds,
             "tok_s": tok_s,
+            "peak_memory_bytes": peak_memory,
+            "estimated_memory_bytes": estimate(batch),
             "first_token_ids": completions.first().map(|c| c.token_ids.clone()),
         }));
     }
@@ -112,6 +148,7 @@ pub fn run(args: GenerateBench) -> Result<ExitCode> {
             "model": args.model,
             "device": args.device,
             "tf32": args.tf32,
+            "precision": args.precision,
             "load_s": load_s,
             "prompt_tokens": prompt_ids.len(),
             "max_tokens": args.max_tokens,

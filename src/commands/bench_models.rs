@@ -138,7 +138,7 @@ fn measure(
         decode_rows.push(json!({"batch": batch, "tok_s": tok_s}));
     }
     let mut result = json!({
-        "precision": match precision { Precision::F32 => "f32", Precision::Quantized => "quantized" },
+        "precision": match precision { Precision::F32 => "f32", Precision::Bf16 => "bf16", Precision::Quantized => "quantized" },
         "load_s": load_s,
         "prompt_tokens": ids.len(),
         "prefill_tok_s": prefill_tok_s,

@@ -15,10 +15,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use spur_lm::{DType, Device, LoadOptions, Tensor};
-use spur_rl::policy::Entropy;
+use spur_lm::memory::{self, PeakMemory};
+use spur_lm::{DType, Device, LoadOptions, Precision, Tensor};
 use spur_rl::{
-    sequence_logprobs, splitmix64, Policy, Rollout, RolloutGroup, RolloutSample, TrainConfig,
+    scoring_logprobs, splitmix64, AdamConfig, MomentDtype, Policy, Rollout, RolloutGroup, RolloutSample, TrainConfig,
     Trainer,
 };
 
@@ -45,6 +45,16 @@ pub struct UpdateBench {
     /// Let f32 matrix products on CUDA use TF32 tensor cores.
     #[arg(long)]
     pub tf32: bool,
+    /// Compute dtype: `f32`, or `bf16` over f32 master weights (bf16 tensor cores on a GPU).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub precision: String,
+    /// Keep only each decoder layer's input in the forward pass; the backward pass recomputes
+    /// the layer.
+    #[arg(long)]
+    pub checkpoint_activations: bool,
+    /// Storage dtype of Adam's moments.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub moments: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -113,8 +123,10 @@ pub fn run(args: UpdateBench) -> Result<ExitCode> {
         bail!("--rollouts, --micro-batch and --completion-tokens must be at least 1");
     }
     spur_lm::allow_tf32(args.tf32);
+    let bf16 = args.precision == "bf16";
     let options = LoadOptions {
         device: spur_lm::device(&args.device)?,
+        precision: if bf16 { Precision::Bf16 } else { Precision::F32 },
         ..LoadOptions::default()
     };
     let device = options.device.clone();
@@ -126,7 +138,8 @@ pub fn run(args: UpdateBench) -> Result<ExitCode> {
     };
     let loaded = spur_lm::load_model(&args.model, &options)
         .with_context(|| format!("loading model {:?}", args.model))?;
-    let model = loaded.model;
+    let mut model = loaded.model;
+    model.set_activation_checkpointing(args.checkpoint_activations);
     let params: usize = Policy::named_vars(&model)
         .iter()
         .map(|(_, v)| v.elem_count())
@@ -141,24 +154,52 @@ pub fn run(args: UpdateBench) -> Result<ExitCode> {
             .iter()
             .map(|s| (&group.prompt[..], &s.completion[..]))
             .collect();
-        let old = sequence_logprobs(&model, &seqs, Entropy::Skip)?;
-        let rows = old.logprobs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let old = scoring_logprobs(&model, &seqs)?;
+        let rows = old.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         for (s, row) in group.samples.iter_mut().zip(rows) {
             s.old_logprobs = Some(row);
         }
     }
     let score_s = start.elapsed().as_secs_f64();
 
+    let moments = if args.moments == "bf16" {
+        MomentDtype::Bf16
+    } else {
+        MomentDtype::F32
+    };
     let cfg = TrainConfig {
         mini_batch: args.rollouts,
         micro_batch: args.micro_batch,
+        optimizer: AdamConfig {
+            moments,
+            ..AdamConfig::default()
+        },
         ..TrainConfig::default()
     };
+    let estimate = memory::update_bytes(
+        model.config(),
+        &memory::UpdateShape {
+            micro_batch: args.micro_batch.min(args.rollouts),
+            micro_batches: args.rollouts.div_ceil(args.micro_batch),
+            sequence_tokens: args.prompt_tokens + args.completion_tokens,
+            logit_positions: args.completion_tokens + 1,
+            compute: model.compute_dtype(),
+            checkpoint_activations: args.checkpoint_activations,
+            moments: moments.dtype(),
+            entropy_bonus: cfg.objective.entropy_coef > 0.0,
+        },
+        &device,
+    );
+    device.synchronize()?;
+    let peak = PeakMemory::start(&device);
     let mut trainer = Trainer::new(cfg, &model)?;
+    // Phase times cost one device synchronisation per phase (a few per micro-batch).
+    trainer.set_timing(true);
     let start = Instant::now();
     let metrics = trainer.step(&model, None, &rollout)?;
     device.synchronize()?;
     let step_s = start.elapsed().as_secs_f64();
+    let peak_memory = peak.finish();
 
     let tokens = args.rollouts * (args.prompt_tokens + args.completion_tokens);
     let flops = 6.0 * params as f64 * tokens as f64;
@@ -167,6 +208,9 @@ pub fn run(args: UpdateBench) -> Result<ExitCode> {
         "model": args.model,
         "device": args.device,
         "tf32": args.tf32,
+        "precision": args.precision,
+        "checkpoint_activations": args.checkpoint_activations,
+        "moments": args.moments,
         "parameters": params,
         "rollouts": args.rollouts,
         "prompt_tokens": args.prompt_tokens,
@@ -183,6 +227,10 @@ pub fn run(args: UpdateBench) -> Result<ExitCode> {
         "mfu_bf16": peak_bf16.map(|p| achieved / p),
         "grad_norm": metrics.grad_norm,
         "loss": metrics.loss,
+        "phases": trainer.last_timings(),
+        "peak_memory_bytes": peak_memory,
+        "estimated_memory_bytes": estimate.total,
+        "estimated_memory": estimate,
     });
     if args.json {
         println!("{result}");
@@ -225,6 +273,22 @@ pub fn run(args: UpdateBench) -> Result<ExitCode> {
     println!(
         "grad norm {:.4}, loss {:.5}",
         metrics.grad_norm, metrics.loss
+    );
+    if let Some(t) = trainer.last_timings() {
+        println!(
+            "phases: forward {:.2} s, backward {:.2} s, optimizer {:.2} s",
+            t.forward_s, t.backward_s, t.optimizer_s
+        );
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let measured = match peak_memory {
+        Some(b) => format!("{:.2} GiB", gib(b)),
+        None => "not measurable here".to_string(),
+    };
+    println!(
+        "peak memory over the step ({}): {measured}; estimated {:.2} GiB",
+        if device.is_cpu() { "resident set" } else { "device" },
+        gib(estimate.total)
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -54,7 +54,7 @@ pub struct SampleArgs {
     #[arg(long)]
     pub stop: Vec<String>,
     /// Weights: `auto` (quantised for a GGUF file and at most three sequences, else f32),
-    /// `f32` or `quantized`.
+    /// `f32`, `bf16` (f32 weights computing in bf16, as a bf16 policy samples) or `quantized`.
     #[arg(long, default_value = "auto")]
     pub precision: String,
     /// `auto` (the GPU when this build has CUDA and the machine one), `cpu`, `cuda` or
@@ -126,7 +126,8 @@ pub fn run(args: SampleArgs) -> anyhow::Result<ExitCode> {
         ("auto", ModelFiles::Gguf { .. }) if few_sequences => Precision::Quantized,
         ("quantized", _) => Precision::Quantized,
         ("auto", _) | ("f32", _) => Precision::F32,
-        (other, _) => bail!("--precision {other:?}: expected auto, f32 or quantized"),
+        ("bf16", _) => Precision::Bf16,
+        (other, _) => bail!("--precision {other:?}: expected auto, f32, bf16 or quantized"),
     };
     let started = Instant::now();
     let engine = load_engine(&args.engine, files, &options, args.max_sequences)

@@ -303,10 +303,10 @@ impl CandleEngine {
     }
 
     /// Runs the prompt once; returns its cache and the logits of its last position.
-    fn prefill(&self, prompt: &[u32]) -> Result<(KvCache, Vec<f32>)> {
-        let mut cache = self.model.new_cache(1, prompt.len())?;
-        let input = Tensor::new(prompt, self.model.device())?.unsqueeze(0)?;
-        let logits = self.model.forward_cached(&input, &mut cache)?;
+    fn prefill(model: &Transformer, prompt: &[u32]) -> Result<(KvCache, Vec<f32>)> {
+        let mut cache = model.new_cache(1, prompt.len())?;
+        let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+        let logits = model.forward_cached(&input, &mut cache)?;
         let logits = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         Ok((cache, logits))
     }
@@ -336,6 +336,9 @@ impl Engine for CandleEngine {
 impl CandleEngine {
     fn generate_in_pool(&self, requests: &[GenerationRequest]) -> Result<Vec<Completion>> {
         validate_requests(requests, self.model.config())?;
+        // A bf16 policy decodes from one bf16 copy of its current weights per call.
+        let copy = self.model.decoding_copy()?;
+        let model: &Transformer = copy.as_ref().unwrap_or(&self.model);
         let tokenizer = &*self.tokenizer;
         let order: Vec<(usize, usize)> = requests
             .iter()
@@ -351,7 +354,7 @@ impl CandleEngine {
             prefills.retain(|&p, _| p >= chunk[0].0);
             for &(p, _) in chunk {
                 if let std::collections::hash_map::Entry::Vacant(slot) = prefills.entry(p) {
-                    slot.insert(self.prefill(&requests[p].prompt_ids)?);
+                    slot.insert(Self::prefill(model, &requests[p].prompt_ids)?);
                 }
             }
             let mut seqs = Vec::with_capacity(chunk.len());
@@ -386,9 +389,8 @@ impl CandleEngine {
                     .iter()
                     .map(|&i| seqs[i].tokens[seqs[i].tokens.len() - 1])
                     .collect();
-                let input = Tensor::new(last, self.model.device())?.unsqueeze(1)?;
-                let logits = self
-                    .model
+                let input = Tensor::new(last, model.device())?.unsqueeze(1)?;
+                let logits = model
                     .forward_cached(&input, &mut cache)?
                     .to_dtype(DType::F32)?
                     .to_vec2::<f32>()?;

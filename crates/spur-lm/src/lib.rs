@@ -13,10 +13,12 @@ mod decode_matmul;
 mod decode_silu;
 pub mod engine;
 pub mod error;
+pub mod memory;
 pub mod model;
 mod quant;
 pub mod source;
 pub mod template;
+pub mod token_logprobs;
 pub mod tokenizer;
 pub mod weights;
 
@@ -29,7 +31,7 @@ pub use engine::{
     FinishReason, GenerationRequest, SamplingParams,
 };
 pub use error::{Error, Result};
-pub use model::{KvCache, Transformer};
+pub use model::{KvCache, LayerTape, Transformer};
 pub use source::{default_cache_dir, resolve, ModelFiles};
 pub use template::PromptTemplate;
 pub use tokenizer::Tokenizer;
@@ -103,11 +105,14 @@ pub(crate) fn contiguous_f32<'a>(
     Ok(&data[start..end])
 }
 
-/// Which weights to build the model from.
+/// Which weights to build the model from, and the dtype it computes in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
     /// Trainable f32 vars (GGUF weights dequantised, bf16/f16 converted).
     F32,
+    /// Trainable f32 master vars, computing in bf16 (tensor cores on a GPU): matrix products,
+    /// activations and the KV cache in bf16; norms, softmaxes and logits in f32.
+    Bf16,
     /// The quantised GGUF tensors as stored (fast sampling; GGUF only; not trainable).
     Quantized,
 }
@@ -196,6 +201,17 @@ pub fn load_tokenizer(files: &ModelFiles) -> Result<Tokenizer> {
     }
 }
 
+/// The model's configuration alone (no weights read): what the memory model needs.
+pub fn model_config(files: &ModelFiles) -> Result<ModelConfig> {
+    match files {
+        ModelFiles::Gguf { path } => {
+            let gguf = weights::GgufFile::open(path)?;
+            ModelConfig::from_gguf(&gguf.content, path)
+        }
+        ModelFiles::HuggingFace { config, .. } => ModelConfig::from_hf_json(config),
+    }
+}
+
 /// Resolves `spec` (see [`source::resolve`]) and loads model and tokenizer.
 pub fn load_model(spec: &str, options: &LoadOptions) -> Result<LoadedModel> {
     let files = resolve(spec, &options.cache_dir)?;
@@ -211,7 +227,7 @@ pub fn load_files(files: ModelFiles, options: &LoadOptions) -> Result<LoadedMode
             let config = ModelConfig::from_gguf(&gguf.content, path)?;
             let tokenizer = Tokenizer::from_gguf(&gguf.content, path)?;
             let model = match options.precision {
-                Precision::F32 => {
+                Precision::F32 | Precision::Bf16 => {
                     let tensors = gguf.dequantized_hf_tensors(&config, device)?;
                     Transformer::from_tensors(config, tensors, path, device)?
                 }
@@ -255,6 +271,10 @@ pub fn load_files(files: ModelFiles, options: &LoadOptions) -> Result<LoadedMode
             )
         }
     };
+    let mut model = model;
+    if options.precision == Precision::Bf16 {
+        model.set_compute_dtype(DType::BF16)?;
+    }
     Ok(LoadedModel {
         model,
         tokenizer,

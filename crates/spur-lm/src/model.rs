@@ -4,9 +4,17 @@
 //!
 //! Weights are either trainable f32 [`Var`]s held in a [`VarMap`] (loaded from safetensors or a
 //! dequantised GGUF) or, for fast evaluation, the quantised GGUF tensors behind [`QMatMul`].
+//!
+//! A trainable model computes in f32 or in bf16 ([`Transformer::set_compute_dtype`]). In bf16 the
+//! f32 vars stay the master weights: each pass casts them (a differentiable cast, so gradients
+//! reach the f32 vars in f32), while RMS norms and attention softmaxes are computed in f32, as
+//! PyTorch's autocast does. With activation checkpointing
+//! ([`Transformer::set_activation_checkpointing`]) a training pass keeps only each decoder layer's
+//! input, and [`LayerTape::backward`] recomputes one layer at a time.
 
 use std::collections::HashMap;
 
+use candle_core::backprop::GradStore;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::VarMap;
@@ -52,7 +60,42 @@ enum Linear {
     },
 }
 
+/// `a · b` in the operands' dtype. candle's CPU matmul has no bf16 kernel, so there bf16
+/// operands are multiplied in f32 and the result rounded back to bf16: bf16 inputs with f32
+/// sums, what bf16 tensor cores compute, so CPU tests exercise the GPU's arithmetic.
+fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dtype() == DType::BF16 && a.device().is_cpu() {
+        let product = a.to_dtype(DType::F32)?.matmul(&b.to_dtype(DType::F32)?)?;
+        return Ok(product.to_dtype(DType::BF16)?);
+    }
+    Ok(a.matmul(b)?)
+}
+
 impl Linear {
+    /// A detached copy of a dense projection with its weights in `dtype`.
+    fn cast(&self, dtype: DType) -> Result<Linear> {
+        match self {
+            Linear::Dense { weight, bias } => Ok(Linear::Dense {
+                weight: weight.detach().to_dtype(dtype)?,
+                bias: bias
+                    .as_ref()
+                    .map(|b| b.detach().to_dtype(dtype))
+                    .transpose()?,
+            }),
+            _ => Err(Error::Request(
+                "quantised weights compute in f32 and are not cast".into(),
+            )),
+        }
+    }
+
+    /// The dense weight and bias (none for quantised projections).
+    fn tensors(&self) -> Vec<&Tensor> {
+        match self {
+            Linear::Dense { weight, bias } => std::iter::once(weight).chain(bias).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     fn quantized(weight: QTensor, bias: Option<Tensor>, device: &Device) -> Result<Self> {
         if device.is_cpu() {
             if let Some(weight) = QuantMatrix::from_qtensor(&weight)? {
@@ -75,14 +118,20 @@ impl Linear {
         let x2 = x.reshape((rows, in_dim))?;
         let (y, bias) = match self {
             Linear::Dense { weight, bias }
-                if decoding && rows <= DECODE_ROWS && weight.device().is_cpu() =>
+                if decoding
+                    && rows <= DECODE_ROWS
+                    && weight.device().is_cpu()
+                    && weight.dtype() == DType::F32
+                    && x.dtype() == DType::F32 =>
             {
                 (
                     x2.contiguous()?.apply_op2_no_bwd(weight, &DecodeMatmul)?,
                     bias,
                 )
             }
-            Linear::Dense { weight, bias } => (x2.matmul(&weight.t()?)?, bias),
+            Linear::Dense { weight, bias } => {
+                (matmul(&x2, &weight.to_dtype(x.dtype())?.t()?)?, bias)
+            }
             Linear::QuantCpu { weight, bias } => {
                 let x = x2.flatten_all()?.to_vec1::<f32>()?;
                 let y = weight.matmul(&x, rows);
@@ -94,7 +143,7 @@ impl Linear {
             Linear::Quant { weight, bias } => (weight.forward(&x2)?, bias),
         };
         let y = match bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
         };
         let mut out_dims = dims;
@@ -122,6 +171,47 @@ struct Layer {
     /// OLMo2 only: RMS norms over the whole q and k projections.
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
+}
+
+impl Layer {
+    /// Every weight tensor of the layer (the ones a layer's backward pass gives gradients to).
+    fn tensors(&self) -> Vec<&Tensor> {
+        let projections = [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ];
+        let norms = [
+            self.input_norm.as_ref(),
+            Some(&self.post_attention_norm),
+            self.post_feedforward_norm.as_ref(),
+            self.q_norm.as_ref(),
+            self.k_norm.as_ref(),
+        ];
+        projections
+            .into_iter()
+            .flat_map(Linear::tensors)
+            .chain(norms.into_iter().flatten())
+            .collect()
+    }
+
+    /// A detached copy in `dtype` (the fused norm kernels take their weight in the input's
+    /// dtype).
+    fn cast(&self, dtype: DType) -> Result<Layer> {
+        let norm = |t: &Option<Tensor>| t.as_ref().map(|t| t.detach().to_dtype(dtype)).transpose();
+        Ok(Layer {
+            q: self.q.cast(dtype)?,
+            k: self.k.cast(dtype)?,
+            v: self.v.cast(dtype)?,
+            o: self.o.cast(dtype)?,
+            gate: self.gate.cast(dtype)?,
+            up: self.up.cast(dtype)?,
+            down: self.down.cast(dtype)?,
+            input_norm: norm(&self.input_norm)?,
+            post_attention_norm: self.post_attention_norm.detach().to_dtype(dtype)?,
+            post_feedforward_norm: norm(&self.post_feedforward_norm)?,
+            q_norm: norm(&self.q_norm)?,
+            k_norm: norm(&self.k_norm)?,
+        })
+    }
 }
 
 /// Keys and values of past positions for a batch of sequences.
@@ -253,6 +343,10 @@ pub struct Transformer {
     inv_freq: Vec<f64>,
     varmap: Option<VarMap>,
     device: Device,
+    /// Dtype of activations and matrix products: f32, or bf16 over the f32 master weights.
+    compute: DType,
+    /// Training passes keep only each layer's input and recompute the layer in the backward.
+    checkpoint_activations: bool,
 }
 
 /// The Hugging Face tensor names and shapes a model of `config` needs, in a stable order.
@@ -298,28 +392,39 @@ pub fn parameter_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-/// Whether a pass over `x` uses fused kernels without a backward pass for its small ops (norms,
-/// rotary embeddings, gating): only a pass that takes no gradient (`decoding`, a KV-cache pass),
-/// and only on the CPU, where such ops were a sixth of a decode step; CUDA decoding keeps the
-/// ops it was checked against transformers with (docs/cuda.md).
-fn fused(decoding: bool, x: &Tensor) -> bool {
-    decoding && x.device().is_cpu()
+/// Whether a pass uses candle's fused kernels, which have no backward pass, for its small ops
+/// (RMS norms, rotary embeddings, the attention softmax): only a pass that takes no gradient
+/// (`decoding`, a KV-cache pass). On the CPU those ops were a sixth of a decode step; on CUDA,
+/// where decoding is bound by kernel launches, each fused kernel replaces three to six.
+fn fused(decoding: bool) -> bool {
+    decoding
+}
+
+/// Whether spur's own CPU decoding kernels (weight products, attention over the cache, gating)
+/// serve a pass over `x`: no gradient, on the CPU, in f32.
+fn cpu_kernels(decoding: bool, x: &Tensor) -> bool {
+    decoding && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// RMS norm of the last dimension. `decoding`: no gradient will be taken.
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, decoding: bool) -> Result<Tensor> {
-    if fused(decoding, x) {
+    if fused(decoding) {
         // candle's kernel: one pass instead of six ops, each with its own allocation.
         return Ok(candle_nn::ops::rms_norm(
             &x.contiguous()?,
-            weight,
+            &weight.to_dtype(x.dtype())?,
             eps as f32,
         )?);
     }
-    // Written out so that the weight gets a gradient.
+    // Written out so that the weight gets a gradient; in f32 whatever the pass's dtype (a
+    // bf16 mean of squares over thousands of features loses most of its digits).
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
     let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?;
-    Ok(normed.broadcast_mul(weight)?)
+    Ok(normed
+        .broadcast_mul(&weight.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)?)
 }
 
 /// Rotary embedding of `x` ([b, heads, t, d]) with `cos`/`sin` of shape [b, 1, t, d/2].
@@ -333,7 +438,7 @@ fn rope(
 ) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
     let half = d / 2;
-    if fused(decoding, x) {
+    if fused(decoding) {
         // candle's kernels (same products and sums as below).
         let (cos, sin) = (cos.reshape((b, t, half))?, sin.reshape((b, t, half))?);
         let x = x.contiguous()?;
@@ -441,6 +546,8 @@ impl Transformer {
             varmap: Some(varmap),
             device: device.clone(),
             config,
+            compute: DType::F32,
+            checkpoint_activations: false,
         })
     }
 
@@ -544,6 +651,8 @@ impl Transformer {
             varmap: None,
             device: device.clone(),
             config,
+            compute: DType::F32,
+            checkpoint_activations: false,
         })
     }
 
@@ -558,6 +667,69 @@ impl Transformer {
     /// True when the weights are trainable f32 vars (not the quantised fast path).
     pub fn is_trainable(&self) -> bool {
         self.varmap.is_some()
+    }
+
+    /// Computes in `dtype`: f32, or bf16 over the f32 master weights (trainable models only;
+    /// bf16 on the GPU uses tensor cores). Logits are returned in f32 either way.
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        match dtype {
+            DType::F32 => {}
+            DType::BF16 if self.is_trainable() => {}
+            DType::BF16 => {
+                return Err(Error::Request(
+                    "bf16 compute needs trainable weights; quantised weights compute in f32".into(),
+                ))
+            }
+            other => {
+                return Err(Error::Request(format!(
+                    "compute dtype {other:?}: expected f32 or bf16"
+                )))
+            }
+        }
+        self.compute = dtype;
+        Ok(())
+    }
+
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
+    }
+
+    /// With checkpointing, [`Transformer::forward_checkpointed`] keeps one tensor per decoder
+    /// layer instead of the layer's whole graph; the backward pass recomputes each layer.
+    pub fn set_activation_checkpointing(&mut self, on: bool) {
+        self.checkpoint_activations = on;
+    }
+
+    pub fn activation_checkpointing(&self) -> bool {
+        self.checkpoint_activations
+    }
+
+    /// For a model that computes in another dtype than its weights', a detached copy whose
+    /// projections are cast once to the compute dtype, so that decode steps do not cast every
+    /// weight again; `None` when this model decodes as it is. Take it per generation: it does
+    /// not see later updates of the vars.
+    pub fn decoding_copy(&self) -> Result<Option<Transformer>> {
+        if self.compute == DType::F32 {
+            return Ok(None);
+        }
+        let dtype = self.compute;
+        Ok(Some(Transformer {
+            config: self.config.clone(),
+            embed: self.embed.detach(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.cast(dtype))
+                .collect::<Result<_>>()?,
+            norm: self.norm.detach().to_dtype(dtype)?,
+            lm_head: self.lm_head.cast(dtype)?,
+            rope_style: self.rope_style,
+            inv_freq: self.inv_freq.clone(),
+            varmap: None,
+            device: self.device.clone(),
+            compute: dtype,
+            checkpoint_activations: false,
+        }))
     }
 
     /// The trainable weights, keyed by Hugging Face tensor names; `None` for a quantised model.
@@ -594,8 +766,8 @@ impl Transformer {
                 }
             }
         }
-        let cos = Tensor::from_vec(cos, (b, 1, t, half), &self.device)?;
-        let sin = Tensor::from_vec(sin, (b, 1, t, half), &self.device)?;
+        let cos = Tensor::from_vec(cos, (b, 1, t, half), &self.device)?.to_dtype(self.compute)?;
+        let sin = Tensor::from_vec(sin, (b, 1, t, half), &self.device)?.to_dtype(self.compute)?;
         Ok((cos, sin))
     }
 
@@ -636,7 +808,7 @@ impl Transformer {
                 (k, v, Some(pad))
             }
         };
-        if let (1, Some(pad), true) = (t, pad, q.device().is_cpu()) {
+        if let (1, Some(pad), true) = (t, pad, cpu_kernels(decoding, &q)) {
             let op = DecodeAttention {
                 pad: pad.to_vec(),
                 scale: 1.0 / (hd as f32).sqrt(),
@@ -652,12 +824,20 @@ impl Transformer {
         // Grouped-query attention without copying k/v: the n_rep query heads that share a
         // key/value head are stacked along the query axis.
         let q = q.contiguous()?.reshape((b, kv_heads, n_rep * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores
+        // Scores, mask and softmax in f32 whatever the pass's dtype, as autocast does.
+        let scores = matmul(&q, &k.t()?)?.to_dtype(DType::F32)?;
+        let scores = (scores * (1.0 / (hd as f64).sqrt()))?
             .reshape((b, kv_heads, n_rep, t, tk))?
             .broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let out = probs.reshape((b, kv_heads, n_rep * t, tk))?.matmul(&v)?;
+        // On CUDA one kernel instead of five launches; the CPU keeps the composite softmax
+        // its cached rollouts were sampled with (a fused kernel sums in another order).
+        let probs = if fused(decoding) && !scores.device().is_cpu() {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        };
+        let probs = probs.to_dtype(v.dtype())?;
+        let out = matmul(&probs.reshape((b, kv_heads, n_rep * t, tk))?, &v)?;
         let out = out
             .reshape((b, heads, t, hd))?
             .transpose(1, 2)?
@@ -668,13 +848,55 @@ impl Transformer {
     fn mlp(layer: &Layer, x: &Tensor, decoding: bool) -> Result<Tensor> {
         let gate = layer.gate.forward(x, decoding)?;
         let up = layer.up.forward(x, decoding)?;
-        let h = if fused(decoding, &gate) {
+        let h = if cpu_kernels(decoding, &gate) {
             gate.contiguous()?
                 .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)?
         } else {
             (gate.silu()? * up)?
         };
         layer.down.forward(&h, decoding)
+    }
+
+    /// Embeddings of `tokens` (u32 [b, t]) in the compute dtype: [b, t, hidden].
+    fn embed_tokens(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        Ok(self
+            .embed
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?
+            .to_dtype(self.compute)?)
+    }
+
+    /// One decoder layer: residual stream in, residual stream out.
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        rope_cs: &(Tensor, Tensor),
+        mask: &Tensor,
+        cache: Option<(&mut (Tensor, Tensor), usize, &[usize])>,
+    ) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        let decoding = cache.is_some();
+        match &layer.input_norm {
+            Some(input_norm) => {
+                let h = rms_norm(x, input_norm, eps, decoding)?;
+                let h = (x + self.attention(layer, &h, rope_cs, mask, cache)?)?;
+                let h_norm = rms_norm(&h, &layer.post_attention_norm, eps, decoding)?;
+                let m = Self::mlp(layer, &h_norm, decoding)?;
+                Ok((h + m)?)
+            }
+            None => {
+                let a = self.attention(layer, x, rope_cs, mask, cache)?;
+                let h = (x + rms_norm(&a, &layer.post_attention_norm, eps, decoding)?)?;
+                let ff_norm = layer
+                    .post_feedforward_norm
+                    .as_ref()
+                    .expect("OLMo2 layers have a post-feedforward norm");
+                let m = Self::mlp(layer, &h, decoding)?;
+                Ok((&h + rms_norm(&m, ff_norm, eps, decoding)?)?)
+            }
+        }
     }
 
     fn run_layers(
@@ -684,13 +906,8 @@ impl Transformer {
         mask: &Tensor,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t) = tokens.dims2()?;
-        let eps = self.config.rms_norm_eps;
-        let decoding = cache.is_some();
-        let mut x = self
-            .embed
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden_size))?;
+        let t = tokens.dim(1)?;
+        let mut x = self.embed_tokens(tokens)?;
         let rope_cs = self.rope_tables(positions)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = match cache.as_deref_mut() {
@@ -700,25 +917,7 @@ impl Transformer {
                 }
                 None => None,
             };
-            x = match &layer.input_norm {
-                Some(input_norm) => {
-                    let h = rms_norm(&x, input_norm, eps, decoding)?;
-                    let h = (x + self.attention(layer, &h, &rope_cs, mask, layer_cache)?)?;
-                    let h_norm = rms_norm(&h, &layer.post_attention_norm, eps, decoding)?;
-                    let m = Self::mlp(layer, &h_norm, decoding)?;
-                    (h + m)?
-                }
-                None => {
-                    let a = self.attention(layer, &x, &rope_cs, mask, layer_cache)?;
-                    let h = (x + rms_norm(&a, &layer.post_attention_norm, eps, decoding)?)?;
-                    let ff_norm = layer
-                        .post_feedforward_norm
-                        .as_ref()
-                        .expect("OLMo2 layers have a post-feedforward norm");
-                    let m = Self::mlp(layer, &h, decoding)?;
-                    (&h + rms_norm(&m, ff_norm, eps, decoding)?)?
-                }
-            };
+            x = self.layer_forward(layer, &x, &rope_cs, mask, layer_cache)?;
         }
         if let Some(c) = cache {
             c.len += t;
@@ -744,6 +943,13 @@ impl Transformer {
     }
 
     fn forward_from_in_pool(&self, tokens: &Tensor, start: usize) -> Result<Tensor> {
+        let (positions, mask) = self.training_inputs(tokens, start)?;
+        let x = self.run_layers(tokens, &positions, &mask, None)?;
+        Ok(self.head(&x, start)?.to_dtype(DType::F32)?)
+    }
+
+    /// Positions and causal mask of a training pass over `tokens` (u32 [b, t]).
+    fn training_inputs(&self, tokens: &Tensor, start: usize) -> Result<(Vec<Vec<usize>>, Tensor)> {
         let (b, t) = tokens.dims2()?;
         if start >= t {
             return Err(Error::Request(format!(
@@ -758,10 +964,83 @@ impl Transformer {
             }
         }
         let mask = Tensor::from_vec(mask, (1, 1, 1, t, t), &self.device)?;
-        let x = self.run_layers(tokens, &positions, &mask, None)?;
+        Ok((positions, mask))
+    }
+
+    /// Logits at positions `start..` of the last layer's output `x`, in the compute dtype.
+    fn head(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let t = x.dim(1)?;
         let x = x.narrow(1, start, t - start)?;
         let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps, false)?;
         self.lm_head.forward(&x, false)
+    }
+
+    /// [`Transformer::forward_from`] for a pass whose gradient will be taken, with logits in the
+    /// compute dtype: with activation checkpointing on, they hold only the graph above the last
+    /// decoder layer
+    /// and the [`LayerTape`] each layer's input; without it, the tape is `None` and the logits
+    /// hold the whole graph (`loss.backward()` as usual).
+    pub fn forward_for_gradient(
+        &self,
+        tokens: &Tensor,
+        start: usize,
+    ) -> Result<(Tensor, Option<LayerTape<'_>>)> {
+        if !self.checkpoint_activations {
+            let logits = crate::on_compute_pool(|| {
+                let (positions, mask) = self.training_inputs(tokens, start)?;
+                let x = self.run_layers(tokens, &positions, &mask, None)?;
+                self.head(&x, start)
+            })?;
+            return Ok((logits, None));
+        }
+        crate::on_compute_pool(|| {
+            let (positions, mask) = self.training_inputs(tokens, start)?;
+            let rope_cs = self.rope_tables(&positions)?;
+            let mut inputs = Vec::with_capacity(self.layers.len());
+            let x = self.detached_layers(tokens, &rope_cs, &mask, |x| inputs.push(x.clone()))?;
+            let top = Var::from_tensor(&x)?;
+            let logits = self.head(top.as_tensor(), start)?;
+            Ok((
+                logits,
+                Some(LayerTape {
+                    model: self,
+                    tokens: tokens.clone(),
+                    rope_cs,
+                    mask,
+                    inputs,
+                    top,
+                }),
+            ))
+        })
+    }
+
+    /// [`Transformer::forward_from`] without a gradient: each layer's graph is dropped as soon
+    /// as the layer is computed, so a scoring pass (π_old, a reference model) holds one layer's
+    /// activations at a time instead of all of them. Detached logits in the compute dtype.
+    pub fn forward_no_grad(&self, tokens: &Tensor, start: usize) -> Result<Tensor> {
+        crate::on_compute_pool(|| {
+            let (positions, mask) = self.training_inputs(tokens, start)?;
+            let rope_cs = self.rope_tables(&positions)?;
+            let x = self.detached_layers(tokens, &rope_cs, &mask, |_| {})?;
+            Ok(self.head(&x, start)?.detach())
+        })
+    }
+
+    /// The decoder layers over `tokens` with every layer's output detached (its graph freed at
+    /// once); `keep` sees each layer's input.
+    fn detached_layers(
+        &self,
+        tokens: &Tensor,
+        rope_cs: &(Tensor, Tensor),
+        mask: &Tensor,
+        mut keep: impl FnMut(&Tensor),
+    ) -> Result<Tensor> {
+        let mut x = self.embed_tokens(tokens)?.detach();
+        for layer in &self.layers {
+            keep(&x);
+            x = self.layer_forward(layer, &x, rope_cs, mask, None)?.detach();
+        }
+        Ok(x)
     }
 
     /// Log-probabilities of `targets` ([batch, seq] u32) under the logits at the same positions
@@ -790,8 +1069,8 @@ impl Transformer {
         let layers = (0..c.num_hidden_layers)
             .map(|_| {
                 Ok((
-                    Tensor::zeros(shape, DType::F32, &self.device)?,
-                    Tensor::zeros(shape, DType::F32, &self.device)?,
+                    Tensor::zeros(shape, self.compute, &self.device)?,
+                    Tensor::zeros(shape, self.compute, &self.device)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -836,6 +1115,69 @@ impl Transformer {
         let x = self.run_layers(tokens, &positions, &mask, Some(cache))?;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
         let last = rms_norm(&last, &self.norm, self.config.rms_norm_eps, true)?;
-        self.lm_head.forward(&last, true)
+        Ok(self.lm_head.forward(&last, true)?.to_dtype(DType::F32)?)
     }
+}
+
+/// What a checkpointed training pass kept: each decoder layer's input (detached) and the
+/// leaf the logits were computed from.
+pub struct LayerTape<'a> {
+    model: &'a Transformer,
+    tokens: Tensor,
+    rope_cs: (Tensor, Tensor),
+    mask: Tensor,
+    inputs: Vec<Tensor>,
+    top: Var,
+}
+
+impl LayerTape<'_> {
+    /// Gradients of `loss`, a scalar computed from the pass's logits, with respect to every
+    /// var: the graph above the layers first, then each layer recomputed from its input (last
+    /// layer first) and differentiated as the vector-Jacobian product with the gradient that
+    /// reached its output, then the embedding. One layer's graph is alive at a time.
+    pub fn backward(self, loss: &Tensor) -> Result<GradStore> {
+        crate::on_compute_pool(|| self.backward_in_pool(loss))
+    }
+
+    fn backward_in_pool(self, loss: &Tensor) -> Result<GradStore> {
+        let model = self.model;
+        let mut grads = loss.backward()?;
+        let Some(mut upstream) = grads.remove(self.top.as_tensor()) else {
+            return Err(Error::Request(
+                "the loss does not depend on the checkpointed pass's logits".into(),
+            ));
+        };
+        for (layer, input) in model.layers.iter().zip(&self.inputs).rev() {
+            let x = Var::from_tensor(input)?;
+            let out = model.layer_forward(layer, x.as_tensor(), &self.rope_cs, &self.mask, None)?;
+            let mut layer_grads = (out * &upstream)?.sum_all()?.backward()?;
+            accumulate(&mut grads, &mut layer_grads, layer.tensors())?;
+            upstream = layer_grads.remove(x.as_tensor()).ok_or_else(|| {
+                Error::Request("a decoder layer's output does not depend on its input".into())
+            })?;
+        }
+        let embedded = model.embed_tokens(&self.tokens)?;
+        let mut embed_grads = (embedded * &upstream)?.sum_all()?.backward()?;
+        accumulate(&mut grads, &mut embed_grads, [&model.embed])?;
+        Ok(grads)
+    }
+}
+
+/// Moves the gradients of `tensors` from `from` into `into`, adding where `into` already holds
+/// one (tied embeddings get gradients from the head and from the embedding).
+fn accumulate<'t>(
+    into: &mut GradStore,
+    from: &mut GradStore,
+    tensors: impl IntoIterator<Item = &'t Tensor>,
+) -> Result<()> {
+    for tensor in tensors {
+        if let Some(g) = from.remove(tensor) {
+            let sum = match into.remove(tensor) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            into.insert(tensor, sum);
+        }
+    }
+    Ok(())
 }

@@ -2,7 +2,7 @@
 //!
 //! A checkpoint is a directory:
 //! - `weights.safetensors`: the policy's vars by name, in their dtype;
-//! - `optimizer.safetensors`: Adam's f32 moments (`m.<name>`, `v.<name>`) and f32 master weights
+//! - `optimizer.safetensors`: Adam's moments (f32, or bf16 with `moments: bf16`) (`m.<name>`, `v.<name>`) and f32 master weights
 //!   (`master.<name>`) for vars that are not f32;
 //! - `state.json`: format version, steps and updates done, the shuffling generator's state, the
 //!   parameter names and the configuration that wrote it.
@@ -173,14 +173,14 @@ impl Trainer {
                 &format!("m.{name}"),
                 var.as_tensor(),
             )?
-            .to_dtype(DType::F32)?;
+            .to_dtype(opt.config().moments.dtype())?;
             opt.v[i] = get(
                 &moments,
                 OPTIMIZER_FILE,
                 &format!("v.{name}"),
                 var.as_tensor(),
             )?
-            .to_dtype(DType::F32)?;
+            .to_dtype(opt.config().moments.dtype())?;
             if opt.master[i].is_some() {
                 let key = format!("master.{name}");
                 opt.master[i] = Some(

@@ -27,7 +27,11 @@ pub use objective::{
     group_advantages, micro_batch_objective, AdvantageKind, Aggregation, KlEstimator, MicroBatch,
     MicroBatchOutput, MiniBatchShape, ObjectiveConfig, TokenStats,
 };
-pub use optim::{Adam, AdamConfig, LrSchedule};
-pub use policy::{sequence_logprobs, Policy, SeqLogprobs};
+pub use optim::{Adam, AdamConfig, LrSchedule, MomentDtype};
+pub use policy::{
+    scoring_logprobs, sequence_logprobs, training_logprobs, Backprop, Policy, SeqLogprobs,
+};
 pub use rng::{splitmix64, Rng};
-pub use trainer::{Rollout, RolloutGroup, RolloutSample, StepMetrics, TrainConfig, Trainer};
+pub use trainer::{
+    Rollout, RolloutGroup, RolloutSample, StepMetrics, StepTimings, TrainConfig, Trainer,
+};

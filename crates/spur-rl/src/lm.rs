@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor, Var};
 use spur_lm::Transformer;
 
-use crate::policy::Policy;
+use crate::policy::{Backprop, Policy};
 use crate::{Error, Result};
 
 impl Policy for Transformer {
@@ -15,6 +15,24 @@ impl Policy for Transformer {
     fn forward_logits(&self, input_ids: &Tensor, start: usize) -> Result<Tensor> {
         self.forward_from(input_ids, start)
             .map_err(|e| Error::Policy(Box::new(e)))
+    }
+
+    fn scoring_logits(&self, input_ids: &Tensor, start: usize) -> Result<Tensor> {
+        self.forward_no_grad(input_ids, start)
+            .map_err(|e| Error::Policy(Box::new(e)))
+    }
+
+    fn training_logits(&self, input_ids: &Tensor, start: usize) -> Result<(Tensor, Backprop<'_>)> {
+        let (logits, tape) = self
+            .forward_for_gradient(input_ids, start)
+            .map_err(|e| Error::Policy(Box::new(e)))?;
+        let backprop = match tape {
+            None => Backprop::Graph,
+            Some(tape) => Backprop::Staged(Box::new(move |loss| {
+                tape.backward(loss).map_err(|e| Error::Policy(Box::new(e)))
+            })),
+        };
+        Ok((logits, backprop))
     }
 
     fn device(&self) -> Device {

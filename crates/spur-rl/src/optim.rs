@@ -1,8 +1,10 @@
 //! Adam(W) as the paper's runs used it: β = (0.9, 0.95), ε = 1e-8, no weight decay, constant
 //! learning rate 5e-7, gradient-norm clipping at 1.0 over all parameters together.
 //!
-//! Moments are f32 whatever the weights' dtype; weights that are not f32 (bf16 on a GPU) get an
-//! f32 master copy that the update is applied to, then cast back into the `Var`.
+//! Moments are f32 whatever the weights' dtype, or bf16 when asked (`moments: bf16`, a quarter
+//! less static memory: a 7B model's moments take 30 GB instead of 60; the update itself is
+//! computed in f32 either way). Weights that are not f32 get an f32 master copy that the update
+//! is applied to, then cast back into the `Var`.
 
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -21,6 +23,26 @@ pub struct AdamConfig {
     /// Clip the global gradient norm to this; 0 turns clipping off.
     pub max_grad_norm: f64,
     pub schedule: LrSchedule,
+    /// Storage dtype of the two moments.
+    pub moments: MomentDtype,
+}
+
+/// How Adam stores its moments.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MomentDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl MomentDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            MomentDtype::F32 => DType::F32,
+            MomentDtype::Bf16 => DType::BF16,
+        }
+    }
 }
 
 impl Default for AdamConfig {
@@ -33,6 +55,7 @@ impl Default for AdamConfig {
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             schedule: LrSchedule::Constant,
+            moments: MomentDtype::F32,
         }
     }
 }
@@ -118,9 +141,10 @@ impl Adam {
         let mut m = Vec::with_capacity(vars.len());
         let mut v = Vec::with_capacity(vars.len());
         let mut master = Vec::with_capacity(vars.len());
+        let moments = cfg.moments.dtype();
         for var in vars {
-            m.push(var.zeros_like()?.to_dtype(DType::F32)?);
-            v.push(var.zeros_like()?.to_dtype(DType::F32)?);
+            m.push(Tensor::zeros(var.shape(), moments, var.device())?);
+            v.push(Tensor::zeros(var.shape(), moments, var.device())?);
             master.push(match var.dtype() {
                 DType::F32 => None,
                 _ => Some(var.as_tensor().to_dtype(DType::F32)?),
@@ -194,8 +218,8 @@ impl Adam {
             if clip < 1.0 {
                 g = (g * clip)?;
             }
-            let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let m = ((self.m[i].to_dtype(DType::F32)? * b1)? + (&g * (1.0 - b1))?)?;
+            let v = ((self.v[i].to_dtype(DType::F32)? * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let denom = ((v.sqrt()? / bias2_sqrt)? + self.cfg.eps)?;
             let weight = match &self.master[i] {
                 Some(w) => w.clone(),
@@ -215,8 +239,9 @@ impl Adam {
                 }
                 None => var.set(&next)?,
             }
-            self.m[i] = m;
-            self.v[i] = v;
+            let moments = self.cfg.moments.dtype();
+            self.m[i] = m.to_dtype(moments)?;
+            self.v[i] = v.to_dtype(moments)?;
         }
         Ok(lr)
     }

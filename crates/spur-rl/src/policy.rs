@@ -1,6 +1,7 @@
 //! What the trainer needs from a model, and per-token log-probs of completions from its logits.
 
-use candle_core::{Device, Tensor, Var, D};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::{Error, Result};
 
@@ -16,7 +17,38 @@ pub trait Policy: Sync {
     /// gradients silently).
     fn forward_logits(&self, input_ids: &Tensor, start: usize) -> Result<Tensor>;
 
+    /// [`Policy::forward_logits`] for a pass whose gradient will not be taken (π_old and
+    /// reference log-probs), detached. A policy may keep less memory for it than for a
+    /// differentiable pass.
+    fn scoring_logits(&self, input_ids: &Tensor, start: usize) -> Result<Tensor> {
+        Ok(self.forward_logits(input_ids, start)?.detach())
+    }
+
+    /// [`Policy::forward_logits`] for a pass whose gradient will be taken, with how to take it.
+    /// A policy that keeps less than the whole graph (activation checkpointing) returns a
+    /// [`Backprop::Staged`] that recomputes what it dropped.
+    fn training_logits(&self, input_ids: &Tensor, start: usize) -> Result<(Tensor, Backprop<'_>)> {
+        Ok((self.forward_logits(input_ids, start)?, Backprop::Graph))
+    }
+
     fn device(&self) -> Device;
+}
+
+/// How to get the gradients of a loss computed from a training pass's logits.
+pub enum Backprop<'a> {
+    /// The logits hold the whole graph: `loss.backward()`.
+    Graph,
+    /// The policy's own backward pass, given the loss.
+    Staged(Box<dyn FnOnce(&Tensor) -> Result<GradStore> + 'a>),
+}
+
+impl Backprop<'_> {
+    pub fn backward(self, loss: &Tensor) -> Result<GradStore> {
+        match self {
+            Backprop::Graph => Ok(loss.backward()?),
+            Backprop::Staged(backward) => backward(loss),
+        }
+    }
 }
 
 /// Whether and how to compute the per-token entropy of the policy.
@@ -44,6 +76,40 @@ pub fn sequence_logprobs(
     policy: &dyn Policy,
     seqs: &[(&[u32], &[u32])],
     entropy: Entropy,
+) -> Result<SeqLogprobs> {
+    scored(policy, seqs, entropy, |ids, start| {
+        policy.forward_logits(ids, start)
+    })
+}
+
+/// [`sequence_logprobs`] without a gradient (detached), through [`Policy::scoring_logits`].
+pub fn scoring_logprobs(policy: &dyn Policy, seqs: &[(&[u32], &[u32])]) -> Result<Tensor> {
+    let scored = scored(policy, seqs, Entropy::Skip, |ids, start| {
+        policy.scoring_logits(ids, start)
+    })?;
+    Ok(scored.logprobs)
+}
+
+/// [`sequence_logprobs`] for a pass whose gradient will be taken, with how to take it.
+pub fn training_logprobs<'p>(
+    policy: &'p dyn Policy,
+    seqs: &[(&[u32], &[u32])],
+    entropy: Entropy,
+) -> Result<(SeqLogprobs, Backprop<'p>)> {
+    let mut backprop = Backprop::Graph;
+    let logprobs = scored(policy, seqs, entropy, |ids, start| {
+        let (logits, how) = policy.training_logits(ids, start)?;
+        backprop = how;
+        Ok(logits)
+    })?;
+    Ok((logprobs, backprop))
+}
+
+fn scored(
+    policy: &dyn Policy,
+    seqs: &[(&[u32], &[u32])],
+    entropy: Entropy,
+    logits_from: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
 ) -> Result<SeqLogprobs> {
     if seqs.is_empty() {
         return Err(Error::Rollout("no sequences to score".into()));
@@ -84,29 +150,46 @@ pub fn sequence_logprobs(
             mask.push(inside as u8 as f32);
         }
     }
+    // Position j predicts token j + 1; the last position predicts nothing, so its target is a
+    // placeholder (0) whose log-prob is dropped.
+    let targets: Vec<u32> = ids
+        .chunks(len)
+        .flat_map(|row| row[start + 1..].iter().copied().chain([0]))
+        .collect();
     let ids = Tensor::from_vec(ids, (b, len), &device)?;
     let index = Tensor::from_vec(index, (b, width_out), &device)?;
     let mask = Tensor::from_vec(mask, (b, width_out), &device)?;
 
-    // The last position predicts nothing.
-    let logits = policy.forward_logits(&ids, start)?.narrow(1, 0, width)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let targets = ids
-        .narrow(1, start + 1, width)?
-        .contiguous()?
-        .unsqueeze(2)?;
-    let token_logp = logp.gather(&targets, 2)?.squeeze(2)?;
-    let logprobs = token_logp.gather(&index, 1)?;
+    let logits = logits_from(&ids, start)?;
+    let vocab = logits.dim(D::Minus1)?;
+    let (token_logp, entropy) = if entropy == Entropy::Trainable {
+        // The entropy bonus differentiates the whole distribution: candle's composite ops.
+        let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+        let targets = Tensor::from_vec(targets, (b, width + 1, 1), &device)?;
+        let token_logp = logp.gather(&targets, 2)?.squeeze(2)?;
+        let h = logp.exp()?.mul(&logp)?.sum(D::Minus1)?.neg()?;
+        (token_logp, Some(h))
+    } else {
+        // One fused op: no vocabulary-sized tensor besides the logits is kept.
+        let rows = logits.reshape((b * (width + 1), vocab))?;
+        let targets = Tensor::from_vec(targets, b * (width + 1), &device)?;
+        let token_logp = spur_lm::token_logprobs::token_logprobs(&rows, &targets)
+            .map_err(|e| Error::Policy(Box::new(e)))?
+            .reshape((b, width + 1))?;
+        let h = match entropy {
+            Entropy::Metric => Some(
+                spur_lm::token_logprobs::entropies(&rows.detach())
+                    .map_err(|e| Error::Policy(Box::new(e)))?
+                    .reshape((b, width + 1))?,
+            ),
+            _ => None,
+        };
+        (token_logp, h)
+    };
+    let logprobs = token_logp.narrow(1, 0, width)?.contiguous()?.gather(&index, 1)?;
     let entropy = match entropy {
-        Entropy::Skip => None,
-        Entropy::Metric | Entropy::Trainable => {
-            let logp = match entropy {
-                Entropy::Metric => logp.detach(),
-                _ => logp,
-            };
-            let h = logp.exp()?.mul(&logp)?.sum(D::Minus1)?.neg()?;
-            Some(h.gather(&index, 1)?)
-        }
+        Some(h) => Some(h.narrow(1, 0, width)?.contiguous()?.gather(&index, 1)?),
+        None => None,
     };
     Ok(SeqLogprobs {
         logprobs,

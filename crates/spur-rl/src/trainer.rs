@@ -9,7 +9,7 @@ use crate::objective::{
     TokenStats,
 };
 use crate::optim::{grad_norm, sq_sum, Adam, AdamConfig};
-use crate::policy::{sequence_logprobs, Entropy, Policy};
+use crate::policy::{scoring_logprobs, training_logprobs, Entropy, Policy};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -118,6 +118,20 @@ pub struct StepMetrics {
     pub code_reasoning: Option<f64>,
 }
 
+/// Where a step's time went, when asked for ([`Trainer::set_timing`]): each phase ends with a
+/// device synchronisation, so that GPU work is charged to the phase that launched it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct StepTimings {
+    /// π_old and reference log-probs (no gradient).
+    pub scoring_s: f64,
+    /// Training forward passes and the objective.
+    pub forward_s: f64,
+    /// Backward passes and gradient accumulation.
+    pub backward_s: f64,
+    /// Gradient norms and Adam.
+    pub optimizer_s: f64,
+}
+
 /// Runs GRPO steps on a policy and owns the optimizer and shuffling state.
 pub struct Trainer {
     pub(crate) cfg: TrainConfig,
@@ -126,6 +140,35 @@ pub struct Trainer {
     pub(crate) optimizer: Adam,
     pub(crate) rng: Rng,
     pub(crate) step: u64,
+    timings: Option<StepTimings>,
+}
+
+/// Adds the time since the last mark to a phase, synchronising the device first.
+struct PhaseClock {
+    device: Option<Device>,
+    last: std::time::Instant,
+}
+
+impl PhaseClock {
+    fn new(device: Option<Device>) -> Result<Self> {
+        if let Some(d) = &device {
+            d.synchronize()?;
+        }
+        Ok(Self {
+            device,
+            last: std::time::Instant::now(),
+        })
+    }
+
+    fn charge(&mut self, phase: &mut f64) -> Result<()> {
+        if let Some(d) = &self.device {
+            d.synchronize()?;
+            let now = std::time::Instant::now();
+            *phase += (now - self.last).as_secs_f64();
+            self.last = now;
+        }
+        Ok(())
+    }
 }
 
 /// One sample, flattened out of its group.
@@ -156,7 +199,18 @@ impl Trainer {
             optimizer,
             rng,
             step: 0,
+            timings: None,
         })
+    }
+
+    /// Times each step's phases (at the cost of a device synchronisation between them).
+    pub fn set_timing(&mut self, on: bool) {
+        self.timings = on.then(StepTimings::default);
+    }
+
+    /// The phases of the last step, when timing is on.
+    pub fn last_timings(&self) -> Option<&StepTimings> {
+        self.timings.as_ref()
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -207,6 +261,8 @@ impl Trainer {
         let n = items.len();
         let micro = self.cfg.micro_batch;
         let device = policy.device();
+        let mut timings = StepTimings::default();
+        let mut clock = PhaseClock::new(self.timings.is_some().then(|| device.clone()))?;
 
         let mut order: Vec<usize> = (0..n).collect();
         if self.cfg.shuffle {
@@ -231,6 +287,7 @@ impl Trainer {
             Some(r) => Some(score(r, &items, &(0..n).collect::<Vec<_>>(), micro)?),
             None => None,
         };
+        clock.charge(&mut timings.scoring_s)?;
         let entropy = match (objective.entropy_coef > 0.0, self.cfg.entropy_metric) {
             (true, _) => Entropy::Trainable,
             (false, true) => Entropy::Metric,
@@ -260,7 +317,7 @@ impl Trainer {
                     .iter()
                     .map(|&i| (items[i].prompt, items[i].completion))
                     .collect();
-                let scored = sequence_logprobs(policy, &seqs, entropy)?;
+                let (scored, backprop) = training_logprobs(policy, &seqs, entropy)?;
                 let width = scored.logprobs.dim(1)?;
                 let old_t = old_logprobs(chunk, &old, &scored.logprobs, &device)?;
                 let ref_t = match &reference_logprobs {
@@ -285,7 +342,8 @@ impl Trainer {
                 if !loss.is_finite() {
                     return Err(non_finite("loss", loss));
                 }
-                let mut store = out.loss.backward()?;
+                clock.charge(&mut timings.forward_s)?;
+                let mut store = backprop.backward(&out.loss)?;
                 let mut sq = 0.0;
                 for (acc, var) in grads.iter_mut().zip(&self.vars) {
                     // Detached: a gradient computed from tracked tensors
@@ -304,6 +362,7 @@ impl Trainer {
                 }
                 mini_loss += loss;
                 stats.add(&out.stats);
+                clock.charge(&mut timings.backward_s)?;
             }
             let grads = grads
                 .into_iter()
@@ -327,8 +386,12 @@ impl Trainer {
             lr = self.optimizer.step(&self.vars, &grads, norm)?;
             losses.push(mini_loss);
             norms.push(norm);
+            clock.charge(&mut timings.optimizer_s)?;
         }
         self.step = step;
+        if self.timings.is_some() {
+            self.timings = Some(timings);
+        }
 
         let tokens = stats.tokens.max(1.0);
         let texts: Option<Vec<&str>> = rollout
@@ -470,10 +533,7 @@ fn score(
             .iter()
             .map(|&i| (items[i].prompt, items[i].completion))
             .collect();
-        let scored = sequence_logprobs(policy, &seqs, Entropy::Skip)?;
-        let rows = scored
-            .logprobs
-            .detach()
+        let rows = scoring_logprobs(policy, &seqs)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
         for (&i, row) in chunk.iter().zip(rows) {

@@ -9,8 +9,9 @@ use spur_lm::model::parameter_shapes;
 use spur_lm::{Architecture, ModelConfig, Transformer};
 use spur_rl::policy::Entropy;
 use spur_rl::{
-    micro_batch_objective, sequence_logprobs, MicroBatch, MiniBatchShape, ObjectiveConfig, Policy,
-    Rng, Rollout, RolloutGroup, RolloutSample, TrainConfig, Trainer,
+    micro_batch_objective, sequence_logprobs, training_logprobs, Backprop, MicroBatch, MiniBatchShape,
+    MomentDtype, ObjectiveConfig, Policy, Rng, Rollout, RolloutGroup, RolloutSample, TrainConfig,
+    Trainer,
 };
 
 fn tiny(architecture: Architecture, tie: bool, seed: u64) -> Transformer {
@@ -212,4 +213,137 @@ fn a_step_updates_the_shared_weights() {
         .unwrap();
     let diff = (after - before).unwrap().abs().unwrap().max_all().unwrap();
     assert!(diff.to_scalar::<f32>().unwrap() > 0.0);
+}
+
+/// The loss of [`loss`], through the training pass the trainer uses, with its gradients.
+fn training_gradients(policy: &Transformer, old: &Tensor) -> candle_core::backprop::GradStore {
+    let (scored, backprop) = training_logprobs(policy, &SEQS, Entropy::Trainable).unwrap();
+    let adv = Tensor::new(&[1.0f32, -0.5, 0.8], &Device::Cpu).unwrap();
+    let cfg = ObjectiveConfig {
+        entropy_coef: 0.01,
+        ..ObjectiveConfig::default()
+    };
+    let mb = MicroBatch {
+        logprobs: &scored.logprobs,
+        old_logprobs: old,
+        ref_logprobs: None,
+        entropy: scored.entropy.as_ref(),
+        mask: &scored.mask,
+        advantages: &adv,
+    };
+    let shape = MiniBatchShape {
+        micro_batches: 1,
+        sequences: SEQS.len(),
+    };
+    let loss = micro_batch_objective(&cfg, &mb, shape).unwrap().loss;
+    assert_eq!(
+        matches!(backprop, Backprop::Staged(_)),
+        policy.activation_checkpointing(),
+        "a checkpointing policy takes its own backward pass"
+    );
+    backprop.backward(&loss).unwrap()
+}
+
+/// Largest |a - b| over the largest |a|.
+fn relative_gap(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(candle_core::DType::F32).unwrap();
+    let b = b.to_dtype(candle_core::DType::F32).unwrap();
+    let gap = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
+    let scale = a.abs().unwrap().max_all().unwrap();
+    gap.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
+}
+
+#[test]
+fn checkpointed_layers_give_the_whole_graphs_gradients() {
+    for (arch, tie) in [
+        (Architecture::Llama, true),
+        (Architecture::Qwen2, false),
+        (Architecture::Olmo2, false),
+    ] {
+        let mut model = tiny(arch, tie, 21);
+        let old = old_logprobs(&model);
+        let whole = training_gradients(&model, &old);
+        model.set_activation_checkpointing(true);
+        let staged = training_gradients(&model, &old);
+        for (name, var) in Policy::named_vars(&model) {
+            let (a, b) = (whole.get(var.as_tensor()), staged.get(var.as_tensor()));
+            let (Some(a), Some(b)) = (a, b) else {
+                panic!("{arch:?}: {name}: a gradient is missing with or without checkpointing");
+            };
+            let gap = relative_gap(a, b);
+            assert!(gap < 1e-5, "{arch:?} (tied {tie}): {name}: relative gap {gap}");
+        }
+    }
+}
+
+#[test]
+fn bf16_compute_follows_f32_and_trains_the_f32_weights() {
+    for arch in [Architecture::Llama, Architecture::Qwen2, Architecture::Olmo2] {
+        let mut model = tiny(arch, false, 22);
+        let old = old_logprobs(&model);
+        let ids = Tensor::new(&[[2u32, 5, 7, 9, 11]], &Device::Cpu).unwrap();
+        let f32_logits = model.forward(&ids).unwrap();
+        let f32_grads = training_gradients(&model, &old);
+        model.set_compute_dtype(candle_core::DType::BF16).unwrap();
+        let bf16_logits = model.forward(&ids).unwrap();
+        assert_eq!(bf16_logits.dtype(), candle_core::DType::F32);
+        let gap = relative_gap(&f32_logits, &bf16_logits);
+        assert!(gap > 0.0 && gap < 3e-2, "{arch:?}: bf16 logits' relative gap {gap}");
+        // Checkpointing composes with bf16.
+        model.set_activation_checkpointing(true);
+        let bf16_grads = training_gradients(&model, &old);
+        for (name, var) in Policy::named_vars(&model) {
+            let g = bf16_grads.get(var.as_tensor()).unwrap();
+            assert_eq!(g.dtype(), candle_core::DType::F32, "{name}: master gradient dtype");
+            let gap = relative_gap(f32_grads.get(var.as_tensor()).unwrap(), g);
+            assert!(gap < 0.1, "{arch:?}: {name}: bf16 gradient's relative gap {gap}");
+        }
+    }
+}
+
+#[test]
+fn bf16_moments_step_like_f32_moments() {
+    let rollout = Rollout {
+        groups: vec![RolloutGroup {
+            prompt: vec![2, 5, 7],
+            samples: vec![
+                RolloutSample {
+                    completion: vec![9, 1],
+                    reward: 1.0,
+                    old_logprobs: None,
+                    text: None,
+                },
+                RolloutSample {
+                    completion: vec![3, 4, 1],
+                    reward: 0.0,
+                    old_logprobs: None,
+                    text: None,
+                },
+            ],
+        }],
+    };
+    let stepped = |moments| {
+        let model = tiny(Architecture::Qwen2, false, 23);
+        let cfg = TrainConfig {
+            optimizer: spur_rl::AdamConfig {
+                lr: 1e-3,
+                moments,
+                ..Default::default()
+            },
+            ..TrainConfig::default()
+        };
+        let mut trainer = Trainer::new(cfg, &model).unwrap();
+        trainer.step(&model, None, &rollout).unwrap();
+        trainer.step(&model, None, &rollout).unwrap();
+        Policy::named_vars(&model)
+    };
+    let (f32s, bf16s) = (stepped(MomentDtype::F32), stepped(MomentDtype::Bf16));
+    let start = Policy::named_vars(&tiny(Architecture::Qwen2, false, 23));
+    for (((name, a), (_, b)), (_, w0)) in f32s.iter().zip(&bf16s).zip(&start) {
+        // The updates (not the weights) agree to bf16's precision.
+        let da = (a.as_tensor() - w0.as_tensor()).unwrap();
+        let db = (b.as_tensor() - w0.as_tensor()).unwrap();
+        let gap = relative_gap(&da, &db);
+        assert!(gap < 0.05, "{name}: update's relative gap {gap}");
+    }
 }

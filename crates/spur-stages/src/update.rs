@@ -64,7 +64,8 @@ impl Stage for UpdateStage {
 
     fn version(&self) -> u32 {
         // 2: π_old of the first mini-batch from its own forward pass; x·Wᵀ matmuls.
-        2
+        // 3: sampled-token log-probs from one fused op (rounding differs from log_softmax).
+        3
     }
 
     fn resource(&self, _node: &spur_plan::Node) -> crate::Resource {

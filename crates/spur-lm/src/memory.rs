@@ -1,0 +1,292 @@
+//! Peak memory: an estimate from a model's shapes before any work, and the measured peak of a
+//! process or device while work runs.
+//!
+//! The estimate counts the tensors spur's own passes keep alive, op by op as `model.rs` writes
+//! them (candle keeps every intermediate of a differentiable pass until the loss's backward
+//! pass has run), so it follows the code rather than a rule of thumb: weights, gradients and
+//! optimizer moments; per decoder layer the activations of one micro-batch (all layers, or with
+//! checkpointing each layer's input plus one layer's graph); the vocabulary-sized tensors of
+//! the log-softmax; the transients of the backward pass and of Adam; and for sampling the KV
+//! cache of the batch. docs/performance.md compares it with measured peaks.
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+
+use crate::config::{Architecture, ModelConfig};
+
+/// What an update (training) pass holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpdateShape {
+    /// Sequences per forward/backward pass.
+    pub micro_batch: usize,
+    /// Micro-batches per optimizer update: from two on, the gradients accumulated so far are
+    /// held beside the ones being computed.
+    pub micro_batches: usize,
+    /// Tokens per sequence (prompt + completion), the padded length.
+    pub sequence_tokens: usize,
+    /// Positions per sequence whose logits are taken (the completion's).
+    pub logit_positions: usize,
+    /// f32 or bf16.
+    pub compute: DType,
+    pub checkpoint_activations: bool,
+    /// Dtype of Adam's two moments (f32, or bf16 to save a quarter of the static memory).
+    pub moments: DType,
+    /// An entropy bonus in the loss (differentiated through the whole distribution).
+    pub entropy_bonus: bool,
+}
+
+/// Estimated peak bytes, by part. `total` is the peak: not every part is at its largest at
+/// the same moment (Adam's transients come after the activations are freed).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MemoryEstimate {
+    pub weights: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    pub kv_cache: u64,
+    /// What the device or process holds before any tensor (CUDA context, code, allocator).
+    pub runtime: u64,
+    pub total: u64,
+}
+
+/// Parameters of a model of `config`.
+pub fn parameter_count(config: &ModelConfig) -> u64 {
+    crate::model::parameter_shapes(config)
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>() as u64)
+        .sum()
+}
+
+/// The largest single parameter tensor (the embedding, in every supported architecture).
+fn largest_tensor(config: &ModelConfig) -> u64 {
+    crate::model::parameter_shapes(config)
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>() as u64)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Bytes the runtime holds before any tensor: on CUDA the context and cuBLAS workspaces (about
+/// 0.5 GiB on an H100/H200 with CUDA 13), on the CPU the binary and allocator (~100 MiB).
+fn runtime_bytes(device: &Device) -> u64 {
+    if device.is_cpu() {
+        100 << 20
+    } else {
+        512 << 20
+    }
+}
+
+fn size(dtype: DType) -> u64 {
+    dtype.size_in_bytes() as u64
+}
+
+/// Bytes one decoder layer's differentiable forward pass keeps for a micro-batch, counting each
+/// intermediate `model.rs` creates (views are free; casts to the same dtype are free).
+fn layer_activation_bytes(c: &ModelConfig, batch: u64, tokens: u64, compute: DType) -> u64 {
+    let cs = size(compute);
+    let f32s = 4;
+    let bf16 = compute != DType::F32;
+    let rows = batch * tokens;
+    let (d, hd) = (c.hidden_size as u64, c.head_dim as u64);
+    let (q, kv) = (
+        c.num_attention_heads as u64 * hd,
+        c.num_key_value_heads as u64 * hd,
+    );
+    let inter = c.intermediate_size as u64;
+    let scores = batch * c.num_attention_heads as u64 * tokens * tokens;
+    let bias = c.architecture == Architecture::Qwen2;
+    let olmo = c.architecture == Architecture::Olmo2;
+
+    // RMS norm over `width` features: f32 cast, square, normalised, scaled (f32), cast back.
+    let norm = |width: u64| rows * width * (3 * f32s + if bf16 { f32s + cs } else { 0 });
+    // A projection: its output, a bias add, and in bf16 the cast of its f32 master weight.
+    let linear = |out: u64, inp: u64, with_bias: bool| {
+        rows * out * cs * (1 + with_bias as u64) + if bf16 { out * inp * cs } else { 0 }
+    };
+    let mut bytes = 0;
+    // Norms: Llama/Qwen2 before attention and MLP; OLMo2 after both, plus q/k norms.
+    bytes += if olmo {
+        2 * norm(d) + norm(q) + norm(kv)
+    } else {
+        2 * norm(d)
+    };
+    bytes += linear(q, d, bias) + 2 * linear(kv, d, bias) + linear(d, q, false);
+    // q and k: contiguous copy, rotary (four products and sums, one concatenation), and k's
+    // second contiguous copy; v: one contiguous copy.
+    bytes += rows * cs * (5 * q + 6 * kv + kv);
+    // Scores: product, (f32 cast), scale, mask, softmax's shift, exp and division, (cast back).
+    bytes += scores * (cs + 5 * f32s + if bf16 { f32s + cs } else { 0 });
+    // The attention output's transposed copy, the residual sums.
+    bytes += rows * cs * (q + 2 * d);
+    // MLP: gate, up, silu, product, down.
+    bytes += linear(inter, d, false) * 2 + rows * inter * cs * 2 + linear(d, inter, false);
+    bytes
+}
+
+/// Peak bytes of one update step (forward, backward and Adam over one micro-batch at a time).
+pub fn update_bytes(config: &ModelConfig, shape: &UpdateShape, device: &Device) -> MemoryEstimate {
+    let params = parameter_count(config);
+    let largest = largest_tensor(config);
+    let layers = config.num_hidden_layers as u64;
+    let (b, t) = (shape.micro_batch as u64, shape.sequence_tokens as u64);
+    let cs = size(shape.compute);
+    let bf16 = shape.compute != DType::F32;
+    let d = config.hidden_size as u64;
+    let vocab = config.vocab_size as u64;
+
+    let weights = 4 * params;
+    let gradients = 4 * params * if shape.micro_batches > 1 { 2 } else { 1 };
+    let optimizer = 2 * size(shape.moments) * params;
+
+    let layer = layer_activation_bytes(config, b, t, shape.compute);
+    // The backward pass adds the gradients of the activations it walks: candle creates each as
+    // zeros plus a sum and frees it once consumed. A quarter of the activations at the peak,
+    // as measured (SmolLM2-135M on the CPU, docs/performance.md).
+    let layer_stack = if shape.checkpoint_activations {
+        // Each layer's input, the top leaf, and one layer's graph while it is recomputed.
+        (layers + 1) * b * t * d * cs + layer * 5 / 4
+    } else {
+        layers * layer * 5 / 4
+    };
+    // Embedding rows (f32 gather, cast), final norm over the logit positions.
+    let logit_rows = b * shape.logit_positions as u64;
+    let edges = b * t * d * (4 + if bf16 { cs } else { 0 }) + logit_rows * d * 5 * 4;
+    // Vocabulary-sized, per logit: the head's product (in the compute dtype), kept for the
+    // backward pass, which makes six more of its size at the peak (the fused log-prob's
+    // gradient, the zeros and sums candle accumulates it in, the reshapes' copies; measured).
+    // An entropy bonus takes candle's composite ops instead: an f32 cast, log-softmax's three
+    // results and seven f32 gradients.
+    let head_weight = if bf16 { vocab * d * cs } else { 0 };
+    let per_logit = if shape.entropy_bonus {
+        cs + 4 + 3 * 4 + 7 * 4
+    } else {
+        7 * cs
+    };
+    let vocab_part = logit_rows * vocab * per_logit + head_weight;
+    let activations = layer_stack + edges + vocab_part;
+
+    // Peak of the backward pass: everything above at once. Peak of Adam: weights, gradients,
+    // moments and about six temporaries of the tensor being updated.
+    let backward_peak = weights + gradients + optimizer + activations;
+    let adam_peak = weights + gradients + optimizer + 6 * 4 * largest;
+    let runtime = runtime_bytes(device);
+    MemoryEstimate {
+        weights,
+        gradients,
+        optimizer,
+        activations,
+        kv_cache: 0,
+        runtime,
+        total: runtime + backward_peak.max(adam_peak),
+    }
+}
+
+/// Peak bytes of sampling `batch` sequences of up to `sequence_tokens` tokens (prompt plus
+/// completion) from a trainable model computing in `compute`: the f32 master weights, a copy
+/// in the compute dtype when it differs, and the KV cache (grown geometrically: up to 1.5×).
+pub fn rollout_bytes(
+    config: &ModelConfig,
+    batch: usize,
+    sequence_tokens: usize,
+    compute: DType,
+    device: &Device,
+) -> MemoryEstimate {
+    let params = parameter_count(config);
+    let cs = size(compute);
+    let weights = 4 * params + if compute != DType::F32 { cs * params } else { 0 };
+    let (b, t) = (batch as u64, sequence_tokens as u64);
+    let kv_width = (config.num_key_value_heads * config.head_dim) as u64;
+    let kv_cache = 2 * config.num_hidden_layers as u64 * b * t * kv_width * cs * 3 / 2;
+    // One step's activations are small; its logits (f32) and their host copy are not.
+    let activations = b * config.vocab_size as u64 * (cs + 4);
+    let runtime = runtime_bytes(device);
+    MemoryEstimate {
+        weights,
+        gradients: 0,
+        optimizer: 0,
+        activations,
+        kv_cache,
+        runtime,
+        total: runtime + weights + kv_cache + activations,
+    }
+}
+
+/// Tracks the peak memory in use while work runs: on the CPU the process's resident high-water
+/// mark (reset at the start, Linux's `clear_refs`), on CUDA the device memory in use, sampled
+/// every millisecond by a thread.
+pub struct PeakMemory {
+    inner: Inner,
+}
+
+enum Inner {
+    Process,
+    #[cfg(feature = "cuda")]
+    Device {
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        sampler: std::thread::JoinHandle<u64>,
+    },
+    Unavailable,
+}
+
+impl PeakMemory {
+    /// Starts tracking on `device`.
+    pub fn start(device: &Device) -> Self {
+        if device.is_cpu() {
+            // "5" resets the peak resident set size to the current one.
+            let inner = match std::fs::write("/proc/self/clear_refs", "5") {
+                Ok(()) => Inner::Process,
+                Err(_) => Inner::Unavailable,
+            };
+            return PeakMemory { inner };
+        }
+        PeakMemory {
+            inner: device_sampler(device).unwrap_or(Inner::Unavailable),
+        }
+    }
+
+    /// The peak in bytes since [`PeakMemory::start`]; `None` where it cannot be read.
+    pub fn finish(self) -> Option<u64> {
+        match self.inner {
+            Inner::Process => {
+                let status = std::fs::read_to_string("/proc/self/status").ok()?;
+                let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+                let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kib * 1024)
+            }
+            #[cfg(feature = "cuda")]
+            Inner::Device { stop, sampler } => {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                sampler.join().ok()
+            }
+            Inner::Unavailable => None,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn device_sampler(device: &Device) -> Option<Inner> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let context = device.as_cuda_device().ok()?.cuda_stream().context().clone();
+    let in_use = move || -> Option<u64> {
+        let (free, total) = context.mem_get_info().ok()?;
+        Some((total - free) as u64)
+    };
+    in_use()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0;
+        while !flag.load(Ordering::Relaxed) {
+            peak = peak.max(in_use().unwrap_or(0));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        peak.max(in_use().unwrap_or(0))
+    });
+    Some(Inner::Device { stop, sampler })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_sampler(_device: &Device) -> Option<Inner> {
+    None
+}
