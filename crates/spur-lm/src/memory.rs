@@ -82,7 +82,16 @@ fn size(dtype: DType) -> u64 {
 
 /// Bytes one decoder layer's differentiable forward pass keeps for a micro-batch, counting each
 /// intermediate `model.rs` creates (views are free; casts to the same dtype are free).
-fn layer_activation_bytes(c: &ModelConfig, batch: u64, tokens: u64, compute: DType) -> u64 {
+///
+/// `emulated`: bf16 on the CPU, whose products keep f32 copies of both operands and of the
+/// result (`model.rs`'s `matmul`).
+fn layer_activation_bytes(
+    c: &ModelConfig,
+    batch: u64,
+    tokens: u64,
+    compute: DType,
+    emulated: bool,
+) -> u64 {
     let cs = size(compute);
     let f32s = 4;
     let bf16 = compute != DType::F32;
@@ -101,7 +110,13 @@ fn layer_activation_bytes(c: &ModelConfig, batch: u64, tokens: u64, compute: DTy
     let norm = |width: u64| rows * width * (3 * f32s + if bf16 { f32s + cs } else { 0 });
     // A projection: its output, a bias add, and in bf16 the cast of its f32 master weight.
     let linear = |out: u64, inp: u64, with_bias: bool| {
-        rows * out * cs * (1 + with_bias as u64) + if bf16 { out * inp * cs } else { 0 }
+        rows * out * cs * (1 + with_bias as u64)
+            + if bf16 { out * inp * cs } else { 0 }
+            + if emulated {
+                f32s * (rows * (inp + out) + out * inp)
+            } else {
+                0
+            }
     };
     let mut bytes = 0;
     // Norms: Llama/Qwen2 before attention and MLP; OLMo2 after both, plus q/k norms.
@@ -116,6 +131,10 @@ fn layer_activation_bytes(c: &ModelConfig, batch: u64, tokens: u64, compute: DTy
     bytes += rows * cs * (5 * q + 6 * kv + kv);
     // Scores: product, (f32 cast), scale, mask, softmax's shift, exp and division, (cast back).
     bytes += scores * (cs + 5 * f32s + if bf16 { f32s + cs } else { 0 });
+    if emulated {
+        // The scores' and the probabilities' products: f32 operands and results.
+        bytes += f32s * (2 * scores + rows * (2 * q + 2 * kv));
+    }
     // The attention output's transposed copy, the residual sums.
     bytes += rows * cs * (q + 2 * d);
     // MLP: gate, up, silu, product, down.
@@ -138,16 +157,23 @@ pub fn update_bytes(config: &ModelConfig, shape: &UpdateShape, device: &Device) 
     let gradients = 4 * params * if shape.micro_batches > 1 { 2 } else { 1 };
     let optimizer = 2 * size(shape.moments) * params;
 
-    let layer = layer_activation_bytes(config, b, t, shape.compute);
+    let emulated = bf16 && device.is_cpu();
+    let layer = layer_activation_bytes(config, b, t, shape.compute, emulated);
     // The backward pass adds the gradients of the activations it walks: candle creates each as
     // zeros plus a sum and frees it once consumed. A quarter of the activations at the peak,
     // as measured (SmolLM2-135M on the CPU, docs/performance.md).
-    let layer_stack = if shape.checkpoint_activations {
-        // Each layer's input, the top leaf, and one layer's graph while it is recomputed.
-        (layers + 1) * b * t * d * cs + layer * 5 / 4
-    } else {
-        layers * layer * 5 / 4
-    };
+    // One layer is differentiated at a time; its softmax's backward pass holds about eight f32
+    // tensors of the attention scores' size (each op's gradient, its zeros and sum; measured on
+    // the tiny test models, where attention dominates).
+    let scores = b * config.num_attention_heads as u64 * t * t;
+    let attention_backward = 8 * 4 * scores;
+    let layer_stack = attention_backward
+        + if shape.checkpoint_activations {
+            // Each layer's input, the top leaf, and one layer's graph while it is recomputed.
+            (layers + 1) * b * t * d * cs + layer * 5 / 4
+        } else {
+            layers * layer * 5 / 4
+        };
     // Embedding rows (f32 gather, cast), final norm over the logit positions.
     let logit_rows = b * shape.logit_positions as u64;
     let edges = b * t * d * (4 + if bf16 { cs } else { 0 }) + logit_rows * d * 5 * 4;

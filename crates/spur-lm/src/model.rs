@@ -214,6 +214,10 @@ impl Layer {
     }
 }
 
+/// A decoding pass's view of one layer's cache: its keys and values, the column the pass writes
+/// from, and each row's left padding. `None` for a pass without a cache.
+type LayerCache<'a> = Option<(&'a mut (Tensor, Tensor), usize, &'a [usize])>;
+
 /// Keys and values of past positions for a batch of sequences.
 ///
 /// Rows are left-padded: row `i` holds nothing in columns `0..pad[i]`, and every row writes its
@@ -777,7 +781,7 @@ impl Transformer {
         x: &Tensor,
         rope_cs: &(Tensor, Tensor),
         mask: &Tensor,
-        cache: Option<(&mut (Tensor, Tensor), usize, &[usize])>,
+        cache: LayerCache<'_>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
@@ -874,7 +878,7 @@ impl Transformer {
         x: &Tensor,
         rope_cs: &(Tensor, Tensor),
         mask: &Tensor,
-        cache: Option<(&mut (Tensor, Tensor), usize, &[usize])>,
+        cache: LayerCache<'_>,
     ) -> Result<Tensor> {
         let eps = self.config.rms_norm_eps;
         let decoding = cache.is_some();

@@ -80,6 +80,23 @@ fn targets_u32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle
     Ok(&t[start..end])
 }
 
+/// The logits and targets of a CPU kernel, checked: (rows, vocab, logits, targets).
+fn cpu_operands<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+    op: &str,
+) -> candle_core::Result<(usize, usize, Rows<'a>, &'a [u32])> {
+    let (rows, vocab) = check_shapes(l1, l2, op)?;
+    let logits = row_f32(s1, l1, op)?;
+    let targets = targets_u32(s2, l2, op)?;
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("{op}: target {t} outside a vocabulary of {vocab}");
+    }
+    Ok((rows, vocab, logits, targets))
+}
+
 fn check_shapes(logits: &Layout, targets: &Layout, op: &str) -> candle_core::Result<(usize, usize)> {
     let (rows, vocab) = logits.shape().dims2()?;
     if targets.shape().dims() != [rows] {
@@ -103,12 +120,7 @@ impl CustomOp2 for TokenLogprob {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, vocab) = check_shapes(l1, l2, self.name())?;
-        let logits = row_f32(s1, l1, self.name())?;
-        let targets = targets_u32(s2, l2, self.name())?;
-        if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
-            candle_core::bail!("token-logprob: target {t} outside a vocabulary of {vocab}");
-        }
+        let (rows, _, logits, targets) = cpu_operands(s1, l1, s2, l2, self.name())?;
         let out: Vec<f32> = (0..logits.count())
             .into_par_iter()
             .map(|r| {
@@ -160,9 +172,7 @@ impl CustomOp3 for TokenLogprobGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, vocab) = check_shapes(l1, l2, self.name())?;
-        let logits = row_f32(s1, l1, self.name())?;
-        let targets = targets_u32(s2, l2, self.name())?;
+        let (rows, vocab, logits, targets) = cpu_operands(s1, l1, s2, l2, self.name())?;
         let grad = crate::contiguous_f32(s3, l3, self.name(), "the gradient")?;
         let row_grad = |r: usize| -> Vec<f32> {
             let x = logits.get(r);

@@ -162,13 +162,25 @@ fn scored(
 
     let logits = logits_from(&ids, start)?;
     let vocab = logits.dim(D::Minus1)?;
-    let (token_logp, entropy) = if entropy == Entropy::Trainable {
-        // The entropy bonus differentiates the whole distribution: candle's composite ops.
-        let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let fused = matches!(logits.dtype(), DType::F32 | DType::BF16);
+    let (token_logp, entropy) = if entropy == Entropy::Trainable || !fused {
+        // The entropy bonus differentiates the whole distribution, and the fused op reads
+        // f32 and bf16 only (f64 policies are for exact tests): candle's composite ops.
+        let logits = match logits.dtype() {
+            DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
+            _ => logits,
+        };
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let targets = Tensor::from_vec(targets, (b, width + 1, 1), &device)?;
         let token_logp = logp.gather(&targets, 2)?.squeeze(2)?;
-        let h = logp.exp()?.mul(&logp)?.sum(D::Minus1)?.neg()?;
-        (token_logp, Some(h))
+        let h = match entropy {
+            Entropy::Skip => None,
+            Entropy::Metric => Some(logp.detach()),
+            Entropy::Trainable => Some(logp),
+        }
+        .map(|logp| logp.exp()?.mul(&logp)?.sum(D::Minus1)?.neg())
+        .transpose()?;
+        (token_logp, h)
     } else {
         // One fused op: no vocabulary-sized tensor besides the logits is kept.
         let rows = logits.reshape((b * (width + 1), vocab))?;

@@ -10,8 +10,8 @@ use spur_lm::{Architecture, ModelConfig, Transformer};
 use spur_rl::policy::Entropy;
 use spur_rl::{
     micro_batch_objective, sequence_logprobs, training_logprobs, Backprop, MicroBatch, MiniBatchShape,
-    MomentDtype, ObjectiveConfig, Policy, Rng, Rollout, RolloutGroup, RolloutSample, TrainConfig,
-    Trainer,
+    MomentDtype, ObjectiveConfig, Policy, Rng, Rollout, RolloutGroup, RolloutSample, SeqLogprobs,
+    TrainConfig, Trainer,
 };
 
 fn tiny(architecture: Architecture, tie: bool, seed: u64) -> Transformer {
@@ -61,7 +61,10 @@ const SEQS: [(&[u32], &[u32]); 3] = [
 
 /// The GRPO loss of `SEQS` as one micro-batch, with π_old shifted so both clip sides occur.
 fn loss(policy: &Transformer, old: &Tensor) -> Tensor {
-    let scored = sequence_logprobs(policy, &SEQS, Entropy::Trainable).unwrap();
+    objective(&sequence_logprobs(policy, &SEQS, Entropy::Trainable).unwrap(), old)
+}
+
+fn objective(scored: &SeqLogprobs, old: &Tensor) -> Tensor {
     let adv = Tensor::new(&[1.0f32, -0.5, 0.8], &Device::Cpu).unwrap();
     let cfg = ObjectiveConfig {
         entropy_coef: 0.01,
@@ -218,24 +221,7 @@ fn a_step_updates_the_shared_weights() {
 /// The loss of [`loss`], through the training pass the trainer uses, with its gradients.
 fn training_gradients(policy: &Transformer, old: &Tensor) -> candle_core::backprop::GradStore {
     let (scored, backprop) = training_logprobs(policy, &SEQS, Entropy::Trainable).unwrap();
-    let adv = Tensor::new(&[1.0f32, -0.5, 0.8], &Device::Cpu).unwrap();
-    let cfg = ObjectiveConfig {
-        entropy_coef: 0.01,
-        ..ObjectiveConfig::default()
-    };
-    let mb = MicroBatch {
-        logprobs: &scored.logprobs,
-        old_logprobs: old,
-        ref_logprobs: None,
-        entropy: scored.entropy.as_ref(),
-        mask: &scored.mask,
-        advantages: &adv,
-    };
-    let shape = MiniBatchShape {
-        micro_batches: 1,
-        sequences: SEQS.len(),
-    };
-    let loss = micro_batch_objective(&cfg, &mb, shape).unwrap().loss;
+    let loss = objective(&scored, old);
     assert_eq!(
         matches!(backprop, Backprop::Staged(_)),
         policy.activation_checkpointing(),
