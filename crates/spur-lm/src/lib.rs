@@ -3,7 +3,10 @@
 //! - [`source`]: model specs (`default`, a local path, a hub id) → files on disk; the embedded
 //!   default SmolLM2-135M-Instruct GGUF is fetched with pip and pinned by sha256.
 //! - [`model`]: one differentiable transformer for Llama, Qwen2 and OLMo2 with trainable f32
-//!   weights (or quantised GGUF weights for fast sampling) and a KV cache.
+//!   weights (or quantised GGUF weights for fast sampling) and a KV cache; f32 or bf16
+//!   compute, optional activation checkpointing.
+//! - [`token_logprobs`]: the sampled token's log-prob as one op with its own backward pass.
+//! - [`memory`]: peak-memory estimates from a model's shapes, and measured peaks.
 //! - [`tokenizer`], [`template`]: tokenizers and prompt templates.
 //! - [`engine`]: the generation trait and the candle implementation.
 
