@@ -4,10 +4,12 @@
 //! into the library crates and print. See ARCHITECTURE.md for the map.
 
 mod commands;
+mod memory;
 mod provenance;
 mod record;
 mod workspace;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -86,6 +88,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: piped into a file or a Slurm log they are noise.
+        .with_ansi(std::io::stderr().is_terminal())
         .without_time()
         .init();
     let cli = Cli::parse();

@@ -248,14 +248,56 @@ fn grpo_pipeline_on_the_default_model() {
         plots.len() / 2
     );
 
-    // CPU determinism: the same arm in a fresh cache ends with the same weights.
+    // CPU determinism: an arm whose weights move (the KL arm: its `ref_kl` above shows that
+    // its first update moved them) ends, in a fresh cache, with the same weights.
+    let kl_update2 = kl_record["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "update" && n["step"] == 2)
+        .unwrap();
+    let kl_id = kl_update2["id"].as_str().unwrap();
+    let kl_m2 = manifest(&ws, &kl_id[..16]);
     let again = Workspace::new();
     again.write("exp.yaml", &experiment());
-    again.ok(&["run", "exp.yaml", "--only", "reward=gt"]);
-    let m2_again = manifest(&again, &update2["id"].as_str().unwrap()[..16]);
+    again.ok(&[
+        "run",
+        "exp.yaml",
+        "--only",
+        "reward=mine,update.kl_coef=0.1",
+    ]);
+    let m2_again = manifest(&again, &kl_id[..16]);
     assert_eq!(
         m2_again["artifacts"]["policy/model.safetensors"],
-        m2["artifacts"]["policy/model.safetensors"]
+        kl_m2["artifacts"]["policy/model.safetensors"]
     );
-    assert_eq!(m2_again["metrics"]["loss"], m2["metrics"]["loss"]);
+    assert_eq!(m2_again["metrics"]["loss"], kl_m2["metrics"]["loss"]);
+    // Those weights are not the base model's, so the equality above says something.
+    let policy = ws
+        .cache()
+        .join("nodes")
+        .join(&kl_id[..2])
+        .join(kl_id)
+        .join("out/policy");
+    let vars = |spec: &str| {
+        spur_lm::load_model(spec, &spur_lm::LoadOptions::default())
+            .unwrap()
+            .model
+            .named_vars()
+    };
+    let base = vars("default");
+    let trained = vars(policy.to_str().unwrap());
+    assert_eq!(base.len(), trained.len());
+    let moved = base.iter().zip(&trained).any(|((n, a), (m, b))| {
+        assert_eq!(n, m);
+        let diff = (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap();
+        diff.flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    });
+    assert!(moved, "the final checkpoint holds the base model's weights");
 }

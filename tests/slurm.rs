@@ -544,6 +544,7 @@ name: usr2
 commands:
   step:
     run: |
+      trap : USR2  # exec-node passes USR2 on to the command, as Slurm does
       echo step-${step} >> "$SPUR_TEST_LOG"
       if [ ${step} = 1 ]; then touch "$SPUR_TEST_GATE"; sleep 1; fi
       echo ${step} > ${out}/s.txt

@@ -162,6 +162,24 @@ fn duplicate_names() {
 }
 
 #[test]
+fn duplicate_key_points_at_the_duplicate() {
+    // serde_yaml rejects these itself, placing them at the start of their mapping.
+    let err = error_for("  steps: 2\n", "  steps: 2\n  steps: 3\n");
+    assert_has(
+        &err,
+        &["duplicate name `steps`", "exp.yaml:13:3", "defaults.steps"],
+    );
+    let err = error_for("models:\n", "name: a\nname: b\nmodels:\n");
+    assert_has(&err, &["duplicate name `name`", "exp.yaml:2:1"]);
+    // Written three times: each duplicate at its own line.
+    let err = error_for(
+        "  random: {kind: random, gamma: 0.5}",
+        "  random: {kind: random, gamma: 0.5}\n  random: {kind: format}\n  random: {kind: format}",
+    );
+    assert_has(&err, &["exp.yaml:9:3", "exp.yaml:10:3"]);
+}
+
+#[test]
 fn out_of_range_values() {
     let err = error_for("    lr: 5.0e-7", "    lr: -5.0e-7");
     assert_has(
@@ -202,6 +220,56 @@ fn range_error_points_at_the_override_that_caused_it() {
         &err,
         &["`update.lr`", "overrides[0].set.update.lr", "exp.yaml:24:"],
     );
+}
+
+#[test]
+fn range_error_points_at_the_axis_value_not_its_reference() {
+    let ws = Workspace::new();
+    let text = GOOD
+        .replace("    lr: 5.0e-7", "    lr: \"${lr}\"")
+        .replace("  seed: [1, 2]\n", "  seed: [1, 2]\n  lr: [5.0e-7, -1.0]\n");
+    ws.write("exp.yaml", &text);
+    let err = ws.fails(&["plan", "exp.yaml"]);
+    assert_has(
+        &err,
+        &[
+            "`update.lr` the learning rate",
+            "exp.yaml:22:16",
+            "grid.lr[1]",
+        ],
+    );
+}
+
+/// Logs written to a pipe carry no terminal colour codes.
+#[test]
+fn no_colour_when_stderr_is_not_a_terminal() {
+    let ws = Workspace::new();
+    ws.write("exp.yaml", common::GRID);
+    let log = ws.path("executions.log");
+    ws.spur()
+        .args(["run", "exp.yaml"])
+        .env("SPUR_TEST_LOG", &log)
+        .output()
+        .unwrap();
+    // A corrupted artifact makes `--verify` log a warning.
+    let nodes = ws.cache().join("nodes");
+    let data = std::fs::read_dir(&nodes)
+        .unwrap()
+        .filter_map(|d| std::fs::read_dir(d.unwrap().path()).ok())
+        .flatten()
+        .map(|n| n.unwrap().path().join("out/data.txt"))
+        .find(|p| p.exists())
+        .expect("a prepare node's output");
+    std::fs::write(&data, "corrupt").unwrap();
+    let out = ws
+        .spur()
+        .args(["run", "exp.yaml", "--verify"])
+        .env("SPUR_TEST_LOG", &log)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("WARN"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! into the cache with the local executor's locks and atomic publish. On USR2
 //! (the time limit is near) it stops after the node it is computing and exits
 //! with status 75, so the job script requeues the job, which then resumes from
-//! what is cached.
+//! what is cached. SIGINT/SIGTERM (scancel) stop it as they stop `spur run`:
+//! exit 128 + the signal, after stopping the running command.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -31,6 +32,10 @@ pub struct ExecNodeArgs {
 
 pub fn run(args: ExecNodeArgs, cache: &Path) -> Result<ExitCode> {
     let stop = stop_on_usr2().context("cannot install the USR2 handler")?;
+    // scancel and the time limit's end send SIGTERM: stop as `spur run` does.
+    // USR2 reaches the command too, in its own process group, as the batch
+    // script's signal to the payload's group did before.
+    super::run::stop_on_signals(&[signal_hook::consts::SIGUSR2])?;
     let works: Vec<Work> = args
         .work
         .iter()
@@ -119,7 +124,8 @@ pub fn run(args: ExecNodeArgs, cache: &Path) -> Result<ExitCode> {
         runs,
     };
     let outcome = LocalExecutor.execute_units(&job, units, &options, stop)?;
-    let stopped = stop.load(std::sync::atomic::Ordering::SeqCst);
+    let signal = spur_stages::interrupt::requested();
+    let stopped = stop.load(std::sync::atomic::Ordering::SeqCst) || signal.is_some();
 
     for &r in &chains {
         let failure = outcome.failures.iter().find(|f| f.run == r);
@@ -138,6 +144,13 @@ pub fn run(args: ExecNodeArgs, cache: &Path) -> Result<ExitCode> {
     }
     outcome.warn_corrupted();
     eprintln!("spur exec-node: {}", outcome.summary());
+    if let Some(signal) = signal {
+        eprintln!(
+            "spur exec-node: stopped by {}; what finished is cached",
+            super::run::signal_name(signal)
+        );
+        return Ok(super::run::signal_exit(signal));
+    }
     let unfinished = !outcome.failures.is_empty() || outcome.skipped > 0;
     if stopped && unfinished {
         eprintln!(

@@ -44,7 +44,14 @@ pub fn run(args: GcArgs, cache: &Path) -> Result<ExitCode> {
         report.bytes as f64 / 1e6,
         keep.len()
     );
-    if !args.yes && (!report.nodes.is_empty() || report.temporaries > 0) {
+    for link in &report.links {
+        println!(
+            "{verb} symbolic link {} (gc never follows links in the cache)",
+            link.display()
+        );
+    }
+    if !args.yes && (!report.nodes.is_empty() || report.temporaries > 0 || !report.links.is_empty())
+    {
         println!("dry run: pass --yes to delete");
     }
     Ok(ExitCode::SUCCESS)

@@ -33,18 +33,26 @@ pub fn run(args: PlanArgs, cache: &Path) -> Result<ExitCode> {
             .iter()
             .map(|&r| json!({"id": plan.runs[r].id, "cell": exp.runs[r].cell}))
             .collect();
+        let mut estimator =
+            crate::memory::Estimator::new(plan, crate::memory::run_device(&[]), false);
         let nodes_json: Vec<Value> = nodes
             .iter()
             .map(|&n| {
                 let node = &plan.nodes[n as usize];
-                json!({
+                let mut entry = json!({
                     "id": node.id.hex(),
                     "kind": node.kind.name(),
                     "step": node.step,
                     "deps": node.inputs.iter().map(|i| plan.nodes[i.node as usize].id.hex()).collect::<Vec<_>>(),
                     "runs": node.runs.iter().filter(|&&r| runs.contains(&(r as usize))).map(|&r| &plan.runs[r as usize].id).collect::<Vec<_>>(),
                     "status": if cached.contains(&node.id) { "cached" } else { "pending" },
-                })
+                });
+                // Every model node carries its estimated peak; null when the model's shapes
+                // are not on this machine yet (a hub model not downloaded).
+                if node.kind.loads_model() {
+                    entry["memory_bytes"] = json!(estimator.node(n).map(|(m, _)| m.estimate.total));
+                }
+                entry
             })
             .collect();
         let doc = json!({"runs": runs_json, "nodes": nodes_json});

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use spur_exec::slurm::{self, SubmitRequest};
 use spur_exec::spur_slurm::Slurm;
 use spur_exec::{Executor, Job, LocalExecutor, Options};
+use spur_stages::interrupt;
 
 use crate::{record, workspace};
 
@@ -45,6 +46,9 @@ pub struct RunArgs {
     /// Where the pending nodes run.
     #[arg(long, value_enum, default_value_t = ExecutorKind::Local)]
     pub executor: ExecutorKind,
+    /// Run model nodes even when their estimated peak memory exceeds their device's.
+    #[arg(long)]
+    pub no_memory_check: bool,
 }
 
 pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
@@ -88,12 +92,7 @@ pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
     if args.executor == ExecutorKind::Slurm {
         return submit_to_slurm(&loaded, runs, started);
     }
-    let _shared = store.lock_shared()?;
-    let ctx = record::Context::new(exp, plan);
-    for &r in &runs {
-        record::write(store, exp, plan, r, &ctx, "running", None)?;
-    }
-    let devices = args
+    let devices: Vec<String> = args
         .devices
         .or_else(|| std::env::var("CUDA_VISIBLE_DEVICES").ok())
         .filter(|d| !d.trim().is_empty())
@@ -101,6 +100,20 @@ pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
         .split(',')
         .map(|d| d.trim().to_string())
         .collect();
+    if !args.no_memory_check {
+        let pending: Vec<u32> = selected
+            .iter()
+            .copied()
+            .filter(|&n| !cached.contains(&plan.nodes[n as usize].id))
+            .collect();
+        crate::memory::check_fits(exp, plan, &pending, crate::memory::run_device(&devices))?;
+    }
+    stop_on_signals(&[])?;
+    let _shared = store.lock_shared()?;
+    let ctx = record::Context::new(exp, plan);
+    for &r in &runs {
+        record::write(store, exp, plan, r, &ctx, "running", None)?;
+    }
     let options = Options {
         jobs: args
             .jobs
@@ -118,6 +131,7 @@ pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
         runs: runs.clone(),
     };
     let outcome = LocalExecutor.execute(&job, &options)?;
+    let signal = interrupt::requested();
 
     for &r in &runs {
         let failure = outcome.failures.iter().find(|f| f.run == r);
@@ -142,6 +156,13 @@ pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
     }
     outcome.warn_corrupted();
     println!("{}", outcome.summary());
+    if let Some(signal) = signal {
+        eprintln!(
+            "stopped by {}: finished nodes are cached; run again to continue",
+            signal_name(signal)
+        );
+        return Ok(signal_exit(signal));
+    }
     if outcome.failures.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
@@ -158,6 +179,46 @@ pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
         eprintln!("other runs were stopped; use --keep-going to let them continue");
     }
     Ok(ExitCode::FAILURE)
+}
+
+/// The first SIGINT or SIGTERM stops the command children (their whole
+/// process groups) and the executor, which starts nothing new; interrupted
+/// nodes' staging directories are removed and published nodes stay. A second
+/// one kills the children and exits at once, leaving staging directories to
+/// `spur gc`. Signals in `forward` are passed on to the command children.
+pub(crate) fn stop_on_signals(forward: &'static [i32]) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM].iter().chain(forward))
+        .context("cannot handle SIGINT/SIGTERM")?;
+    std::thread::Builder::new()
+        .name("spur-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if forward.contains(&signal) {
+                    interrupt::forward(signal);
+                } else if interrupt::requested().is_none() {
+                    eprintln!(
+                        "spur: {}: stopping the running commands (again to exit at once)",
+                        signal_name(signal)
+                    );
+                    interrupt::request(signal);
+                } else {
+                    interrupt::kill_all();
+                    std::process::exit(128 + signal);
+                }
+            }
+        })
+        .context("cannot start the signal-handling thread")?;
+    Ok(())
+}
+
+pub(crate) fn signal_name(signal: i32) -> &'static str {
+    signal_hook::low_level::signal_name(signal).unwrap_or("a signal")
+}
+
+/// The shell's convention for a process stopped by `signal`: 128 + its number.
+pub(crate) fn signal_exit(signal: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(128 + signal).unwrap_or(u8::MAX))
 }
 
 /// Queues the pending units of `runs` on Slurm and returns.

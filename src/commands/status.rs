@@ -25,7 +25,18 @@ pub fn run(args: StatusArgs, cache: &Path) -> Result<ExitCode> {
     let loaded = workspace::load(&args.file, cache)?;
     let (exp, plan, store) = (&loaded.experiment, &loaded.plan, &loaded.store);
     let runs = workspace::select_runs(exp, args.only.as_deref())?;
-    let cached = workspace::cached(store)?;
+    let mut cached = workspace::cached(store)?;
+    // A manifest that fails its own sha256 (or cannot be read) is no entry.
+    let mut corrupt = Vec::new();
+    for n in workspace::nodes_of(plan, &runs) {
+        let id = plan.nodes[n as usize].id;
+        if cached.contains(&id) {
+            if let Err(e) = store.read_manifest(&id) {
+                cached.remove(&id);
+                corrupt.push(e);
+            }
+        }
+    }
     let slurm = SlurmView::load(store, exp)?;
     println!(
         "{:<16}  {:>13}  {:>5}  {:<9}  cell",
@@ -106,6 +117,12 @@ pub fn run(args: StatusArgs, cache: &Path) -> Result<ExitCode> {
                 println!("{:18}{}", "", view.describe(job, plan));
             }
         }
+    }
+    for e in &corrupt {
+        eprintln!(
+            "warning: {e}; counted as not done (`spur run {} --verify` moves it aside and recomputes it)",
+            args.file.display()
+        );
     }
     if let Some(SlurmView { states: Err(e), .. }) = &slurm {
         eprintln!("warning: cannot ask Slurm about this experiment's jobs: {e}");

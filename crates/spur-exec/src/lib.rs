@@ -66,7 +66,7 @@ pub struct Outcome {
     pub computed: Vec<Hash>,
     /// Pending nodes another process finished while we waited for them.
     pub reused: usize,
-    /// Cached entries found corrupted, quarantined and recomputed.
+    /// Cached entries found corrupted and moved aside, to be recomputed.
     pub corrupted: Vec<(Hash, String)>,
     pub failures: Vec<RunFailure>,
     /// Nodes not attempted because an input failed or the run stopped.
@@ -85,11 +85,17 @@ impl Outcome {
         )
     }
 
-    /// Print a warning for each corrupted cache entry that was recomputed.
+    /// Print a warning for each corrupted cache entry, saying whether this
+    /// process recomputed it.
     pub fn warn_corrupted(&self) {
         for (id, why) in &self.corrupted {
+            let fate = if self.computed.contains(id) {
+                "has been recomputed"
+            } else {
+                "has not been recomputed"
+            };
             eprintln!(
-                "warning: cache entry {} was corrupted and has been recomputed ({why})",
+                "warning: cache entry {} was corrupted and {fate} ({why})",
                 &id.hex()[..12]
             );
         }

@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use spur_plan::{Hash, Role};
-use spur_stages::{InputDir, NodeContext, Resource, Session};
+use spur_stages::{interrupt, InputDir, NodeContext, Resource, Session};
 use spur_store::{NodeManifest, StoreError};
 
 use crate::{units, ExecError, Executor, Job, Options, Outcome, RunFailure, Unit};
@@ -133,8 +133,12 @@ impl Executor for LocalExecutor {
                 .collect();
             for id in ids {
                 if let Err(e) = store.verify(&id) {
-                    tracing::warn!("{e}; moved aside and recomputing");
-                    store.quarantine(&id)?;
+                    match store.quarantine(&id)? {
+                        Some(dest) => {
+                            tracing::warn!("{e}; moved to {}, to be recomputed", dest.display())
+                        }
+                        None => tracing::warn!("{e}; it has gone meanwhile, to be recomputed"),
+                    }
                     cached.remove(&id);
                     outcome.corrupted.push((id, e.to_string()));
                 }
@@ -215,8 +219,13 @@ fn run_units(
 }
 
 impl<'a> State<'a> {
+    /// Stop taking work: a failure (without keep_going), USR2, or SIGINT/SIGTERM.
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst) || interrupt::requested().is_some()
+    }
+
     fn run_unit(&'a self, u: usize, scope: &rayon::Scope<'a>) {
-        if self.stop.load(Ordering::SeqCst) {
+        if self.stopping() {
             return;
         }
         let unit = &self.units[u];
@@ -232,12 +241,16 @@ impl<'a> State<'a> {
         let mut session = Session::default();
         let mut failed = false;
         for &n in &unit.nodes {
-            if self.stop.load(Ordering::SeqCst) {
+            if self.stopping() {
                 failed = true;
                 break;
             }
+            // On error the node's staging directory is already removed.
             if let Err(message) = self.ensure(n, &devices, &mut session) {
-                self.fail(unit, n, message);
+                // A node cut short by a stop signal is not its run's failure.
+                if interrupt::requested().is_none() {
+                    self.fail(unit, n, message);
+                }
                 failed = true;
                 break;
             }
@@ -297,6 +310,21 @@ impl<'a> State<'a> {
         if store.is_cached(&node.id) {
             return reused();
         }
+        // A node directory without a manifest is no entry, but would block
+        // publishing this one: move it aside.
+        if let Some(dest) = store.quarantine(&node.id).map_err(|e| e.to_string())? {
+            let why = "its directory has no manifest".to_string();
+            tracing::warn!(
+                "cache entry {} is corrupted: {why}; moved to {}, recomputing",
+                node.id.hex(),
+                dest.display()
+            );
+            self.outcome
+                .lock()
+                .expect("outcome lock")
+                .corrupted
+                .push((node.id, why));
+        }
         let stage =
             self.job.registry.get(node.kind).ok_or_else(|| {
                 spur_stages::StageError::Unavailable { kind: node.kind }.to_string()
@@ -309,28 +337,10 @@ impl<'a> State<'a> {
         self.progress
             .worker(format!("{label}: {} step {}", node.kind, node.step));
 
-        // Inputs are verified before use; a corrupted one is moved aside and
-        // recomputed, never read.
         let mut inputs = Vec::with_capacity(node.inputs.len());
         for input in &node.inputs {
             let dep = &plan.nodes[input.node as usize];
-            if let Err(e) = store.verify(&dep.id) {
-                if matches!(e, StoreError::Corrupted { .. }) || !store.is_cached(&dep.id) {
-                    tracing::warn!("{e}; moved aside and recomputing");
-                    if store.is_cached(&dep.id) {
-                        store.quarantine(&dep.id).map_err(|e| e.to_string())?;
-                    }
-                    self.outcome
-                        .lock()
-                        .expect("outcome lock")
-                        .corrupted
-                        .push((dep.id, e.to_string()));
-                    self.ensure(input.node, devices, &mut Session::default())?;
-                    store.verify(&dep.id).map_err(|e| e.to_string())?;
-                } else {
-                    return Err(e.to_string());
-                }
-            }
+            self.ensure_input(input.node, devices)?;
             inputs.push(InputDir {
                 role: input.role,
                 node: dep.id,
@@ -395,6 +405,46 @@ impl<'a> State<'a> {
         outcome.computed.push(node.id);
         self.progress.total.inc(1);
         Ok(())
+    }
+
+    /// Make input node `n` readable. It is verified before use; a corrupted
+    /// entry is moved aside and recomputed, never read. One whose artifacts
+    /// were pruned (an earlier step's checkpoint) is computed again, which
+    /// in turn recomputes its own pruned inputs: the chain restarts from the
+    /// last checkpoint still cached, or from the model's own weights.
+    fn ensure_input(&self, n: u32, devices: &[String]) -> Result<(), String> {
+        let store = self.job.store;
+        let dep = &self.job.plan.nodes[n as usize];
+        let name = format!("{} step {} ({})", dep.kind, dep.step, &dep.id.hex()[..12]);
+        match store.verify(&dep.id) {
+            Ok(manifest) if manifest.pruned.is_empty() => return Ok(()),
+            Ok(manifest) => {
+                tracing::warn!(
+                    "{name} is needed again but the materialisation policy pruned its {}; \
+                     recomputing it from the last checkpoint still cached or the model's own weights",
+                    manifest.pruned.join(", ")
+                );
+                store.remove_entry(&dep.id).map_err(|e| e.to_string())?;
+            }
+            Err(e @ StoreError::Corrupted { .. }) => {
+                match store.quarantine(&dep.id).map_err(|e| e.to_string())? {
+                    Some(dest) => {
+                        tracing::warn!("{e}; moved to {}, recomputing", dest.display());
+                        self.outcome
+                            .lock()
+                            .expect("outcome lock")
+                            .corrupted
+                            .push((dep.id, e.to_string()));
+                    }
+                    // Removed since the plan was made (by hand, or quarantined
+                    // by another process).
+                    None => tracing::warn!("{name} is no longer in the cache; computing it"),
+                }
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        self.ensure(n, devices, &mut Session::default())?;
+        store.verify(&dep.id).map(drop).map_err(|e| e.to_string())
     }
 
     /// Once step k's checkpoint exists, step k-1's is deleted unless the

@@ -65,6 +65,27 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// An `eos_token_id` entry: one id, a list of ids, or absent.
+fn eos_ids(value: &Value) -> Vec<u32> {
+    match value {
+        Value::Number(n) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|v| v.as_u64().map(|v| v as u32))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The EOS ids of a Hugging Face `generation_config.json`, which may name ids (often the
+/// end-of-turn token) that config.json lacks.
+pub fn generation_eos_ids(path: &Path) -> Result<Vec<u32>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let json: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
+    Ok(eos_ids(&json["eos_token_id"]))
+}
+
 impl ModelConfig {
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
@@ -129,14 +150,7 @@ impl ModelConfig {
                 })
             }
         };
-        let eos_token_ids = match &json["eos_token_id"] {
-            Value::Number(n) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Value::Array(items) => items
-                .iter()
-                .filter_map(|v| v.as_u64().map(|v| v as u32))
-                .collect(),
-            _ => Vec::new(),
-        };
+        let eos_token_ids = eos_ids(&json["eos_token_id"]);
         let config = ModelConfig {
             architecture,
             vocab_size: usize_key("vocab_size")?,

@@ -282,17 +282,20 @@ impl Sequence {
 }
 
 impl CandleEngine {
+    /// Sequences decoded together unless [`CandleEngine::with_max_batch`] says otherwise.
+    pub const DEFAULT_MAX_BATCH: usize = 32;
+
     /// An engine over `model`. Sharing the `Arc` with a trainer means each generation uses
     /// the weights as they are at that moment, with no copy.
     pub fn new(model: Arc<Transformer>, tokenizer: Arc<Tokenizer>) -> Self {
         CandleEngine {
             model,
             tokenizer,
-            max_batch: 32,
+            max_batch: Self::DEFAULT_MAX_BATCH,
         }
     }
 
-    /// Most sequences decoded together (default 32); bounds KV-cache memory.
+    /// Most sequences decoded together; bounds KV-cache memory.
     pub fn with_max_batch(mut self, max_batch: usize) -> Self {
         self.max_batch = max_batch.max(1);
         self

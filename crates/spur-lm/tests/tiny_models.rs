@@ -364,6 +364,44 @@ fn templates_render() {
     assert!(err.is_err());
 }
 
+/// A base model's config names only its `<|endoftext|>`-like EOS; generation_config.json
+/// names more ids, and the ChatML turn ends at `<|im_end|>`: generation stops at all of them,
+/// and a saved checkpoint stops at the same ones.
+#[test]
+fn stop_ids_include_generation_config_and_end_of_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::tiny_config(Architecture::Qwen2);
+    config.eos_token_ids = vec![0];
+    common::write_checkpoint(dir.path(), &config, 7, DType::F32);
+    // No eos_token in tokenizer_config.json either, so nothing there names `<|im_end|>`.
+    std::fs::write(dir.path().join("tokenizer_config.json"), "{}").unwrap();
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [0, 5, 6]}"#,
+    )
+    .unwrap();
+    let loaded = load_model(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let im_end = loaded.tokenizer.inner().token_to_id("<|im_end|>").unwrap();
+    let stops = loaded.tokenizer.eos_token_ids();
+    for id in [0, 5, 6, im_end] {
+        assert!(stops.contains(&id), "{id} missing from {stops:?}");
+    }
+
+    // A single id is a plain integer.
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": 9}"#,
+    )
+    .unwrap();
+    let loaded = load_model(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(loaded.tokenizer.eos_token_ids(), [0, 9, im_end]);
+
+    let out = tempfile::tempdir().unwrap();
+    spur_lm::save_checkpoint(&loaded.model, &loaded.tokenizer, out.path()).unwrap();
+    let reloaded = load_model(out.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(reloaded.tokenizer.eos_token_ids(), [0, 9, im_end]);
+}
+
 /// The engine shares the trainer's weights: setting a var in place changes what it samples,
 /// and a saved checkpoint loads back to the same logits.
 #[test]

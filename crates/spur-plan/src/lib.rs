@@ -226,6 +226,7 @@ impl RunCtx<'_> {
         let model_view = json!({
             "template": model_def.template,
             "template_text": model_def.template_text,
+            "precision": p.precision,
         });
         let mut eval_model_view = model_view.clone();
         eval_model_view["engine"] = json!(model_def.engine);
@@ -310,6 +311,7 @@ impl RunCtx<'_> {
                 "dataset": dataset_view(self.exp, train),
                 "template": "raw",
                 "seed": 0,
+                "model": { "precision": p.precision },
             }));
             let d = digest(&params);
             let exts = vec![self.ext(&format!("models.{label_model}")), train_ext];
@@ -322,8 +324,14 @@ impl RunCtx<'_> {
         if p.update.lr_schedule != spur_spec::LrSchedule::Constant {
             update_view["total_steps"] = json!(p.steps);
         }
+        // The trainer scores at the rollouts' temperature, and Dr. GRPO's constant defaults
+        // to their response cap.
         let update_params = Arc::new(json!({
             "update": update_view,
+            "rollout": {
+                "temperature": p.rollout.temperature,
+                "max_response_tokens": p.rollout.max_response_tokens,
+            },
             "seed": p.seed,
             "model": model_view,
         }));
@@ -417,19 +425,19 @@ impl RunCtx<'_> {
             let mut runtime = vec!["out".to_string(), "step".into(), "prev".into()];
             runtime.extend(def.inputs.keys().map(|k| format!("inputs.{k}")));
             runtime.extend(def.needs.iter().cloned());
-            let mut lookup = |n: &str| -> Option<Value> {
-                if runtime.iter().any(|r| r == n) {
-                    Some(Value::String(format!("${{{n}}}")))
-                } else {
-                    run.lookup(n)
+            // The template stays as written: the command stage substitutes
+            // it once, quoting each value; `vars` holds the values it reads.
+            let mut vars = serde_json::Map::new();
+            for n in spur_spec::references(&def.run) {
+                if runtime.contains(&n) || vars.contains_key(&n) {
+                    continue;
                 }
-            };
-            let command = spur_spec::substitute_str(&def.run, &mut lookup).map_err(|n| {
-                PlanError::UnknownReference {
+                let value = run.lookup(&n).ok_or_else(|| PlanError::UnknownReference {
                     command: name.clone(),
-                    name: n,
-                }
-            })?;
+                    name: n.clone(),
+                })?;
+                vars.insert(n, value);
+            }
             // Inputs enter the id by content (the externals), not by path;
             // `inputs` lists their names in the order of `Node::externals`.
             let mut input_names = Vec::with_capacity(def.inputs.len());
@@ -447,7 +455,8 @@ impl RunCtx<'_> {
             let params = Arc::new(json!({
                 "command": name,
                 "index": ci,
-                "run": command,
+                "run": def.run,
+                "vars": vars,
                 "inputs": input_names,
                 "outputs": def.outputs,
                 "needs": def.needs,

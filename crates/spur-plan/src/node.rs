@@ -54,6 +54,14 @@ impl StageKind {
         StageKind::Command,
     ];
 
+    /// Whether the stage loads a model (and so has a peak memory worth estimating).
+    pub fn loads_model(self) -> bool {
+        matches!(
+            self,
+            StageKind::Rollout | StageKind::Update | StageKind::Eval | StageKind::Label
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             StageKind::Rollout => "rollout",

@@ -24,12 +24,12 @@ pub mod trainer;
 pub use error::{Error, Result};
 pub use loss_json::{loss_from_json, LossOutput};
 pub use objective::{
-    group_advantages, micro_batch_objective, AdvantageKind, Aggregation, KlEstimator, MicroBatch,
-    MicroBatchOutput, MiniBatchShape, ObjectiveConfig, TokenStats,
+    group_advantages, micro_batch_objective, sample_std, AdvantageKind, Aggregation, KlEstimator,
+    MicroBatch, MicroBatchOutput, MiniBatchShape, ObjectiveConfig, TokenStats,
 };
 pub use optim::{Adam, AdamConfig, LrSchedule, MomentDtype};
 pub use policy::{
-    scoring_logprobs, sequence_logprobs, training_logprobs, Backprop, Policy, SeqLogprobs,
+    scoring_logprobs, sequence_logprobs, training_logprobs, Backprop, Policy, SeqLogprobs, Tempered,
 };
 pub use rng::{splitmix64, Rng};
 pub use trainer::{

@@ -124,11 +124,24 @@ pub fn group_advantages(rewards: &[f64], kind: AdvantageKind) -> Vec<f64> {
     match kind {
         AdvantageKind::DrGrpo => rewards.iter().map(|r| r - mean).collect(),
         AdvantageKind::Grpo => {
-            let var = rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-            let std = var.sqrt();
+            let std = sample_std(rewards);
             rewards.iter().map(|r| (r - mean) / (std + 1e-9)).collect()
         }
     }
+}
+
+/// Standard deviation with Bessel's correction (divides by n − 1), as `torch.std` computes it
+/// for the paper's advantages (and TRL's and verl's GRPO); 0 for fewer than two values. The
+/// one definition of a reward std in spur: advantages, the trainer's and the reward stage's
+/// `reward_std` metrics all use it.
+pub fn sample_std(xs: &[f64]) -> f64 {
+    let n = xs.len();
+    if n < 2 {
+        return 0.0;
+    }
+    let mean = xs.iter().sum::<f64>() / n as f64;
+    let ss = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>();
+    (ss / (n - 1) as f64).sqrt()
 }
 
 /// The size of the mini-batch a micro-batch belongs to; the aggregations divide by it.
@@ -295,6 +308,14 @@ mod tests {
         assert_eq!(a, vec![want[0], want[1], want[1], want[1]]);
         let d = group_advantages(&[1.0, 0.0, 0.0, 0.0], AdvantageKind::DrGrpo);
         assert_eq!(d, vec![0.75, -0.25, -0.25, -0.25]);
+    }
+
+    #[test]
+    fn reward_std_is_the_sample_std() {
+        // Σ(r − 0.25)² = 0.75 over n − 1 = 3: 0.5 (the population std would be 0.433).
+        assert_eq!(sample_std(&[1.0, 0.0, 0.0, 0.0]), 0.5);
+        assert_eq!(sample_std(&[3.0]), 0.0);
+        assert_eq!(sample_std(&[]), 0.0);
     }
 
     #[test]

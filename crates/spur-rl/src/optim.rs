@@ -76,34 +76,59 @@ impl AdamConfig {
             )));
         }
         if let LrSchedule::WarmupCosine {
-            warmup_updates,
-            total_updates,
+            warmup_steps,
+            total_steps,
             min_lr_ratio,
         } = self.schedule
         {
-            if total_updates <= warmup_updates || !(0.0..=1.0).contains(&min_lr_ratio) {
+            if total_steps <= warmup_steps || !(0.0..=1.0).contains(&min_lr_ratio) {
                 return Err(Error::Config(format!(
-                    "optimizer.schedule: warmup_cosine needs total_updates > warmup_updates and \
-                     min_lr_ratio in [0, 1]; got warmup_updates {warmup_updates}, \
-                     total_updates {total_updates}, min_lr_ratio {min_lr_ratio}"
+                    "optimizer.schedule: warmup_cosine needs total_steps > warmup_steps and \
+                     min_lr_ratio in [0, 1]; got warmup_steps {warmup_steps}, \
+                     total_steps {total_steps}, min_lr_ratio {min_lr_ratio}"
                 )));
             }
         }
         Ok(())
     }
+
+    /// The learning rate of every update of the GRPO step that follows `steps_done` completed
+    /// steps. The schedule counts GRPO steps, not updates: all mini-batch updates of one step
+    /// share its rate, whatever the number of updates per step.
+    pub fn lr_at(&self, steps_done: u64) -> f64 {
+        let lr = self.lr;
+        match self.schedule {
+            LrSchedule::Constant => lr,
+            LrSchedule::WarmupCosine {
+                warmup_steps,
+                total_steps,
+                min_lr_ratio,
+            } => {
+                if steps_done < warmup_steps {
+                    return lr * (steps_done + 1) as f64 / warmup_steps as f64;
+                }
+                let span = (total_steps - warmup_steps) as f64;
+                let progress = ((steps_done - warmup_steps) as f64 / span).min(1.0);
+                let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+                lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+            }
+        }
+    }
 }
 
-/// Learning rate as a function of the optimizer update count.
+/// Learning rate as a function of the GRPO step (see [`AdamConfig::lr_at`]).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LrSchedule {
     #[default]
     Constant,
-    /// Linear warm-up from lr/warmup to lr over `warmup_updates`, then a half cosine down to
-    /// `min_lr_ratio × lr` at `total_updates` (and flat after).
+    /// Linear warm-up from lr/warmup to lr over the first `warmup_steps` GRPO steps, then a
+    /// half cosine that reaches `min_lr_ratio × lr` at step `total_steps` (and stays there),
+    /// evaluated at the steps completed before each step (as Hugging Face's
+    /// `get_cosine_schedule_with_warmup`, with GRPO steps for its scheduler steps).
     WarmupCosine {
-        warmup_updates: u64,
-        total_updates: u64,
+        warmup_steps: u64,
+        total_steps: u64,
         min_lr_ratio: f64,
     },
 }
@@ -168,30 +193,10 @@ impl Adam {
         self.t
     }
 
-    /// The learning rate of the next update.
-    pub fn next_lr(&self) -> f64 {
-        let lr = self.cfg.lr;
-        match self.cfg.schedule {
-            LrSchedule::Constant => lr,
-            LrSchedule::WarmupCosine {
-                warmup_updates,
-                total_updates,
-                min_lr_ratio,
-            } => {
-                if self.t < warmup_updates {
-                    return lr * (self.t + 1) as f64 / warmup_updates as f64;
-                }
-                let span = (total_updates - warmup_updates) as f64;
-                let progress = ((self.t - warmup_updates) as f64 / span).min(1.0);
-                let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-                lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
-            }
-        }
-    }
-
-    /// One update with `grads` (one per var, any dtype) whose global norm is `norm`
-    /// (from [`grad_norm`]; the caller checks it is finite). Returns the learning rate used.
-    pub fn step(&mut self, vars: &[Var], grads: &[Tensor], norm: f64) -> Result<f64> {
+    /// One update with learning rate `lr` (the step's, [`AdamConfig::lr_at`]) and `grads` (one
+    /// per var, any dtype) whose global norm is `norm` (from [`grad_norm`]; the caller checks
+    /// it is finite).
+    pub fn step(&mut self, vars: &[Var], grads: &[Tensor], norm: f64, lr: f64) -> Result<()> {
         if vars.len() != self.m.len() || grads.len() != vars.len() {
             return Err(Error::Config(format!(
                 "optimizer built for {} parameters, stepped with {} vars and {} gradients",
@@ -200,7 +205,6 @@ impl Adam {
                 grads.len()
             )));
         }
-        let lr = self.next_lr();
         self.t += 1;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         // torch.nn.utils.clip_grad_norm_: scale by min(1, max / (norm + 1e-6)).
@@ -243,6 +247,41 @@ impl Adam {
             self.m[i] = m.to_dtype(moments)?;
             self.v[i] = v.to_dtype(moments)?;
         }
-        Ok(lr)
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cosine(warmup_steps: u64, total_steps: u64) -> AdamConfig {
+        AdamConfig {
+            lr: 1.0,
+            schedule: LrSchedule::WarmupCosine {
+                warmup_steps,
+                total_steps,
+                min_lr_ratio: 0.0,
+            },
+            ..AdamConfig::default()
+        }
+    }
+
+    #[test]
+    fn warmup_cosine_counts_grpo_steps() {
+        let cfg = cosine(0, 10);
+        assert_eq!(cfg.lr_at(0), 1.0);
+        assert!(
+            (cfg.lr_at(5) - 0.5).abs() < 1e-12,
+            "midpoint {}",
+            cfg.lr_at(5)
+        );
+        assert!(cfg.lr_at(9) > 0.0);
+        assert_eq!(cfg.lr_at(10), 0.0);
+        assert_eq!(cfg.lr_at(50), 0.0);
+        let warm = cosine(4, 10);
+        let rates: Vec<f64> = (0..5).map(|s| warm.lr_at(s)).collect();
+        assert_eq!(rates, [0.25, 0.5, 0.75, 1.0, 1.0]);
+        assert!((warm.lr_at(7) - 0.5).abs() < 1e-12);
     }
 }

@@ -34,6 +34,55 @@ pub trait Policy: Sync {
     fn device(&self) -> Device;
 }
 
+/// A policy at a sampling temperature: its logits divided by `temperature`, the distribution
+/// a rollout at that temperature drew its tokens from. At temperature 1 the logits are the
+/// policy's own, untouched.
+pub struct Tempered<'a> {
+    policy: &'a dyn Policy,
+    temperature: f64,
+}
+
+impl<'a> Tempered<'a> {
+    pub fn new(policy: &'a dyn Policy, temperature: f64) -> Self {
+        Self {
+            policy,
+            temperature,
+        }
+    }
+
+    fn scale(&self, logits: Tensor) -> Result<Tensor> {
+        if self.temperature == 1.0 {
+            return Ok(logits);
+        }
+        Ok(logits.affine(1.0 / self.temperature, 0.0)?)
+    }
+}
+
+impl Policy for Tempered<'_> {
+    fn named_vars(&self) -> Vec<(String, Var)> {
+        self.policy.named_vars()
+    }
+
+    fn forward_logits(&self, input_ids: &Tensor, start: usize) -> Result<Tensor> {
+        self.scale(self.policy.forward_logits(input_ids, start)?)
+    }
+
+    fn scoring_logits(&self, input_ids: &Tensor, start: usize) -> Result<Tensor> {
+        self.scale(self.policy.scoring_logits(input_ids, start)?)
+    }
+
+    fn training_logits(&self, input_ids: &Tensor, start: usize) -> Result<(Tensor, Backprop<'_>)> {
+        // The scaling is part of the graph between the policy's logits and the loss, so a
+        // staged backward pass (which starts from the loss) goes through it.
+        let (logits, backprop) = self.policy.training_logits(input_ids, start)?;
+        Ok((self.scale(logits)?, backprop))
+    }
+
+    fn device(&self) -> Device {
+        self.policy.device()
+    }
+}
+
 /// How to get the gradients of a loss computed from a training pass's logits.
 pub enum Backprop<'a> {
     /// The logits hold the whole graph: `loss.backward()`.

@@ -5,11 +5,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::objective::{
-    group_advantages, micro_batch_objective, MicroBatch, MiniBatchShape, ObjectiveConfig,
-    TokenStats,
+    group_advantages, micro_batch_objective, sample_std, MicroBatch, MiniBatchShape,
+    ObjectiveConfig, TokenStats,
 };
 use crate::optim::{grad_norm, sq_sum, Adam, AdamConfig};
-use crate::policy::{scoring_logprobs, training_logprobs, Entropy, Policy};
+use crate::policy::{scoring_logprobs, training_logprobs, Entropy, Policy, Tempered};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -30,6 +30,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Compute the policy's entropy for the metrics (costs a pass over the vocabulary).
     pub entropy_metric: bool,
+    /// The temperature the rollouts were sampled at. π_θ, π_old and the reference are scored
+    /// from logits / temperature, so that ρ and the objective refer to the distribution the
+    /// tokens were drawn from (top-p and top-k truncation are not modelled, as in TRL and verl).
+    pub temperature: f64,
 }
 
 impl Default for TrainConfig {
@@ -42,6 +46,7 @@ impl Default for TrainConfig {
             shuffle: true,
             seed: 42,
             entropy_metric: true,
+            temperature: 1.0,
         }
     }
 }
@@ -54,6 +59,12 @@ impl TrainConfig {
             return Err(Error::Config(format!(
                 "mini_batch and micro_batch must be at least 1, got {} and {}",
                 self.mini_batch, self.micro_batch
+            )));
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(Error::Config(format!(
+                "temperature must be finite and > 0, got {}",
+                self.temperature
             )));
         }
         Ok(())
@@ -109,7 +120,7 @@ pub struct StepMetrics {
     /// Global gradient norm before clipping: mean and max over the updates.
     pub grad_norm: f64,
     pub grad_norm_max: f64,
-    /// Learning rate of the last update.
+    /// Learning rate of the step's updates (one rate per GRPO step).
     pub lr: f64,
     /// Mean completion length in tokens.
     pub response_length: f64,
@@ -238,8 +249,12 @@ impl Trainer {
         reference: Option<&dyn Policy>,
         rollout: &Rollout,
     ) -> Result<StepMetrics> {
+        let temperature = self.cfg.temperature;
+        let policy = Tempered::new(policy, temperature);
+        let reference = reference.map(|r| Tempered::new(r, temperature));
+        let reference = reference.as_ref().map(|r| r as &dyn Policy);
         // Forward, backward and the optimizer are thousands of small parallel ops.
-        spur_lm::on_compute_pool(|| self.step_in_pool(policy, reference, rollout))
+        spur_lm::on_compute_pool(|| self.step_in_pool(&policy, reference, rollout))
     }
 
     fn step_in_pool(
@@ -297,7 +312,7 @@ impl Trainer {
         let mut stats = TokenStats::default();
         let mut losses = Vec::new();
         let mut norms = Vec::new();
-        let mut lr = self.optimizer.next_lr();
+        let lr = self.cfg.optimizer.lr_at(self.step);
         for (mini_index, mini) in order.chunks(self.cfg.mini_batch).enumerate() {
             let shape = MiniBatchShape {
                 micro_batches: mini.len().div_ceil(micro),
@@ -383,7 +398,7 @@ impl Trainer {
                     value: norm,
                 });
             }
-            lr = self.optimizer.step(&self.vars, &grads, norm)?;
+            self.optimizer.step(&self.vars, &grads, norm, lr)?;
             losses.push(mini_loss);
             norms.push(norm);
             clock.charge(&mut timings.optimizer_s)?;
@@ -504,17 +519,9 @@ fn flatten<'a>(
         }
         rewards_all.extend(rewards);
     }
-    let n = rewards_all.len() as f64;
-    let reward_mean = rewards_all.iter().sum::<f64>() / n;
-    let reward_std = if rewards_all.len() > 1 {
-        let ss: f64 = rewards_all.iter().map(|r| (r - reward_mean).powi(2)).sum();
-        (ss / (n - 1.0)).sqrt()
-    } else {
-        0.0
-    };
     let stats = GroupStats {
-        reward_mean,
-        reward_std,
+        reward_mean: mean(&rewards_all),
+        reward_std: sample_std(&rewards_all),
         zero_advantage_groups: zero_groups as f64 / rollout.groups.len() as f64,
     };
     Ok((items, stats))

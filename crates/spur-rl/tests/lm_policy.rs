@@ -333,3 +333,99 @@ fn bf16_moments_step_like_f32_moments() {
         assert!(gap < 0.05, "{name}: update's relative gap {gap}");
     }
 }
+
+/// Completions drawn at `temperature` by the engines' token rule (`spur_lm::choose_token`,
+/// from the model's logits), with the sampler's log-probs.
+fn sampled(
+    model: &Transformer,
+    prompt: &[u32],
+    n: usize,
+    temperature: f64,
+) -> Vec<(Vec<u32>, Vec<f32>)> {
+    let params = spur_lm::SamplingParams {
+        temperature,
+        ..Default::default()
+    };
+    let mut rng = Rng::new(31);
+    (0..n)
+        .map(|_| {
+            let mut seq = prompt.to_vec();
+            let mut logprobs = Vec::new();
+            for _ in 0..4 {
+                let ids = Tensor::new(&seq[..], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let logits = model.forward(&ids).unwrap().squeeze(0).unwrap();
+                let row = logits.get(seq.len() - 1).unwrap().to_vec1::<f32>().unwrap();
+                let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                let (token, logprob) = spur_lm::choose_token(&row, &params, || u);
+                seq.push(token);
+                logprobs.push(logprob);
+            }
+            (seq[prompt.len()..].to_vec(), logprobs)
+        })
+        .collect()
+}
+
+/// Rollouts at T = 0.6 are scored at T = 0.6: the trainer's log-probs are the sampler's, so with
+/// the sampler's log-probs as π_old the first mini-batch has ρ = 1.
+#[test]
+fn the_trainer_scores_at_the_rollouts_temperature() {
+    let model = tiny(Architecture::Qwen2, false, 24);
+    let prompt = [2u32, 5, 7];
+    let samples = sampled(&model, &prompt, 4, 0.6);
+    let seqs: Vec<(&[u32], &[u32])> = samples.iter().map(|(c, _)| (&prompt[..], &c[..])).collect();
+    let gap = |temperature: f64| {
+        let tempered = spur_rl::Tempered::new(&model, temperature);
+        let scored = spur_rl::scoring_logprobs(&tempered, &seqs)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut gap = 0.0f32;
+        for (row, (_, sampler)) in scored.iter().zip(&samples) {
+            for (a, b) in row.iter().zip(sampler) {
+                gap = gap.max((a - b).abs());
+            }
+        }
+        gap
+    };
+    assert!(
+        gap(0.6) < 1e-5,
+        "gap to the sampler at T = 0.6: {}",
+        gap(0.6)
+    );
+    assert!(gap(1.0) > 1e-2, "T = 1 should not match a T = 0.6 sampler");
+
+    let rollout = Rollout {
+        groups: vec![RolloutGroup {
+            prompt: prompt.to_vec(),
+            samples: samples
+                .iter()
+                .zip([1.0, 0.0, 1.0, 0.0])
+                .map(|((c, lp), reward)| RolloutSample {
+                    completion: c.clone(),
+                    reward,
+                    old_logprobs: Some(lp.clone()),
+                    text: None,
+                })
+                .collect(),
+        }],
+    };
+    let step = |temperature: f64| {
+        let model = tiny(Architecture::Qwen2, false, 24);
+        let cfg = TrainConfig {
+            temperature,
+            mini_batch: 4,
+            ..TrainConfig::default()
+        };
+        let mut trainer = Trainer::new(cfg, &model).unwrap();
+        trainer.step(&model, None, &rollout).unwrap()
+    };
+    let m = step(0.6);
+    assert_eq!(m.updates, 1);
+    assert!(m.approx_kl.abs() < 1e-9, "approx_kl {}", m.approx_kl);
+    assert_eq!(m.clip_fraction_low + m.clip_fraction_high, 0.0);
+    // Scored at T = 1, the same rollout's ratios are not 1.
+    assert!(step(1.0).approx_kl > 1e-4);
+}

@@ -406,3 +406,55 @@ fn checkpoint_of_another_model_is_refused() {
         .expect("a checkpoint of another shape must be refused");
     assert!(err.to_string().contains("shape"), "{err}");
 }
+
+/// The warm-up/cosine schedule counts GRPO steps: with 8 updates per step and 10 steps, the step
+/// after 5 completed ones runs at the cosine midpoint (not at the floor, where counting updates
+/// would put it after 10/8 steps), and every update of a step uses that step's rate.
+#[test]
+fn lr_schedule_follows_grpo_steps_not_updates() {
+    let policy = ToyLm::new(6, 4, 9, DType::F32);
+    let rollout = Rollout {
+        groups: (0..2)
+            .map(|g| RolloutGroup {
+                prompt: vec![g + 1],
+                samples: vec![
+                    sample(&[2, 3], 1.0),
+                    sample(&[4], 0.0),
+                    sample(&[5, 1], 0.0),
+                    sample(&[0], 1.0),
+                ],
+            })
+            .collect(),
+    };
+    let cfg = TrainConfig {
+        optimizer: spur_rl::AdamConfig {
+            lr: 1e-3,
+            schedule: spur_rl::LrSchedule::WarmupCosine {
+                warmup_steps: 0,
+                total_steps: 10,
+                min_lr_ratio: 0.0,
+            },
+            ..Default::default()
+        },
+        mini_batch: 1,
+        micro_batch: 1,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(cfg.clone(), &policy).unwrap();
+    let mut rates = Vec::new();
+    for _ in 0..6 {
+        let m = trainer.step(&policy, None, &rollout).unwrap();
+        assert_eq!(m.updates, 8);
+        rates.push(m.lr);
+    }
+    assert_eq!(trainer.updates_done(), 48);
+    assert_eq!(rates[0], 1e-3);
+    assert!(
+        (rates[5] - 0.5e-3).abs() < 1e-15,
+        "step 6 runs at {}",
+        rates[5]
+    );
+    for (s, lr) in rates.iter().enumerate() {
+        assert_eq!(*lr, cfg.optimizer.lr_at(s as u64));
+    }
+}

@@ -654,7 +654,8 @@ pub(crate) fn expand(
             }
         };
         for (path, msg) in params.check_ranges() {
-            let key = where_is(&path);
+            let key =
+                value_source(&unresolved, &path, &cell.keys).unwrap_or_else(|| where_is(&path));
             report(ctx.err(&key, false, format!("`{path}` {msg}")), errors);
         }
         let need = |ok: bool,
@@ -781,6 +782,24 @@ fn collect_leaves(v: &Value, prefix: &str, f: &mut dyn FnMut(&String)) {
 }
 
 /// The path of the first string in `tree` that references `${name}`.
+/// Where the value at `path` was written when it came through `${axis}` (at `path` or an
+/// enclosing string): the axis value's key, which is what to change, not the reference.
+fn value_source(
+    unresolved: &Value,
+    path: &str,
+    axis_keys: &IndexMap<String, String>,
+) -> Option<String> {
+    let mut p = path;
+    loop {
+        if let Some(Value::String(s)) = get_path(unresolved, p) {
+            return crate::references(s)
+                .iter()
+                .find_map(|name| axis_keys.get(name).cloned());
+        }
+        p = &p[..p.rfind('.')?];
+    }
+}
+
 fn find_reference(tree: &Value, name: &str) -> Option<String> {
     let mut found = None;
     collect_leaves(tree, "", &mut |p| {

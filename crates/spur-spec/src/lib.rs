@@ -22,7 +22,7 @@ pub use error::{did_you_mean, one_of, SpecError, SpecErrors};
 pub use locate::{Locations, Pos};
 pub use params::{
     param_paths, Advantage, Aggregation, EvalAt, EvalParams, KlEstimator, LrSchedule, Materialize,
-    RolloutParams, RunParams, UpdateParams,
+    Precision, RolloutParams, RunParams, UpdateParams,
 };
 pub use schema::{
     CommandDef, DatasetDef, Engine, ModelDef, OneShotExample, RewardDef, Source, TemplateKind,
@@ -138,7 +138,22 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, SpecErrors> {
     };
     let file: ExperimentFile = {
         let de = serde_yaml::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de).map_err(|e| ctx.serde_error(e))?
+        match serde_path_to_error::deserialize(de) {
+            Ok(file) => file,
+            Err(e) => {
+                // serde stops at a duplicate key but places it at the start of its mapping;
+                // the index knows where each duplicate is written.
+                let mut errors = ctx.duplicate_keys();
+                let err = ctx.serde_error(e);
+                let duplicate = ["duplicate entry", "duplicate field"]
+                    .iter()
+                    .any(|d| err.message.contains(d));
+                if errors.is_empty() || !duplicate {
+                    errors.push(err);
+                }
+                return Err(SpecErrors(errors));
+            }
+        }
     };
     let mut errors = ctx.duplicate_keys();
     let exp = validate(&ctx, file, &mut errors);
@@ -162,6 +177,11 @@ impl Ctx<'_> {
         } else {
             self.loc.value(key)
         };
+        self.err_at(key, pos, message)
+    }
+
+    /// An error at a key path, located at `pos`.
+    fn err_at(&self, key: &str, pos: Option<Pos>, message: impl Into<String>) -> SpecError {
         let mut e = SpecError::new(self.path, key, message);
         if let Some(pos) = pos {
             e.line = pos.line;
@@ -221,9 +241,10 @@ impl Ctx<'_> {
         self.loc
             .duplicates
             .iter()
-            .map(|(key, _)| {
+            .map(|(key, pos)| {
                 let name = key.rsplit('.').next().unwrap_or(key);
-                self.err(key, true, format!("duplicate name `{name}`"))
+                // At this duplicate: a key written three times has two, at different lines.
+                self.err_at(key, Some(*pos), format!("duplicate name `{name}`"))
                     .with_hint(Some(
                         "each name may be defined once in a block; rename or remove one".into(),
                     ))

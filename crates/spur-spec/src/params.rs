@@ -19,6 +19,10 @@ pub struct RunParams {
     /// Name from the `rewards` block.
     pub reward: Option<String>,
     pub seed: u64,
+    /// The dtype the run's policy computes in, for sampling, training and evaluation alike:
+    /// `f32`, or `bf16` over f32 master weights (tensor cores on a GPU; emulated, slower, on
+    /// the CPU).
+    pub precision: Precision,
     /// GRPO steps (rollout → reward → update).
     pub steps: u32,
     /// Evaluate every this many steps (and at step 0 and at the end).
@@ -38,6 +42,7 @@ impl Default for RunParams {
             train_data: None,
             reward: None,
             seed: 42,
+            precision: Precision::F32,
             steps: 300,
             eval_every: 10,
             rollout: RolloutParams::default(),
@@ -46,6 +51,14 @@ impl Default for RunParams {
             materialize: Materialize::default(),
         }
     }
+}
+
+/// A dtype of computation or storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    F32,
+    Bf16,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,9 +138,17 @@ pub struct UpdateParams {
     pub eps_high: f64,
     pub advantage: Advantage,
     pub aggregation: Aggregation,
+    /// Dr. GRPO's constant length for `seq_sum_const`; unset, the run's
+    /// `rollout.max_response_tokens`.
+    pub norm_length: Option<u32>,
     pub kl_coef: f64,
     pub kl_estimator: KlEstimator,
     pub entropy_coef: f64,
+    /// Keep only each decoder layer's input in the forward pass and recompute the layer in
+    /// the backward pass: the same gradients for a fraction of the activation memory.
+    pub checkpoint_activations: bool,
+    /// Storage dtype of Adam's two moments (`bf16` saves a quarter of the static memory).
+    pub moments: Precision,
 }
 
 impl Default for UpdateParams {
@@ -147,9 +168,12 @@ impl Default for UpdateParams {
             eps_high: 0.2,
             advantage: Advantage::Grpo,
             aggregation: Aggregation::TokenMean,
+            norm_length: None,
             kl_coef: 0.0,
             kl_estimator: KlEstimator::K1,
             entropy_coef: 0.0,
+            checkpoint_activations: false,
+            moments: Precision::F32,
         }
     }
 }
@@ -301,6 +325,11 @@ impl RunParams {
         );
         check(u.eps_high >= 0.0, "update.eps_high", "must be >= 0");
         check(u.kl_coef >= 0.0, "update.kl_coef", "must be >= 0");
+        check(
+            u.norm_length != Some(0),
+            "update.norm_length",
+            "must be at least 1",
+        );
         let rollouts = r.prompts_per_step as u64 * r.samples_per_prompt as u64;
         check(
             u.mini_batch as u64 <= rollouts.max(1) || rollouts == 0,

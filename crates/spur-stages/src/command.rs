@@ -1,14 +1,20 @@
 //! The generic `command` stage: a shell command with declared inputs and
-//! outputs, like a Snakemake rule.
+//! outputs, like a Snakemake rule. The plan keeps the `run` template as
+//! written and the values of the grid variables and parameters it names
+//! (`vars`); the template is rendered once, here, with every `${…}` passed
+//! through the environment (see `shell.rs`).
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
 use spur_plan::{Node, Role, StageKind};
 
-use crate::{NodeContext, Resource, Stage, StageError};
+use crate::shell::{self, ScriptError};
+use crate::{interrupt, NodeContext, Resource, Stage, StageError};
 
 pub struct CommandStage;
 
@@ -24,7 +30,7 @@ fn strings(v: &Value, key: &str) -> Vec<String> {
 }
 
 /// Last `n` bytes of a log, for error messages.
-fn tail(path: &std::path::Path, n: u64) -> String {
+fn tail(path: &Path, n: u64) -> String {
     let Ok(mut f) = File::open(path) else {
         return String::new();
     };
@@ -41,7 +47,8 @@ impl Stage for CommandStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: values arrive through the environment, one word each.
+        2
     }
 
     fn resource(&self, node: &Node) -> Resource {
@@ -62,49 +69,58 @@ impl Stage for CommandStage {
             .get("run")
             .and_then(Value::as_str)
             .unwrap_or_default();
+        let vars = params.get("vars").and_then(Value::as_object);
         let input_names = strings(params, "inputs");
         let needs = strings(params, "needs");
         let step = ctx.node.step;
-        let mut lookup = |name: &str| -> Option<Value> {
-            let path = |p: &std::path::Path| Some(Value::String(p.display().to_string()));
+        // Paths are absolute, so a command may `cd` before using them.
+        let out = std::path::absolute(ctx.out)?;
+        let path = |p: &Path| std::path::absolute(p).ok().map(OsString::from);
+        let mut lookup = |name: &str| -> Option<OsString> {
             match name {
-                "out" => path(ctx.out),
-                "step" => Some(Value::from(step)),
+                "out" => Some(out.clone().into()),
+                "step" => Some(step.to_string().into()),
                 // Step 1 has no previous step: an empty string, testable with [ -n ].
-                "prev" => Some(Value::String(
-                    ctx.input(Role::Prev)
-                        .map(|i| i.out.display().to_string())
-                        .unwrap_or_default(),
-                )),
+                "prev" => match ctx.input(Role::Prev) {
+                    Some(i) => path(&i.out),
+                    None => Some(OsString::new()),
+                },
                 _ => {
                     if let Some(input) = name.strip_prefix("inputs.") {
                         let i = input_names.iter().position(|n| n == input)?;
                         return ctx.externals.get(i)?.local.as_deref().and_then(path);
                     }
-                    let i = needs.iter().position(|n| n == name)?;
-                    ctx.input(Role::Need(i as u16)).and_then(|d| path(&d.out))
+                    if let Some(i) = needs.iter().position(|n| n == name) {
+                        return ctx.input(Role::Need(i as u16)).and_then(|d| path(&d.out));
+                    }
+                    // Grid values and parameters, as the plan resolved them.
+                    vars?.get(name).map(|v| spur_spec::scalar_text(v).into())
                 }
             }
         };
-        let script = spur_spec::substitute_str(template, &mut lookup)
-            .map(|v| spur_spec::scalar_text(&v))
-            .map_err(|name| {
+        let script = shell::render(template, &mut lookup).map_err(|e| match e {
+            ScriptError::Unknown(name) => {
                 StageError::Failed(format!("`${{{name}}}` has no value for this node"))
-            })?;
+            }
+            ScriptError::Unusable { name, why } => StageError::Failed(format!(
+                "`${{{name}}}` cannot be passed to the command: {why}"
+            )),
+        })?;
         let log = File::create(ctx.log)?;
         let mut cmd = Command::new("bash");
         cmd.arg("-c")
-            .arg(&script)
+            .arg(&script.text)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .env("SPUR_OUT", ctx.out)
+            .envs(script.env)
+            .env("SPUR_OUT", &out)
             .env("SPUR_STEP", step.to_string())
             .env("SPUR_NODE", ctx.node.id.hex());
         if !ctx.devices.is_empty() {
             cmd.env("CUDA_VISIBLE_DEVICES", ctx.devices.join(","));
         }
-        let status = cmd.status()?;
+        let status = interrupt::status(&mut cmd)?;
         if !status.success() {
             return Err(StageError::CommandFailed {
                 status: status.to_string(),

@@ -9,7 +9,8 @@ use spur_math::{EvalRecord, ExtractStyle, Grader};
 use spur_plan::StageKind;
 
 use crate::data;
-use crate::model::{self, f64_at, failed, u64_at};
+use crate::model::{self, failed};
+use crate::param::Params;
 use crate::{NodeContext, Resource, Stage, StageError};
 
 pub const RECORDS_FILE: &str = "eval.jsonl";
@@ -22,11 +23,8 @@ impl Stage for EvalStage {
     }
 
     fn version(&self) -> u32 {
-        // 2: prefill matmuls in the x·Wᵀ form (different rounding, so different tokens).
-        // 3: decode attention as one fused CPU op (different rounding).
-        // 4: decode matmuls with spur's f32 kernel, vectorised attention sums (rounding).
-        // 5: candle's fused RMS norm in CPU KV-cache passes (rounding).
-        5
+        // Samples through spur-lm's decode path: numerics changes are spur_lm::NUMERICS_VERSION.
+        crate::numerics_stage_version(1, spur_lm::NUMERICS_VERSION)
     }
 
     fn resource(&self, _node: &spur_plan::Node) -> Resource {
@@ -39,18 +37,26 @@ impl Stage for EvalStage {
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
         let params = ctx.node.params.clone();
-        let e = &params["eval"];
+        let p = Params::new(StageKind::Eval, &params);
+        let n = p.usize("eval.samples")?;
+        let seed = p.u64("eval.seed")?;
+        let sampling = SamplingParams {
+            temperature: p.f64("eval.temperature")?,
+            top_p: p.f64("eval.top_p")?,
+            top_k: 0,
+            max_new_tokens: p.usize("eval.max_tokens")?,
+            stop_strings: Vec::new(),
+            seed: 0,
+        };
+        let engine_name = p.str("model.engine")?;
         let problems = data::load(&model::dataset_path(ctx)?, &params["dataset"])?;
-        let n = u64_at(e, &["samples"]).unwrap_or(1) as usize;
-        let seed = u64_at(e, &["seed"]).unwrap_or(0);
-        let template = model::template(&params);
+        let template = model::template(&p)?;
         let style = if template == PromptTemplate::R1 {
             ExtractStyle::R1
         } else {
             ExtractStyle::Default
         };
         let out = ctx.out.to_path_buf();
-        let engine_name = params["model"]["engine"].as_str().unwrap_or("candle");
         let (engine, tokenizer) = model::engine(ctx, engine_name)?;
         let mut requests = Vec::with_capacity(problems.len());
         let mut prompt_hashes = Vec::with_capacity(problems.len());
@@ -63,12 +69,9 @@ impl Stage for EvalStage {
                 prompt_ids: tokenizer.encode(&prompt).map_err(failed)?,
                 n,
                 params: SamplingParams {
-                    temperature: f64_at(e, &["temperature"]).unwrap_or(0.0),
-                    top_p: f64_at(e, &["top_p"]).unwrap_or(1.0),
-                    top_k: 0,
-                    max_new_tokens: u64_at(e, &["max_tokens"]).unwrap_or(3072) as usize,
                     stop_strings: template.stop_strings(),
                     seed: spur_math::sample_seed(seed, &[i as u64]),
+                    ..sampling.clone()
                 },
             });
         }

@@ -31,10 +31,8 @@ impl Stage for LabelStage {
     }
 
     fn version(&self) -> u32 {
-        // 2: prefill matmuls in the x·Wᵀ form (different rounding, so different tokens).
-        // 3: decode attention as one fused CPU op (different rounding).
-        // 4: decode matmuls with spur's f32 kernel, vectorised attention sums (rounding).
-        4
+        // Samples through spur-lm's decode path: numerics changes are spur_lm::NUMERICS_VERSION.
+        crate::numerics_stage_version(1, spur_lm::NUMERICS_VERSION)
     }
 
     fn resource(&self, _node: &spur_plan::Node) -> Resource {

@@ -8,10 +8,14 @@
 mod command;
 mod data;
 mod eval;
+pub mod interrupt;
 mod label;
+pub mod memory;
 mod model;
+mod param;
 mod reward;
 mod rollout;
+mod shell;
 mod update;
 
 use std::any::Any;
@@ -42,6 +46,12 @@ pub enum StageError {
         role: Role,
         path: PathBuf,
         artifact: String,
+        why: String,
+    },
+    #[error("the {stage} node's parameter `{path}` {why}")]
+    Param {
+        stage: StageKind,
+        path: String,
         why: String,
     },
     #[error("`{kind}` stages are not available in this build of spur")]
@@ -135,6 +145,13 @@ pub trait Stage: Send + Sync {
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<serde_json::Value, StageError>;
 }
 
+/// Version of a stage whose output goes through spur-lm's numerics (sampling or scoring): its
+/// own logic version combined with [`spur_lm::NUMERICS_VERSION`], so a kernel's rounding change
+/// re-keys every such stage. (Old single-number versions were at most 5; these start at 1000.)
+pub(crate) const fn numerics_stage_version(own: u32, numerics: u32) -> u32 {
+    own * 1000 + numerics
+}
+
 /// The stage implementations this build knows, by kind.
 pub struct Registry {
     stages: HashMap<StageKind, Box<dyn Stage>>,
@@ -170,5 +187,57 @@ impl Registry {
     /// Implementation version of `kind`.
     pub fn version(&self, kind: StageKind) -> u32 {
         self.get(kind).map_or(0, Stage::version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_stage_versions_follow_the_numerics_version() {
+        let registry = Registry::with_builtin();
+        let numerics = spur_lm::NUMERICS_VERSION;
+        // Versions before they were derived from the numerics version.
+        let old = [
+            (StageKind::Label, 4),
+            (StageKind::Rollout, 5),
+            (StageKind::Eval, 5),
+        ];
+        for (kind, old) in old {
+            let version = registry.version(kind);
+            let own = version / 1000;
+            assert!(own >= 1, "{kind:?}");
+            assert_eq!(version, numerics_stage_version(own, numerics), "{kind:?}");
+            assert_ne!(
+                numerics_stage_version(own, numerics + 1),
+                version,
+                "{kind:?} must move with the numerics version"
+            );
+            assert_ne!(version, old, "{kind:?} must not reuse its stale cache");
+        }
+    }
+
+    #[test]
+    fn missing_pinned_model_names_the_path_it_tried() {
+        let source = |path: &str| spur_spec::Source {
+            path: Some(path.into()),
+            hub: None,
+            pip: None,
+            file: None,
+            revision: None,
+        };
+        let ext = External {
+            key: "models.smol".into(),
+            kind: spur_plan::ExternalKind::Model,
+            hash: spur_plan::Hash([7; 32]),
+            local: None,
+            sources: vec![source("models/smol.gguf"), source("/abs/smol.gguf")],
+            pinned: true,
+        };
+        let msg = model::model_spec(&ext).unwrap_err().to_string();
+        for part in ["models.smol", "models/smol.gguf", "/abs/smol.gguf"] {
+            assert!(msg.contains(part), "{part:?} missing from: {msg}");
+        }
     }
 }

@@ -10,6 +10,7 @@ use spur_lm::{CandleEngine, Engine, LoadOptions, PromptTemplate, Tokenizer, Tran
 use spur_plan::{External, ExternalKind, Hash, Role};
 use spur_rl::{TrainConfig, Trainer};
 
+use crate::param::Params;
 use crate::{NodeContext, StageError};
 
 /// Sub-directories of an `update` node's output.
@@ -35,6 +36,7 @@ pub enum WeightsAt {
 /// The policy kept in a worker's [`crate::Session`].
 pub struct LoadedPolicy {
     pub at: WeightsAt,
+    pub precision: spur_lm::Precision,
     pub model: Arc<Transformer>,
     pub tokenizer: Arc<Tokenizer>,
     pub trainer: Option<Trainer>,
@@ -45,7 +47,7 @@ pub fn failed(what: impl std::fmt::Display) -> StageError {
 }
 
 /// Where the model's weights come from, as a spur-lm spec.
-fn model_spec(ext: &External) -> Result<String, StageError> {
+pub(crate) fn model_spec(ext: &External) -> Result<String, StageError> {
     if let Some(local) = &ext.local {
         return Ok(local.display().to_string());
     }
@@ -57,19 +59,34 @@ fn model_spec(ext: &External) -> Result<String, StageError> {
             return Ok(hub.clone());
         }
     }
+    // A pin lets the plan be made without the files, so this is where their absence shows.
+    let tried: Vec<String> = ext.sources.iter().map(|s| s.describe()).collect();
     Err(failed(format!(
-        "{}: no source this build can load (a local path, the default model's pip package, or a hub id)",
-        ext.key
+        "{}: not on this machine (tried {}; paths are relative to the experiment file), and \
+         no other source this build can load (the default model's pip package, or a hub id)",
+        ext.key,
+        tried.join(", ")
     )))
 }
 
-fn load_options(ctx: &NodeContext<'_>) -> LoadOptions {
-    LoadOptions {
+fn load_options(ctx: &NodeContext<'_>) -> Result<LoadOptions, StageError> {
+    Ok(LoadOptions {
         device: node_device(ctx.devices),
+        precision: precision(&ctx.node.params)?,
         cache_dir: std::env::var_os("SPUR_MODEL_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(spur_lm::default_cache_dir),
-        ..LoadOptions::default()
+    })
+}
+
+/// The dtype a node's policy computes in: its `model.precision` param.
+pub fn precision(params: &Value) -> Result<spur_lm::Precision, StageError> {
+    match params["model"]["precision"].as_str() {
+        Some("f32") => Ok(spur_lm::Precision::F32),
+        Some("bf16") => Ok(spur_lm::Precision::Bf16),
+        other => Err(failed(format!(
+            "the node's `model.precision` parameter is {other:?}; expected \"f32\" or \"bf16\""
+        ))),
     }
 }
 
@@ -183,7 +200,7 @@ fn mistralrs_engine(
     if let Some(p) = cached {
         return Ok((p.engine.clone(), p.tokenizer.clone()));
     }
-    let options = load_options(ctx);
+    let options = load_options(ctx)?;
     let files = spur_lm::resolve(&policy_spec(ctx)?, &options.cache_dir).map_err(failed)?;
     let tokenizer = Arc::new(spur_lm::load_tokenizer(&files).map_err(failed)?);
     let mistral_options = spur_mistralrs::MistralRsOptions {
@@ -209,15 +226,17 @@ pub fn ensure_policy<'s>(
 ) -> Result<&'s mut LoadedPolicy, StageError> {
     let input = ctx.input(Role::Policy).cloned();
     let want = weights_at(ctx)?;
+    let options = load_options(ctx)?;
     let reusable = ctx
         .session
         .get_mut::<LoadedPolicy>()
-        .is_some_and(|p| p.at == want);
+        .is_some_and(|p| p.at == want && p.precision == options.precision);
     if !reusable {
         let spec = policy_spec(ctx)?;
-        let loaded = spur_lm::load_model(&spec, &load_options(ctx)).map_err(failed)?;
+        let loaded = spur_lm::load_model(&spec, &options).map_err(failed)?;
         ctx.session.insert(LoadedPolicy {
             at: want,
+            precision: options.precision,
             model: Arc::new(loaded.model),
             tokenizer: Arc::new(loaded.tokenizer),
             trainer: None,
@@ -228,6 +247,13 @@ pub fn ensure_policy<'s>(
         .get_mut::<LoadedPolicy>()
         .expect("inserted above");
     if let (Some(cfg), None) = (train, &policy.trainer) {
+        let checkpoint = ctx.node.params["update"]["checkpoint_activations"]
+            .as_bool()
+            .ok_or_else(|| failed("the update's `checkpoint_activations` parameter is missing"))?;
+        // Only the session holds the model between nodes, so it can be changed in place.
+        Arc::get_mut(&mut policy.model)
+            .ok_or_else(|| failed("the policy is in use elsewhere; cannot set checkpointing"))?
+            .set_activation_checkpointing(checkpoint);
         let trainer = match &input {
             Some(i) => {
                 Trainer::resume(cfg.clone(), policy.model.as_ref(), &i.out.join(TRAINER_DIR))
@@ -257,7 +283,7 @@ pub fn ensure_reference(ctx: &mut NodeContext<'_>) -> Result<Arc<Transformer>, S
             return Ok(r.model.clone());
         }
     }
-    let loaded = spur_lm::load_model(&spec, &load_options(ctx)).map_err(failed)?;
+    let loaded = spur_lm::load_model(&spec, &load_options(ctx)?).map_err(failed)?;
     let model = Arc::new(loaded.model);
     ctx.session.insert(ReferenceModel {
         at,
@@ -267,20 +293,17 @@ pub fn ensure_reference(ctx: &mut NodeContext<'_>) -> Result<Arc<Transformer>, S
 }
 
 /// The prompt template of a node's `model` params.
-pub fn template(params: &Value) -> PromptTemplate {
-    let model = &params["model"];
-    match model.get("template").and_then(Value::as_str) {
-        Some("qwen_math") => PromptTemplate::QwenMath,
-        Some("r1") => PromptTemplate::R1,
-        Some("custom") => PromptTemplate::Jinja(
-            model
-                .get("template_text")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
+pub fn template(p: &Params) -> Result<PromptTemplate, StageError> {
+    let kinds = ["model", "qwen_math", "r1", "custom"];
+    Ok(match p.one_of("model.template", &kinds)? {
+        "qwen_math" => PromptTemplate::QwenMath,
+        "r1" => PromptTemplate::R1,
+        "custom" => PromptTemplate::Jinja(
+            p.str("model.template_text")?
                 .replace("{problem}", "{{ problem }}"),
         ),
         _ => PromptTemplate::Chat { system: None },
-    }
+    })
 }
 
 /// Refuse engines this build cannot honour, rather than silently use another.

@@ -9,7 +9,8 @@ use spur_math::RewardSpec;
 use spur_plan::{Role, StageKind};
 
 use crate::label::{Label, LABELS_FILE};
-use crate::model::{self, failed, u64_at};
+use crate::model::{self, failed};
+use crate::param::Params;
 use crate::rollout::{RolloutArtifact, ROLLOUT_FILE};
 use crate::{NodeContext, Stage, StageError};
 
@@ -102,7 +103,8 @@ impl Stage for RewardStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: `reward_std` is the sample std (n − 1), as the trainer's and the advantages'.
+        2
     }
 
     fn declared_outputs(&self, _node: &spur_plan::Node) -> Vec<String> {
@@ -111,9 +113,10 @@ impl Stage for RewardStage {
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
         let params = &ctx.node.params;
+        let p = Params::new(StageKind::Reward, params);
         let def = &params["reward"];
-        let kind = def["kind"].as_str().unwrap_or_default();
-        let seed = u64_at(params, &["seed"]).unwrap_or(0);
+        let kind = p.str("reward.kind")?;
+        let seed = p.u64("seed")?;
         let step = ctx.node.step as u64;
         let rollout_dir = ctx
             .input(Role::Rollout)
@@ -138,11 +141,7 @@ impl Stage for RewardStage {
         }
 
         let rewards = if kind == "command" {
-            command_rewards(
-                def["command"].as_str().unwrap_or_default(),
-                &rollout,
-                &labels,
-            )?
+            command_rewards(p.str("reward.command")?, &rollout, &labels)?
         } else {
             // Labels already say what is right, so these grade like ground truth.
             let name = kind
@@ -177,9 +176,9 @@ impl Stage for RewardStage {
                 .collect()
         };
         let flat: Vec<f64> = rewards.iter().flatten().copied().collect();
-        let n = flat.len().max(1) as f64;
-        let mean = flat.iter().sum::<f64>() / n;
-        let std = (flat.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let mean = flat.iter().sum::<f64>() / flat.len().max(1) as f64;
+        // The trainer's definition, so the two reports of one step agree.
+        let std = spur_rl::sample_std(&flat);
         let zero_adv = rewards
             .iter()
             .filter(|g| g.windows(2).all(|w| w[0] == w[1]))
@@ -191,5 +190,96 @@ impl Stage for RewardStage {
         });
         model::write_json(&ctx.out.join(REWARDS_FILE), &Rewards { rewards, labels })?;
         Ok(metrics)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+    use spur_lm::FinishReason;
+    use spur_plan::{Hash, Node, Role, StageKind};
+
+    use super::*;
+    use crate::rollout::{Group, Sample};
+    use crate::{InputDir, Session};
+
+    /// Runs a reward node over one group of `texts`, graded by the format reward.
+    fn run(reward: Value, texts: &[&str]) -> Result<Value, StageError> {
+        let dir = tempfile::tempdir().unwrap();
+        let rollout = RolloutArtifact {
+            step: 1,
+            groups: vec![Group {
+                index: 0,
+                problem: "1 + 1".into(),
+                answer: "2".into(),
+                prompt_sha256: String::new(),
+                prompt_ids: vec![1],
+                samples: texts
+                    .iter()
+                    .map(|t| Sample {
+                        token_ids: vec![2],
+                        logprobs: vec![-1.0],
+                        text: t.to_string(),
+                        finish_reason: FinishReason::Eos,
+                    })
+                    .collect(),
+            }],
+        };
+        model::write_json(&dir.path().join(ROLLOUT_FILE), &rollout).unwrap();
+        let node = Node {
+            id: Hash([0; 32]),
+            kind: StageKind::Reward,
+            version: RewardStage.version(),
+            step: 1,
+            params: Arc::new(json!({"reward": reward, "seed": 42})),
+            inputs: vec![],
+            externals: vec![],
+            runs: vec![0],
+        };
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let mut session = Session::default();
+        let mut ctx = NodeContext {
+            node: &node,
+            inputs: vec![InputDir {
+                role: Role::Rollout,
+                node: Hash([1; 32]),
+                out: dir.path().to_path_buf(),
+            }],
+            externals: vec![],
+            out: &out,
+            log: &dir.path().join("log"),
+            devices: &[],
+            session: &mut session,
+        };
+        RewardStage.run(&mut ctx)
+    }
+
+    #[test]
+    fn reward_std_is_the_trainers_sample_std() {
+        let texts = ["\\boxed{2}", "no box", "no box", "no box"];
+        let metrics = run(json!({"kind": "format"}), &texts).unwrap();
+        // Rewards [1, 0, 0, 0]: sample std 0.5 (the population std is 0.433).
+        assert_eq!(metrics["reward_mean"], 0.25);
+        assert_eq!(metrics["reward_std"], 0.5);
+        assert_eq!(
+            metrics["reward_std"],
+            spur_rl::sample_std(&[1.0, 0.0, 0.0, 0.0])
+        );
+    }
+
+    #[test]
+    fn a_missing_reward_parameter_is_an_error() {
+        let err = run(json!({}), &["x"]).unwrap_err().to_string();
+        assert_eq!(err, "the reward node's parameter `reward.kind` is missing");
+        let err = run(json!({"kind": "command"}), &["x"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "the reward node's parameter `reward.command` is missing"
+        );
     }
 }

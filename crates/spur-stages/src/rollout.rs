@@ -9,7 +9,8 @@ use spur_lm::{Engine, FinishReason, GenerationRequest, SamplingParams};
 use spur_plan::{Role, StageKind};
 
 use crate::data::{self, Problem};
-use crate::model::{self, f64_at, failed, u64_at};
+use crate::model::{self, failed};
+use crate::param::Params;
 use crate::{NodeContext, Resource, Stage, StageError};
 
 pub const ROLLOUT_FILE: &str = "rollout.json";
@@ -41,6 +42,34 @@ pub struct RolloutArtifact {
 
 pub struct RolloutStage;
 
+/// What a rollout node's params ask for, read before any work.
+struct Settings {
+    seed: u64,
+    prompts: usize,
+    samples: usize,
+    max_prompt_tokens: usize,
+    /// Without the template's stop strings and the per-group seed.
+    sampling: SamplingParams,
+}
+
+fn settings(params: &Value) -> Result<Settings, StageError> {
+    let p = Params::new(StageKind::Rollout, params);
+    Ok(Settings {
+        seed: p.u64("seed")?,
+        prompts: p.usize("rollout.prompts_per_step")?,
+        samples: p.usize("rollout.samples_per_prompt")?,
+        max_prompt_tokens: p.usize("rollout.max_prompt_tokens")?,
+        sampling: SamplingParams {
+            temperature: p.f64("rollout.temperature")?,
+            top_p: p.f64("rollout.top_p")?,
+            top_k: p.usize("rollout.top_k")?,
+            max_new_tokens: p.usize("rollout.max_response_tokens")?,
+            stop_strings: Vec::new(),
+            seed: 0,
+        },
+    })
+}
+
 /// `take` problem positions for step `step`: consecutive slices of a
 /// sequence of per-epoch permutations, so problems are drawn without
 /// replacement within an epoch, deterministically from the seed.
@@ -66,18 +95,16 @@ pub fn draw(n: usize, take: usize, seed: u64, step: u32) -> Vec<usize> {
 /// The problems a rollout draws from, after the reward's data choice.
 fn problems(ctx: &NodeContext<'_>) -> Result<Vec<Problem>, StageError> {
     let params = &ctx.node.params;
+    let p = Params::new(StageKind::Rollout, params);
     match &params["problems"] {
-        Value::Object(o) if o.contains_key("one_shot") => {
-            let ex = &o["one_shot"];
-            Ok(vec![Problem {
-                index: 0,
-                problem: ex["problem"].as_str().unwrap_or_default().to_string(),
-                answer: ex["answer"].as_str().unwrap_or_default().to_string(),
-                id: None,
-                subject: None,
-                level: None,
-            }])
-        }
+        Value::Object(o) if o.contains_key("one_shot") => Ok(vec![Problem {
+            index: 0,
+            problem: p.str("problems.one_shot.problem")?.to_string(),
+            answer: p.str("problems.one_shot.answer")?.to_string(),
+            id: None,
+            subject: None,
+            level: None,
+        }]),
         Value::String(s) if s == "incorrect_labels" => {
             let labels = ctx
                 .input(Role::Labels)
@@ -111,11 +138,8 @@ impl Stage for RolloutStage {
     }
 
     fn version(&self) -> u32 {
-        // 2: prefill matmuls in the x·Wᵀ form (different rounding, so different tokens).
-        // 3: decode attention as one fused CPU op (different rounding).
-        // 4: decode matmuls with spur's f32 kernel, vectorised attention sums (rounding).
-        // 5: candle's fused RMS norm in CPU KV-cache passes (rounding).
-        5
+        // Samples through spur-lm's decode path: numerics changes are spur_lm::NUMERICS_VERSION.
+        crate::numerics_stage_version(1, spur_lm::NUMERICS_VERSION)
     }
 
     fn resource(&self, _node: &spur_plan::Node) -> Resource {
@@ -129,17 +153,19 @@ impl Stage for RolloutStage {
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
         let params = ctx.node.params.clone();
         let step = ctx.node.step;
-        let seed = u64_at(&params, &["seed"]).unwrap_or(0);
-        let r = &params["rollout"];
-        let n_prompts = u64_at(r, &["prompts_per_step"]).unwrap_or(1) as usize;
-        let n_samples = u64_at(r, &["samples_per_prompt"]).unwrap_or(1) as usize;
-        let max_prompt = u64_at(r, &["max_prompt_tokens"]).unwrap_or(1024) as usize;
+        let Settings {
+            seed,
+            prompts: n_prompts,
+            samples: n_samples,
+            max_prompt_tokens: max_prompt,
+            sampling,
+        } = settings(&params)?;
         let pool = problems(ctx)?;
         let chosen: Vec<Problem> = draw(pool.len(), n_prompts, seed, step)
             .into_iter()
             .map(|i| pool[i].clone())
             .collect();
-        let template = model::template(&params);
+        let template = model::template(&Params::new(StageKind::Rollout, &params))?;
         let out = ctx.out.to_path_buf();
         let policy = model::ensure_policy(ctx, None)?;
         let engine = spur_lm::CandleEngine::new(policy.model.clone(), policy.tokenizer.clone());
@@ -158,12 +184,9 @@ impl Stage for RolloutStage {
                 prompt_ids: ids.clone(),
                 n: n_samples,
                 params: SamplingParams {
-                    temperature: f64_at(r, &["temperature"]).unwrap_or(1.0),
-                    top_p: f64_at(r, &["top_p"]).unwrap_or(1.0),
-                    top_k: u64_at(r, &["top_k"]).unwrap_or(0) as usize,
-                    max_new_tokens: u64_at(r, &["max_response_tokens"]).unwrap_or(3072) as usize,
                     stop_strings: template.stop_strings(),
                     seed: spur_math::sample_seed(seed, &[step as u64, g as u64]),
+                    ..sampling.clone()
                 },
             });
             groups.push(Group {
@@ -203,7 +226,31 @@ impl Stage for RolloutStage {
 
 #[cfg(test)]
 mod tests {
-    use super::draw;
+    use serde_json::json;
+
+    use super::{draw, settings};
+
+    #[test]
+    fn every_rollout_parameter_is_required() {
+        let params = json!({
+            "rollout": spur_spec::to_json(&spur_spec::RolloutParams::default()),
+            "seed": 42,
+        });
+        let s = settings(&params).unwrap();
+        assert_eq!((s.prompts, s.samples, s.max_prompt_tokens), (64, 16, 1024));
+        assert_eq!(s.sampling.max_new_tokens, 3072);
+        for key in ["prompts_per_step", "temperature", "max_response_tokens"] {
+            let mut missing = params.clone();
+            missing["rollout"].as_object_mut().unwrap().remove(key);
+            let err = settings(&missing)
+                .err()
+                .expect("a missing parameter is an error");
+            assert_eq!(
+                err.to_string(),
+                format!("the rollout node's parameter `rollout.{key}` is missing")
+            );
+        }
+    }
 
     #[test]
     fn draws_without_replacement_within_an_epoch() {

@@ -12,7 +12,9 @@
 //! ```
 //! A node directory appears only by `rename` of a fully written, fsynced
 //! temporary directory, so a node is either absent or complete; its artifacts
-//! are verified against the manifest's sha256 when read.
+//! are verified against the manifest's sha256 when read, and the manifest
+//! against its own sha256 (its last key). A directory without a manifest is
+//! no entry. The cache never follows a symbolic link of its own layout.
 
 mod hashing;
 mod manifest;
@@ -131,21 +133,30 @@ impl Store {
         self.node_dir(id).join("manifest.json").is_file()
     }
 
-    /// Every finished node id, from one directory listing per shard (much
-    /// faster than a `stat` per planned node for large plans).
+    /// Every finished node id (a directory holding a manifest), from one
+    /// listing per shard in parallel. Links in place of shards or nodes are
+    /// not followed.
     pub fn cached_ids(&self) -> Result<HashSet<Hash>> {
         use rayon::prelude::*;
         let nodes = self.root.join("nodes");
         let shards: Vec<PathBuf> = fs::read_dir(&nodes)
             .map_err(io_err(&nodes))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
             .collect();
         let sets: Vec<Vec<Hash>> = shards
             .par_iter()
             .map(|dir| {
                 let mut ids = Vec::new();
                 for entry in fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
-                    if let Some(id) = entry.file_name().to_str().and_then(Hash::from_hex) {
+                    let Some(id) = entry.file_name().to_str().and_then(Hash::from_hex) else {
+                        continue;
+                    };
+                    let manifest = entry.path().join("manifest.json");
+                    if entry.file_type().is_ok_and(|t| t.is_dir())
+                        && fs::symlink_metadata(&manifest).is_ok_and(|m| m.is_file())
+                    {
                         ids.push(id);
                     }
                 }
@@ -155,10 +166,17 @@ impl Store {
         Ok(sets.into_iter().flatten().collect())
     }
 
+    /// The node's manifest, checked against the sha256 it records.
     pub fn read_manifest(&self, id: &Hash) -> Result<NodeManifest> {
         let path = self.node_dir(id).join("manifest.json");
         let bytes = fs::read(&path).map_err(io_err(&path))?;
-        serde_json::from_slice(&bytes).map_err(|source| StoreError::Manifest { path, source })
+        manifest::unseal(&bytes).map_err(|e| match e {
+            manifest::Unsealed::Invalid(source) => StoreError::Manifest { path, source },
+            e => StoreError::Corrupted {
+                id: id.hex(),
+                problem: format!("{}: {e}", path.display()),
+            },
+        })
     }
 
     /// Start computing `id` in a fresh temporary directory.
@@ -189,8 +207,7 @@ impl Store {
         }
         manifest.artifacts = manifest::hash_tree(&out)?;
         let manifest_path = staging.dir.join("manifest.json");
-        let bytes = serde_json::to_vec_pretty(&manifest).expect("manifests serialise");
-        write_synced(&manifest_path, &bytes)?;
+        write_synced(&manifest_path, &manifest::seal(&manifest))?;
         sync_dir(&out)?;
         sync_dir(&staging.dir)?;
         let dest = self.node_dir(&staging.id);
@@ -213,9 +230,12 @@ impl Store {
 
     /// Check every artifact against the manifest (once per process per node).
     pub fn verify(&self, id: &Hash) -> Result<NodeManifest> {
-        let manifest = self.read_manifest(id).map_err(|e| StoreError::Corrupted {
-            id: id.hex(),
-            problem: e.to_string(),
+        let manifest = self.read_manifest(id).map_err(|e| match e {
+            StoreError::Corrupted { .. } => e,
+            e => StoreError::Corrupted {
+                id: id.hex(),
+                problem: e.to_string(),
+            },
         })?;
         if self
             .verified
@@ -252,8 +272,9 @@ impl Store {
         Ok(manifest)
     }
 
-    /// Move a corrupted entry aside (kept for inspection, never used again).
-    pub fn quarantine(&self, id: &Hash) -> Result<PathBuf> {
+    /// Move a corrupted entry aside (kept for inspection, never used again):
+    /// where it went, or `None` when there was nothing to move.
+    pub fn quarantine(&self, id: &Hash) -> Result<Option<PathBuf>> {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -262,10 +283,34 @@ impl Store {
             .root
             .join("quarantine")
             .join(format!("{}.{stamp}", id.hex()));
+        let moved = self.move_entry(id, &dest)?;
+        Ok(moved.then_some(dest))
+    }
+
+    /// Delete a sound entry so that it is computed again (a dependent needs
+    /// an artifact the materialisation policy pruned). False when absent.
+    pub fn remove_entry(&self, id: &Hash) -> Result<bool> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let dest =
+            self.root
+                .join("tmp")
+                .join(format!("{}.removed.{}.{n}", id.hex(), std::process::id()));
+        // Out of nodes/ in one rename, so readers never see half of it.
+        if !self.move_entry(id, &dest)? {
+            return Ok(false);
+        }
+        fs::remove_dir_all(&dest).map_err(io_err(&dest))?;
+        Ok(true)
+    }
+
+    fn move_entry(&self, id: &Hash, dest: &Path) -> Result<bool> {
         let src = self.node_dir(id);
-        fs::rename(&src, &dest).map_err(io_err(&src))?;
         self.verified.lock().expect("verified set lock").remove(id);
-        Ok(dest)
+        match fs::rename(&src, dest) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(&src)(e)),
+        }
     }
 
     /// Delete a large artifact the materialisation policy does not keep; the
@@ -281,10 +326,7 @@ impl Store {
         // Manifest first: a crash in between leaves a file the manifest
         // already calls pruned, never a missing file it calls present.
         let path = self.node_dir(id).join("manifest.json");
-        write_atomic(
-            &path,
-            &serde_json::to_vec_pretty(&manifest).expect("manifests serialise"),
-        )?;
+        write_atomic(&path, &manifest::seal(&manifest))?;
         for name in names {
             let p = out.join(name);
             match fs::remove_file(&p) {
@@ -334,8 +376,8 @@ impl Store {
             .map_err(io_err(&path))
     }
 
-    /// Content hash of a file or directory, remembered by path, size, mtime
-    /// and inode so big inputs are read once.
+    /// Content hash of a file or directory, remembered by path, size, mtime,
+    /// ctime and inode so big inputs are read once.
     pub fn content_hash(&self, path: &Path) -> io::Result<Hash> {
         self.hashes.hash(path)
     }
@@ -389,27 +431,53 @@ impl Store {
         Ok((nodes, runs))
     }
 
-    /// Garbage collection: finished nodes not in `keep`, plus leftovers of
-    /// killed processes. Deletes only with `delete`; needs no run active.
+    /// Garbage collection: node directories not in `keep` (finished or
+    /// without a manifest), leftovers of killed processes, and symbolic
+    /// links where the cache keeps shards, nodes or temporaries. Never
+    /// follows a link: a link is removed, not what it points to. Deletes
+    /// only with `delete`; needs no run active.
     pub fn gc(&self, keep: &HashSet<Hash>, delete: bool) -> Result<GcReport> {
         let mut report = GcReport::default();
-        for id in self.cached_ids()? {
-            if keep.contains(&id) {
+        let nodes = self.root.join("nodes");
+        for shard in fs::read_dir(&nodes).map_err(io_err(&nodes))?.flatten() {
+            let shard_path = shard.path();
+            if is_link(&shard) {
+                report.remove_link(&shard_path, delete)?;
                 continue;
             }
-            let dir = self.node_dir(&id);
-            report.bytes += dir_size(&dir);
-            report.nodes.push(id);
-            if delete {
-                fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+            if !shard.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            for entry in fs::read_dir(&shard_path)
+                .map_err(io_err(&shard_path))?
+                .flatten()
+            {
+                let Some(id) = entry.file_name().to_str().and_then(Hash::from_hex) else {
+                    continue;
+                };
+                let path = entry.path();
+                if is_link(&entry) {
+                    report.remove_link(&path, delete)?;
+                } else if entry.file_type().is_ok_and(|t| t.is_dir()) && !keep.contains(&id) {
+                    report.bytes += dir_size(&path);
+                    report.nodes.push(id);
+                    if delete {
+                        fs::remove_dir_all(&path).map_err(io_err(&path))?;
+                    }
+                }
             }
         }
         let tmp = self.root.join("tmp");
         for e in fs::read_dir(&tmp).map_err(io_err(&tmp))?.flatten() {
-            report.bytes += dir_size(&e.path());
+            let path = e.path();
+            if is_link(&e) {
+                report.remove_link(&path, delete)?;
+                continue;
+            }
+            report.bytes += dir_size(&path);
             report.temporaries += 1;
             if delete {
-                fs::remove_dir_all(e.path()).map_err(io_err(&e.path()))?;
+                fs::remove_dir_all(&path).map_err(io_err(&path))?;
             }
         }
         report.nodes.sort();
@@ -422,15 +490,34 @@ pub struct GcReport {
     pub nodes: Vec<Hash>,
     /// Leftover temporary directories of killed processes.
     pub temporaries: usize,
+    /// Symbolic links found in the cache's layout (removed, never followed).
+    pub links: Vec<PathBuf>,
     pub bytes: u64,
 }
 
+impl GcReport {
+    fn remove_link(&mut self, link: &Path, delete: bool) -> Result<()> {
+        self.links.push(link.to_path_buf());
+        if delete {
+            fs::remove_file(link).map_err(io_err(link))?;
+        }
+        Ok(())
+    }
+}
+
+fn is_link(entry: &fs::DirEntry) -> bool {
+    entry.file_type().is_ok_and(|t| t.is_symlink())
+}
+
+/// Bytes in regular files under `dir`, not following links (`dir` itself
+/// included).
 fn dir_size(dir: &Path) -> u64 {
     walkdir::WalkDir::new(dir)
+        .follow_root_links(false)
         .into_iter()
         .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_file())
         .filter_map(|e| e.metadata().ok())
-        .filter(|m| m.is_file())
         .map(|m| m.len())
         .sum()
 }

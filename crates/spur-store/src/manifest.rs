@@ -5,6 +5,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::{hash_reader, io_err, Result};
 
@@ -81,4 +82,52 @@ fn hash_and_sync(path: &Path) -> std::io::Result<spur_plan::Hash> {
     let hash = hash_reader(&file)?;
     file.sync_all()?;
     Ok(hash)
+}
+
+/// The key of the manifest's own sha256, written last: the sha256 is over
+/// the bytes before it (the manifest without this key, as spur writes it),
+/// so checking needs no re-serialisation that could round floats.
+const SEAL_KEY: &str = "manifest_sha256";
+
+/// The manifest's bytes as stored, ending with its own sha256.
+pub(crate) fn seal(manifest: &NodeManifest) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(manifest).expect("manifests serialise");
+    let digest = hex::encode(Sha256::digest(&bytes));
+    let closing = bytes.split_off(bytes.len() - 2);
+    debug_assert_eq!(closing, b"\n}");
+    bytes.extend_from_slice(format!(",\n  \"{SEAL_KEY}\": \"{digest}\"\n}}").as_bytes());
+    bytes
+}
+
+/// Why stored manifest bytes are not a manifest spur wrote.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Unsealed {
+    #[error("invalid manifest: {0}")]
+    Invalid(#[from] serde_json::Error),
+    #[error("the manifest records no sha256 of itself (`{SEAL_KEY}`): written by a spur older than manifest checks, or edited")]
+    NoSeal,
+    #[error("the manifest was changed after spur wrote it: its content no longer matches the sha256 it records")]
+    Edited,
+}
+
+/// Parse stored manifest bytes, checking them against their own sha256.
+pub(crate) fn unseal(bytes: &[u8]) -> std::result::Result<NodeManifest, Unsealed> {
+    #[derive(Deserialize)]
+    struct Seal {
+        manifest_sha256: Option<String>,
+    }
+    let manifest: NodeManifest = serde_json::from_slice(bytes)?;
+    let seal: Seal = serde_json::from_slice(bytes)?;
+    let recorded = seal.manifest_sha256.ok_or(Unsealed::NoSeal)?;
+    let tail = format!(",\n  \"{SEAL_KEY}\": \"{recorded}\"\n}}");
+    let body = bytes
+        .strip_suffix(tail.as_bytes())
+        .ok_or(Unsealed::Edited)?;
+    let mut h = Sha256::new();
+    h.update(body);
+    h.update(b"\n}");
+    if hex::encode(h.finalize()) != recorded {
+        return Err(Unsealed::Edited);
+    }
+    Ok(manifest)
 }
