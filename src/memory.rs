@@ -5,10 +5,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use anyhow::{bail, Result};
-use spur_lm::{Device, ModelConfig};
+use spur_lm::{Device, ModelConfig, Tokenizer};
 use spur_plan::Plan;
 use spur_spec::Experiment;
-use spur_stages::memory::{self, NodeMemory};
+use spur_stages::memory::{self, NodeMemory, PromptSet};
 
 /// The estimates of one plan's model nodes, reading each model's configuration once.
 pub struct Estimator<'p> {
@@ -18,6 +18,9 @@ pub struct Estimator<'p> {
     /// than report no estimate: `spur run` fetches them anyway, `spur plan` never does.
     fetch: bool,
     configs: HashMap<String, Option<ModelConfig>>,
+    tokenizers: HashMap<String, Option<Tokenizer>>,
+    /// Longest prompt by (model, prompt set) key.
+    prompts: HashMap<(String, String), Option<usize>>,
 }
 
 impl<'p> Estimator<'p> {
@@ -27,6 +30,8 @@ impl<'p> Estimator<'p> {
             device,
             fetch,
             configs: HashMap::new(),
+            tokenizers: HashMap::new(),
+            prompts: HashMap::new(),
         }
     }
 
@@ -49,11 +54,39 @@ impl<'p> Estimator<'p> {
             .clone()
     }
 
+    /// The longest prompt `node` feeds its model, in its model's tokens; `None` when its
+    /// dataset or tokenizer is not on this machine (the estimate then counts the budget).
+    fn longest_prompt(&mut self, node: u32) -> Option<usize> {
+        let ext = memory::model_external(self.plan, node)?;
+        let set = PromptSet::of(self.plan, node)?;
+        let key = (ext.key.clone(), set.key());
+        if let Some(&known) = self.prompts.get(&key) {
+            return known;
+        }
+        let tokenizer = self
+            .tokenizers
+            .entry(ext.key.clone())
+            .or_insert_with(|| {
+                let spec = memory::model_spec(ext)?;
+                spur_lm::source::tokenizer_of(&spec, &spur_lm::default_cache_dir())
+                    .inspect_err(|e| {
+                        tracing::warn!("{}: prompts counted at their budget: {e}", ext.key)
+                    })
+                    .ok()
+                    .flatten()
+            })
+            .as_ref();
+        let longest = tokenizer.and_then(|t| set.longest(t));
+        self.prompts.insert(key, longest);
+        longest
+    }
+
     /// The estimate of `node`; `None` for nodes without a model or whose model's shapes are
     /// not on this machine yet.
     pub fn node(&mut self, node: u32) -> Option<(NodeMemory, ModelConfig)> {
         let config = self.config(node)?;
-        let m = memory::estimate(self.plan, node, &config, &self.device)?;
+        let prompt_tokens = self.longest_prompt(node);
+        let m = memory::estimate(self.plan, node, &config, &self.device, prompt_tokens)?;
         Some((m, config))
     }
 }

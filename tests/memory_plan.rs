@@ -85,11 +85,17 @@ fn run_refuses_a_node_that_cannot_fit_and_says_what_would() {
     assert!(stderr.contains("reward=random"), "{stderr}");
     assert!(stderr.contains("it fits with"), "{stderr}");
     assert!(stderr.contains("update.micro_batch: "), "{stderr}");
-    assert!(stderr.contains("update.checkpoint_activations: true"), "{stderr}");
+    assert!(
+        stderr.contains("update.checkpoint_activations: true"),
+        "{stderr}"
+    );
     assert!(stderr.contains("--no-memory-check"), "{stderr}");
     assert!(stderr.contains("exp.yaml"), "{stderr}");
     assert_eq!(published_nodes(&ws), 0, "nothing may run: {stderr}");
-    assert!(!ws.cache().join("runs").exists() || std::fs::read_dir(ws.cache().join("runs")).unwrap().count() == 0);
+    assert!(
+        !ws.cache().join("runs").exists()
+            || std::fs::read_dir(ws.cache().join("runs")).unwrap().count() == 0
+    );
 
     // When the weights, gradients and moments alone exceed the device, nothing helps.
     let out = with_capacity(&ws, GIB / 2, &["run", "exp.yaml"]);
@@ -162,11 +168,34 @@ fn plan_json_gives_every_model_node_its_peak_memory() {
             .as_u64()
             .unwrap()
     };
-    let whole = update_of(&|c| {
-        c["update.checkpoint_activations"] == false && c["precision"] == "f32"
-    });
-    let checkpointed = update_of(&|c| {
-        c["update.checkpoint_activations"] == true && c["precision"] == "f32"
-    });
+    let whole =
+        update_of(&|c| c["update.checkpoint_activations"] == false && c["precision"] == "f32");
+    let checkpointed =
+        update_of(&|c| c["update.checkpoint_activations"] == true && c["precision"] == "f32");
     assert!(checkpointed < whole, "{checkpointed} vs {whole}");
+}
+
+#[test]
+fn prompts_count_at_their_length_in_tokens_cut_to_the_budget() {
+    let ws = Workspace::new();
+    let update_bytes = |budget: u32| -> u64 {
+        ws.write(
+            "exp.yaml",
+            &experiment(
+                &format!("  rollout: {{prompts_per_step: 2, samples_per_prompt: 2, max_prompt_tokens: {budget}, max_response_tokens: 64}}\n  update: {{mini_batch: 4, micro_batch: 4}}"),
+                "  reward: [random]",
+            ),
+        );
+        // The first run fetches the default model; its shapes and tokenizer are then on disk.
+        let _ = with_capacity(&ws, GIB / 8, &["run", "exp.yaml"]);
+        let plan = ws.plan_json("exp.yaml");
+        let nodes = plan["nodes"].as_array().unwrap();
+        let update = nodes.iter().find(|n| n["kind"] == "update").unwrap();
+        update["memory_bytes"].as_u64().unwrap()
+    };
+    // DeepScaleR's level-1 problems under the qwen_math template are far shorter than 1,024
+    // tokens: a larger budget changes nothing, a budget below them cuts them.
+    let (at_1024, at_4096, at_16) = (update_bytes(1024), update_bytes(4096), update_bytes(16));
+    assert_eq!(at_1024, at_4096);
+    assert!(at_16 < at_1024, "{at_16} vs {at_1024}");
 }

@@ -220,7 +220,12 @@ fn checkpointing_keeps_the_gradient_and_lowers_peak_memory_as_estimated() {
     assert_eq!(staged["checkpoint_activations"], true);
     let norm = |r: &Value| r["grad_norm"].as_f64().unwrap();
     let gap = (norm(&whole) - norm(&staged)).abs() / norm(&whole);
-    assert!(gap <= 1e-5, "grad norms {} and {}", norm(&whole), norm(&staged));
+    assert!(
+        gap <= 1e-5,
+        "grad norms {} and {}",
+        norm(&whole),
+        norm(&staged)
+    );
     let peak = |r: &Value| r["peak_memory_bytes"].as_u64().expect("a measured peak") as f64;
     assert!(
         peak(&staged) <= 0.75 * peak(&whole),

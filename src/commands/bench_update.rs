@@ -18,8 +18,8 @@ use serde_json::json;
 use spur_lm::memory::{self, PeakMemory};
 use spur_lm::{DType, Device, LoadOptions, Precision, Tensor};
 use spur_rl::{
-    scoring_logprobs, splitmix64, AdamConfig, MomentDtype, Policy, Rollout, RolloutGroup, RolloutSample, TrainConfig,
-    Trainer,
+    scoring_logprobs, splitmix64, AdamConfig, MomentDtype, Policy, Rollout, RolloutGroup,
+    RolloutSample, TrainConfig, Trainer,
 };
 
 #[derive(clap::Args, Debug)]
@@ -126,7 +126,11 @@ pub fn run(args: UpdateBench) -> Result<ExitCode> {
     let bf16 = args.precision == "bf16";
     let options = LoadOptions {
         device: spur_lm::device(&args.device)?,
-        precision: if bf16 { Precision::Bf16 } else { Precision::F32 },
+        precision: if bf16 {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        },
         ..LoadOptions::default()
     };
     let device = options.device.clone();
@@ -287,7 +291,11 @@ pub fn run(args: UpdateBench) -> Result<ExitCode> {
     };
     println!(
         "peak memory over the step ({}): {measured}; estimated {:.2} GiB",
-        if device.is_cpu() { "resident set" } else { "device" },
+        if device.is_cpu() {
+            "resident set"
+        } else {
+            "device"
+        },
         gib(estimate.total)
     );
     Ok(ExitCode::SUCCESS)

@@ -219,7 +219,12 @@ pub fn rollout_bytes(
 ) -> MemoryEstimate {
     let params = parameter_count(config);
     let cs = size(compute);
-    let weights = 4 * params + if compute != DType::F32 { cs * params } else { 0 };
+    let weights = 4 * params
+        + if compute != DType::F32 {
+            cs * params
+        } else {
+            0
+        };
     let (b, t) = (batch as u64, sequence_tokens as u64);
     let kv_width = (config.num_key_value_heads * config.head_dim) as u64;
     let kv_cache = 2 * config.num_hidden_layers as u64 * b * t * kv_width * cs * 3 / 2;
@@ -251,7 +256,12 @@ pub fn capacity(device: &Device) -> Option<u64> {
 
 #[cfg(feature = "cuda")]
 fn device_capacity(device: &Device) -> Option<u64> {
-    let context = device.as_cuda_device().ok()?.cuda_stream().context().clone();
+    let context = device
+        .as_cuda_device()
+        .ok()?
+        .cuda_stream()
+        .context()
+        .clone();
     context.mem_get_info().ok().map(|(_, total)| total as u64)
 }
 
@@ -316,7 +326,12 @@ impl PeakMemory {
 fn device_sampler(device: &Device) -> Option<Inner> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let context = device.as_cuda_device().ok()?.cuda_stream().context().clone();
+    let context = device
+        .as_cuda_device()
+        .ok()?
+        .cuda_stream()
+        .context()
+        .clone();
     let in_use = move || -> Option<u64> {
         let (free, total) = context.mem_get_info().ok()?;
         Some((total - free) as u64)

@@ -223,6 +223,39 @@ pub fn model_config_of(spec: &str, cache_dir: &Path, fetch: bool) -> Result<Opti
     ModelConfig::from_hf_json(&config).map(Some)
 }
 
+/// The tokenizer of the model `spec` names (as in [`resolve`]), read only from files already on
+/// this machine: the default model's GGUF, a local file or directory, a hub model's cached
+/// tokenizer files. `None` when they are not here.
+pub fn tokenizer_of(spec: &str, cache_dir: &Path) -> Result<Option<crate::Tokenizer>> {
+    let path = Path::new(spec);
+    let files = if spec == "default" {
+        let path = cache_dir.join(default_model::FILE_NAME);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        ModelFiles::Gguf { path }
+    } else if path.is_file() {
+        ModelFiles::Gguf { path: path.into() }
+    } else if path.is_dir() {
+        local_dir(path)?
+    } else {
+        let cached = hf_hub::Cache::from_env().model(spec.to_string());
+        let (Some(config), Some(tokenizer)) =
+            (cached.get("config.json"), cached.get("tokenizer.json"))
+        else {
+            return Ok(None);
+        };
+        ModelFiles::HuggingFace {
+            config,
+            tokenizer,
+            tokenizer_config: cached.get("tokenizer_config.json"),
+            generation_config: cached.get("generation_config.json"),
+            weights: Vec::new(),
+        }
+    };
+    crate::load_tokenizer(&files).map(Some)
+}
+
 /// Fetches (or, with HF_HUB_OFFLINE, only looks up in the local cache) a hub checkpoint.
 fn hub(repo_id: &str) -> Result<ModelFiles> {
     let offline = hub_offline();

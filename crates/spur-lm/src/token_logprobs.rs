@@ -33,7 +33,11 @@ struct TokenLogprobGrad;
 struct RowEntropy;
 
 /// A row's values as f32.
-fn row_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<Rows<'a>> {
+fn row_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<Rows<'a>> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("{op}: logits must be contiguous");
     };
@@ -61,7 +65,10 @@ impl Rows<'_> {
     fn get(&self, row: usize) -> Vec<f32> {
         match self {
             Rows::F32(v, n) => v[row * n..(row + 1) * n].to_vec(),
-            Rows::Bf16(v, n) => v[row * n..(row + 1) * n].iter().map(|x| x.to_f32()).collect(),
+            Rows::Bf16(v, n) => v[row * n..(row + 1) * n]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
         }
     }
 }
@@ -73,7 +80,11 @@ fn max_and_sum(x: &[f32]) -> (f32, f32) {
     (max, sum)
 }
 
-fn targets_u32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [u32]> {
+fn targets_u32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [u32]> {
     let (CpuStorage::U32(t), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
         candle_core::bail!("{op}: targets must be contiguous u32");
     };
@@ -97,7 +108,11 @@ fn cpu_operands<'a>(
     Ok((rows, vocab, logits, targets))
 }
 
-fn check_shapes(logits: &Layout, targets: &Layout, op: &str) -> candle_core::Result<(usize, usize)> {
+fn check_shapes(
+    logits: &Layout,
+    targets: &Layout,
+    op: &str,
+) -> candle_core::Result<(usize, usize)> {
     let (rows, vocab) = logits.shape().dims2()?;
     if targets.shape().dims() != [rows] {
         candle_core::bail!(
@@ -183,9 +198,9 @@ impl CustomOp3 for TokenLogprobGrad {
             out
         };
         let storage = match logits {
-            Rows::F32(..) => CpuStorage::F32(
-                (0..rows).into_par_iter().flat_map_iter(row_grad).collect(),
-            ),
+            Rows::F32(..) => {
+                CpuStorage::F32((0..rows).into_par_iter().flat_map_iter(row_grad).collect())
+            }
             Rows::Bf16(..) => CpuStorage::BF16(
                 (0..rows)
                     .into_par_iter()
@@ -385,7 +400,9 @@ INSTANTIATE(bf16_t, bf16)
                 .map_err(|e| e.to_string())
         })
         .as_deref()
-        .map_err(|e| candle_core::Error::Msg(format!("compiling spur's token-logprob kernels: {e}")))
+        .map_err(|e| {
+            candle_core::Error::Msg(format!("compiling spur's token-logprob kernels: {e}"))
+        })
     }
 
     fn contiguous<'a, T>(
@@ -484,11 +501,15 @@ mod tests {
     fn inputs(rows: usize, vocab: usize) -> (Tensor, Tensor) {
         let mut state = 7u64;
         let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 40) as f32 / (1u64 << 24) as f32
         };
         let logits: Vec<f32> = (0..rows * vocab).map(|_| 8.0 * next() - 4.0).collect();
-        let targets: Vec<u32> = (0..rows).map(|_| (next() * vocab as f32) as u32 % vocab as u32).collect();
+        let targets: Vec<u32> = (0..rows)
+            .map(|_| (next() * vocab as f32) as u32 % vocab as u32)
+            .collect();
         (
             Tensor::from_vec(logits, (rows, vocab), &Device::Cpu).unwrap(),
             Tensor::from_vec(targets, rows, &Device::Cpu).unwrap(),
@@ -508,7 +529,14 @@ mod tests {
     fn max_gap(a: &Tensor, b: &Tensor) -> f32 {
         let a = a.to_dtype(DType::F32).unwrap();
         let b = b.to_dtype(DType::F32).unwrap();
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -516,26 +544,65 @@ mod tests {
         let (logits, targets) = inputs(37, 1000);
         let var = Var::from_tensor(&logits).unwrap();
         // A weighted sum, so that each row's gradient has its own scale and sign.
-        let weights = Tensor::arange(0f32, 37., &Device::Cpu).unwrap().affine(0.1, -1.5).unwrap();
+        let weights = Tensor::arange(0f32, 37., &Device::Cpu)
+            .unwrap()
+            .affine(0.1, -1.5)
+            .unwrap();
         let fused = token_logprobs(var.as_tensor(), &targets).unwrap();
         let reference = composite(var.as_tensor(), &targets);
         assert!(max_gap(&fused, &reference) < 1e-5);
-        let g_fused = (&fused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_ref = (&reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        let (a, b) = (g_fused.get(var.as_tensor()).unwrap(), g_ref.get(var.as_tensor()).unwrap());
+        let g_fused = (&fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_ref = (&reference * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, b) = (
+            g_fused.get(var.as_tensor()).unwrap(),
+            g_ref.get(var.as_tensor()).unwrap(),
+        );
         assert!(max_gap(a, b) < 1e-6, "gradient gap {}", max_gap(a, b));
     }
 
     #[test]
     fn gradient_matches_finite_differences() {
         let (logits, targets) = inputs(3, 50);
-        let var = Var::from_tensor(&logits.to_dtype(DType::F64).unwrap().to_dtype(DType::F32).unwrap()).unwrap();
-        let grads = token_logprobs(var.as_tensor(), &targets).unwrap().sum_all().unwrap().backward().unwrap();
-        let grad = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let var = Var::from_tensor(
+            &logits
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap(),
+        )
+        .unwrap();
+        let grads = token_logprobs(var.as_tensor(), &targets)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let base = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let value = |w: &[f32]| -> f64 {
             let t = Tensor::from_slice(w, (3, 50), &Device::Cpu).unwrap();
-            token_logprobs(&t, &targets).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+            token_logprobs(&t, &targets)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
         };
         let h = 1e-2f32;
         for i in [0, 7, 49, 50, 77, 149] {
@@ -569,7 +636,15 @@ mod tests {
     fn entropies_match_the_composite_formula() {
         let (logits, _) = inputs(9, 700);
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-        let reference = logp.exp().unwrap().mul(&logp).unwrap().sum(D::Minus1).unwrap().neg().unwrap();
+        let reference = logp
+            .exp()
+            .unwrap()
+            .mul(&logp)
+            .unwrap()
+            .sum(D::Minus1)
+            .unwrap()
+            .neg()
+            .unwrap();
         assert!(max_gap(&entropies(&logits).unwrap(), &reference) < 1e-4);
     }
 
@@ -578,6 +653,9 @@ mod tests {
         let (logits, _) = inputs(2, 10);
         let targets = Tensor::new(&[3u32, 10], &Device::Cpu).unwrap();
         let err = token_logprobs(&logits, &targets).unwrap_err().to_string();
-        assert!(err.contains("target 10 outside a vocabulary of 10"), "{err}");
+        assert!(
+            err.contains("target 10 outside a vocabulary of 10"),
+            "{err}"
+        );
     }
 }

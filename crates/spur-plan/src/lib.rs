@@ -317,7 +317,16 @@ impl RunCtx<'_> {
             let exts = vec![self.ext(&format!("models.{label_model}")), train_ext];
             chain.push(StageKind::Label, 0, &params, d, vec![], exts)
         });
-        let reward_params = Arc::new(json!({ "reward": reward, "seed": p.seed }));
+        // A command reward's template stays as written; `vars` holds the values it reads,
+        // which the reward stage hands to the shell as it does for command stages.
+        let reward_vars: serde_json::Map<String, Value> = reward
+            .command
+            .iter()
+            .flat_map(|c| spur_spec::references(c))
+            .filter_map(|n| Some((n.clone(), run.lookup(&n)?)))
+            .collect();
+        let reward_params =
+            Arc::new(json!({ "reward": reward, "vars": reward_vars, "seed": p.seed }));
         let reward_digest = digest(&reward_params);
 
         let mut update_view = spur_spec::to_json(&p.update);

@@ -247,7 +247,10 @@ fn scored(
         };
         (token_logp, h)
     };
-    let logprobs = token_logp.narrow(1, 0, width)?.contiguous()?.gather(&index, 1)?;
+    let logprobs = token_logp
+        .narrow(1, 0, width)?
+        .contiguous()?
+        .gather(&index, 1)?;
     let entropy = match entropy {
         Some(h) => Some(h.narrow(1, 0, width)?.contiguous()?.gather(&index, 1)?),
         None => None,

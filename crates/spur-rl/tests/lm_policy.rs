@@ -9,9 +9,9 @@ use spur_lm::model::parameter_shapes;
 use spur_lm::{Architecture, ModelConfig, Transformer};
 use spur_rl::policy::Entropy;
 use spur_rl::{
-    micro_batch_objective, sequence_logprobs, training_logprobs, Backprop, MicroBatch, MiniBatchShape,
-    MomentDtype, ObjectiveConfig, Policy, Rng, Rollout, RolloutGroup, RolloutSample, SeqLogprobs,
-    TrainConfig, Trainer,
+    micro_batch_objective, sequence_logprobs, training_logprobs, Backprop, MicroBatch,
+    MiniBatchShape, MomentDtype, ObjectiveConfig, Policy, Rng, Rollout, RolloutGroup,
+    RolloutSample, SeqLogprobs, TrainConfig, Trainer,
 };
 
 fn tiny(architecture: Architecture, tie: bool, seed: u64) -> Transformer {
@@ -61,7 +61,10 @@ const SEQS: [(&[u32], &[u32]); 3] = [
 
 /// The GRPO loss of `SEQS` as one micro-batch, with π_old shifted so both clip sides occur.
 fn loss(policy: &Transformer, old: &Tensor) -> Tensor {
-    objective(&sequence_logprobs(policy, &SEQS, Entropy::Trainable).unwrap(), old)
+    objective(
+        &sequence_logprobs(policy, &SEQS, Entropy::Trainable).unwrap(),
+        old,
+    )
 }
 
 fn objective(scored: &SeqLogprobs, old: &Tensor) -> Tensor {
@@ -257,14 +260,21 @@ fn checkpointed_layers_give_the_whole_graphs_gradients() {
                 panic!("{arch:?}: {name}: a gradient is missing with or without checkpointing");
             };
             let gap = relative_gap(a, b);
-            assert!(gap < 1e-5, "{arch:?} (tied {tie}): {name}: relative gap {gap}");
+            assert!(
+                gap < 1e-5,
+                "{arch:?} (tied {tie}): {name}: relative gap {gap}"
+            );
         }
     }
 }
 
 #[test]
 fn bf16_compute_follows_f32_and_trains_the_f32_weights() {
-    for arch in [Architecture::Llama, Architecture::Qwen2, Architecture::Olmo2] {
+    for arch in [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Olmo2,
+    ] {
         let mut model = tiny(arch, false, 22);
         let old = old_logprobs(&model);
         let ids = Tensor::new(&[[2u32, 5, 7, 9, 11]], &Device::Cpu).unwrap();
@@ -274,15 +284,25 @@ fn bf16_compute_follows_f32_and_trains_the_f32_weights() {
         let bf16_logits = model.forward(&ids).unwrap();
         assert_eq!(bf16_logits.dtype(), candle_core::DType::F32);
         let gap = relative_gap(&f32_logits, &bf16_logits);
-        assert!(gap > 0.0 && gap < 3e-2, "{arch:?}: bf16 logits' relative gap {gap}");
+        assert!(
+            gap > 0.0 && gap < 3e-2,
+            "{arch:?}: bf16 logits' relative gap {gap}"
+        );
         // Checkpointing composes with bf16.
         model.set_activation_checkpointing(true);
         let bf16_grads = training_gradients(&model, &old);
         for (name, var) in Policy::named_vars(&model) {
             let g = bf16_grads.get(var.as_tensor()).unwrap();
-            assert_eq!(g.dtype(), candle_core::DType::F32, "{name}: master gradient dtype");
+            assert_eq!(
+                g.dtype(),
+                candle_core::DType::F32,
+                "{name}: master gradient dtype"
+            );
             let gap = relative_gap(f32_grads.get(var.as_tensor()).unwrap(), g);
-            assert!(gap < 0.1, "{arch:?}: {name}: bf16 gradient's relative gap {gap}");
+            assert!(
+                gap < 0.1,
+                "{arch:?}: {name}: bf16 gradient's relative gap {gap}"
+            );
         }
     }
 }

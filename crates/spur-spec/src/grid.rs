@@ -833,7 +833,7 @@ fn label(cell: &IndexMap<String, Value>) -> String {
         .join(",")
 }
 
-/// The run's reward definition with `${…}` in `gamma`/`command` resolved.
+/// The run's reward definition with `${…}` in `gamma` resolved and those in `command` checked.
 fn resolve_reward(
     ctx: &Ctx,
     name: &str,
@@ -879,14 +879,18 @@ fn resolve_reward(
         }
     }
     if let Some(c) = &def.command {
-        let v = crate::substitute_str(c, &mut lookup).map_err(|n| {
-            ctx.err(
+        // The command stays as written: the reward stage passes each value to the shell
+        // through the environment, never as script text (see the plan's reward `vars`).
+        if let Some(n) = crate::references(c)
+            .into_iter()
+            .find(|n| lookup(n).is_none())
+        {
+            return Err(ctx.err(
                 &format!("{key}.command"),
                 false,
                 format!("`${{{n}}}` names no grid axis or parameter"),
-            )
-        })?;
-        out.command = Some(crate::scalar_text(&v));
+            ));
+        }
     }
     Ok(out)
 }

@@ -5,9 +5,9 @@
 //! started (a shell's background jobs too) and a terminal's Ctrl-C reaches
 //! only spur, which decides what to stop.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::unix::process::CommandExt;
-use std::process::{Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 
@@ -65,21 +65,71 @@ pub fn kill_all() {
 /// stop was requested it starts nothing (an `Interrupted` error), and a
 /// stopped child's descendants are killed with it.
 pub fn status(cmd: &mut Command) -> io::Result<ExitStatus> {
-    cmd.process_group(0);
-    let mut child = {
-        // Held across spawn and registration, so `request` either sees the
-        // child or is seen here.
-        let mut groups = groups();
-        if requested().is_some() {
-            return Err(io::Error::new(
-                io::ErrorKind::Interrupted,
-                "stopped by a signal",
-            ));
-        }
-        let child = cmd.spawn()?;
-        groups.push(Pid::from_child(&child));
-        child
+    let child = spawn_in_group(cmd)?;
+    wait_in_group(child)
+}
+
+/// As [`status`], feeding `input` to the child's stdin and collecting its
+/// stdout and stderr.
+pub fn output(cmd: &mut Command, input: Vec<u8>) -> io::Result<Output> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = spawn_in_group(cmd)?;
+    let stdin = child.stdin.take();
+    // Separate threads, so that a child blocked on a full pipe never deadlocks us.
+    let writer = std::thread::spawn(move || stdin.map_or(Ok(()), |mut s| s.write_all(&input)));
+    let read_all = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                pipe.read_to_end(&mut bytes)?;
+            }
+            io::Result::Ok(bytes)
+        })
     };
+    let stdout = read_all(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read_all(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = wait_in_group(child)?;
+    let joined = |t: std::thread::JoinHandle<io::Result<Vec<u8>>>| {
+        t.join()
+            .unwrap_or_else(|_| Err(io::Error::other("a pipe reader panicked")))
+    };
+    let (stdout, stderr) = (joined(stdout)?, joined(stderr)?);
+    match writer.join() {
+        // A child that exits without reading all its input is judged by its status.
+        Ok(Err(e)) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e),
+        Err(_) => return Err(io::Error::other("the stdin writer panicked")),
+        _ => {}
+    }
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+/// Starts `cmd` as the leader of a new process group and registers it for
+/// [`request`], unless a stop was already requested.
+fn spawn_in_group(cmd: &mut Command) -> io::Result<Child> {
+    cmd.process_group(0);
+    // Held across spawn and registration, so `request` either sees the
+    // child or is seen here.
+    let mut groups = groups();
+    if requested().is_some() {
+        return Err(io::Error::new(
+            io::ErrorKind::Interrupted,
+            "stopped by a signal",
+        ));
+    }
+    let child = cmd.spawn()?;
+    groups.push(Pid::from_child(&child));
+    Ok(child)
+}
+
+/// Waits for a child of [`spawn_in_group`], then unregisters it; after a
+/// stop, whatever of its group outlived it is killed.
+fn wait_in_group(mut child: Child) -> io::Result<ExitStatus> {
     let pid = Pid::from_child(&child);
     // Wait without reaping: the unreaped leader keeps its group id from
     // being reused while the rest of its group is killed below.

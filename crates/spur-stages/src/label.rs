@@ -9,7 +9,8 @@ use spur_math::{ExtractStyle, Grader};
 use spur_plan::StageKind;
 
 use crate::data;
-use crate::model::{self, f64_at, failed, u64_at};
+use crate::model::{self, failed};
+use crate::param::Params;
 use crate::{NodeContext, Resource, Stage, StageError};
 
 pub const LABELS_FILE: &str = "labels.json";
@@ -21,6 +22,12 @@ pub struct Label {
     pub label: String,
     pub votes: usize,
     pub label_correct: bool,
+}
+
+/// The template labels are sampled under: the node's `template` param (the paper's bare
+/// problem text, `raw`).
+pub(crate) fn template(p: &Params) -> Result<PromptTemplate, StageError> {
+    Ok(PromptTemplate::parse(p.one_of("template", &["raw"])?))
 }
 
 pub struct LabelStage;
@@ -45,27 +52,33 @@ impl Stage for LabelStage {
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
         let params = ctx.node.params.clone();
+        let param = Params::new(StageKind::Label, &params);
         let problems = data::load(&model::dataset_path(ctx)?, &params["dataset"])?;
-        let n = u64_at(&params, &["samples"]).unwrap_or(64) as usize;
-        let seed = u64_at(&params, &["seed"]).unwrap_or(0);
+        let n = param.usize("samples")?;
+        let seed = param.u64("seed")?;
+        let template = template(&param)?;
+        let sampling = SamplingParams {
+            temperature: param.f64("temperature")?,
+            top_p: param.f64("top_p")?,
+            top_k: 0,
+            max_new_tokens: param.usize("max_tokens")?,
+            stop_strings: Vec::new(),
+            seed: 0,
+        };
         let out = ctx.out.to_path_buf();
         let policy = model::ensure_policy(ctx, None)?;
         let engine = spur_lm::CandleEngine::new(policy.model.clone(), policy.tokenizer.clone());
         let mut requests = Vec::with_capacity(problems.len());
         for (i, p) in problems.iter().enumerate() {
-            let prompt = PromptTemplate::Raw
+            let prompt = template
                 .render(&policy.tokenizer, &p.problem)
                 .map_err(failed)?;
             requests.push(GenerationRequest {
                 prompt_ids: policy.tokenizer.encode(&prompt).map_err(failed)?,
                 n,
                 params: SamplingParams {
-                    temperature: f64_at(&params, &["temperature"]).unwrap_or(1.0),
-                    top_p: f64_at(&params, &["top_p"]).unwrap_or(1.0),
-                    top_k: 0,
-                    max_new_tokens: u64_at(&params, &["max_tokens"]).unwrap_or(3072) as usize,
-                    stop_strings: Vec::new(),
                     seed: spur_math::sample_seed(seed, &[i as u64]),
+                    ..sampling.clone()
                 },
             });
         }

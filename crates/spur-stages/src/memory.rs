@@ -5,12 +5,15 @@
 
 use serde_json::Value;
 use spur_lm::memory::{rollout_bytes, update_bytes, MemoryEstimate, UpdateShape};
-use spur_lm::{CandleEngine, DType, Device, ModelConfig};
+use spur_lm::{CandleEngine, DType, Device, ModelConfig, Tokenizer};
 use spur_plan::{External, ExternalKind, Plan, Role, StageKind};
 
-/// Eval and label prompts are not truncated; they are counted at the paper's prompt budget
-/// (MATH-500's longest prompt under any shipped template is well under it).
-const UNTRUNCATED_PROMPT_TOKENS: u64 = 1024;
+use crate::param::Params;
+use crate::{data, model};
+
+/// Eval and label prompts are not truncated; when their dataset cannot be read yet they are
+/// counted at the paper's prompt budget.
+const UNTRUNCATED_PROMPT_TOKENS: usize = 1024;
 
 /// The settings an experiment can change to make a node fit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +75,101 @@ pub fn model_spec(ext: &External) -> Option<String> {
     crate::model::model_spec(ext).ok()
 }
 
+/// The prompts a model node feeds its model: a dataset's problems (or a one-shot problem)
+/// under the node's template, cut to the rollout's prompt budget. Nodes that read the same
+/// prompts have the same [`PromptSet::key`], so callers measure each set once.
+pub struct PromptSet {
+    /// The dataset file; `None` for a one-shot problem.
+    dataset: Option<std::path::PathBuf>,
+    /// The node whose params hold the dataset view, template and budget.
+    params: Value,
+    kind: StageKind,
+    /// `max_prompt_tokens` for rollouts; eval and label prompts are whole.
+    budget: Option<usize>,
+}
+
+impl PromptSet {
+    /// The prompts of `node`: its own, or for an update those of the rollout it trains on.
+    /// `None` for nodes without prompts and datasets not on this machine.
+    pub fn of(plan: &Plan, node: u32) -> Option<PromptSet> {
+        let mut n = &plan.nodes[node as usize];
+        if n.kind == StageKind::Update {
+            let rollout = n.inputs.iter().find(|i| i.role == Role::Rollout)?;
+            n = &plan.nodes[rollout.node as usize];
+        }
+        if !matches!(
+            n.kind,
+            StageKind::Rollout | StageKind::Eval | StageKind::Label
+        ) {
+            return None;
+        }
+        let params = n.params.as_ref().clone();
+        let one_shot = params["problems"].get("one_shot").is_some();
+        let dataset = if one_shot {
+            None
+        } else {
+            let ext = n
+                .externals
+                .iter()
+                .map(|&e| &plan.externals[e as usize])
+                .find(|e| e.kind == ExternalKind::Dataset)?;
+            Some(ext.local.clone()?)
+        };
+        let budget = match n.kind {
+            StageKind::Rollout => Some(u(&params["rollout"], "max_prompt_tokens")?),
+            _ => None,
+        };
+        Some(PromptSet {
+            dataset,
+            params,
+            kind: n.kind,
+            budget,
+        })
+    }
+
+    /// Identifies the prompts (and the budget they are cut to) apart from the tokenizer.
+    pub fn key(&self) -> String {
+        let p = &self.params;
+        serde_json::json!([
+            self.dataset,
+            p["dataset"],
+            p["problems"],
+            p["model"]["template"],
+            p["model"]["template_text"],
+            p["template"],
+            self.budget,
+        ])
+        .to_string()
+    }
+
+    /// The longest prompt in `tokenizer`'s tokens, cut to the budget. Every problem of the
+    /// dataset counts: which ones a step draws is not known before it runs.
+    pub fn longest(&self, tokenizer: &Tokenizer) -> Option<usize> {
+        let template = match self.kind {
+            StageKind::Label => {
+                crate::label::template(&Params::new(self.kind, &self.params)).ok()?
+            }
+            kind => model::template(&Params::new(kind, &self.params)).ok()?,
+        };
+        let problems = match &self.dataset {
+            Some(path) => data::load(path, &self.params["dataset"])
+                .ok()?
+                .into_iter()
+                .map(|p| p.problem)
+                .collect(),
+            None => vec![self.params["problems"]["one_shot"]["problem"]
+                .as_str()?
+                .to_string()],
+        };
+        let mut longest = 0;
+        for problem in problems {
+            let prompt = template.render(tokenizer, &problem).ok()?;
+            longest = longest.max(tokenizer.encode(&prompt).ok()?.len());
+        }
+        Some(self.budget.map_or(longest, |b| longest.min(b)))
+    }
+}
+
 fn u(v: &Value, key: &str) -> Option<usize> {
     v.get(key)?.as_u64().map(|n| n as usize)
 }
@@ -93,8 +191,16 @@ fn trainer_update(plan: &Plan, node: u32) -> Option<&Value> {
 }
 
 /// The estimate of `node` under its own settings; `None` for nodes that load no model, for
-/// evaluations on another engine, and for parameters this build does not know.
-pub fn estimate(plan: &Plan, node: u32, config: &ModelConfig, device: &Device) -> Option<NodeMemory> {
+/// evaluations on another engine, and for parameters this build does not know. `prompt_tokens`
+/// is the longest prompt of its [`PromptSet`] when known; otherwise prompts count at their
+/// budget.
+pub fn estimate(
+    plan: &Plan,
+    node: u32,
+    config: &ModelConfig,
+    device: &Device,
+    prompt_tokens: Option<usize>,
+) -> Option<NodeMemory> {
     let n = &plan.nodes[node as usize];
     let p = n.params.as_ref();
     let compute = dtype(&p["model"]["precision"])?;
@@ -112,19 +218,25 @@ pub fn estimate(plan: &Plan, node: u32, config: &ModelConfig, device: &Device) -
             let rollouts = u(r, "prompts_per_step")? * u(r, "samples_per_prompt")?;
             let work = Work::Update {
                 micro_batches_of: u(up, "mini_batch")?.min(rollouts),
-                sequence_tokens: u(r, "max_prompt_tokens")? + u(r, "max_response_tokens")?,
+                sequence_tokens: prompt_tokens.unwrap_or(u(r, "max_prompt_tokens")?)
+                    + u(r, "max_response_tokens")?,
                 logit_positions: u(r, "max_response_tokens")?,
                 entropy_bonus: up["entropy_coef"].as_f64()? != 0.0,
                 reference_model: up["kl_coef"].as_f64()? > 0.0,
             };
-            (work, up["checkpoint_activations"].as_bool()?, u(up, "micro_batch")?)
+            (
+                work,
+                up["checkpoint_activations"].as_bool()?,
+                u(up, "micro_batch")?,
+            )
         }
         StageKind::Rollout => {
             let r = &p["rollout"];
             let sequences = u(r, "prompts_per_step")? * u(r, "samples_per_prompt")?;
             let work = Work::Sample {
                 batch: sequences.min(CandleEngine::DEFAULT_MAX_BATCH),
-                sequence_tokens: u(r, "max_prompt_tokens")? + u(r, "max_response_tokens")?,
+                sequence_tokens: prompt_tokens.unwrap_or(u(r, "max_prompt_tokens")?)
+                    + u(r, "max_response_tokens")?,
                 trainer_state: trainer.is_some(),
             };
             (work, false, 1)
@@ -139,7 +251,8 @@ pub fn estimate(plan: &Plan, node: u32, config: &ModelConfig, device: &Device) -
                 batch: problems
                     .saturating_mul(u(e, "samples")?)
                     .min(CandleEngine::DEFAULT_MAX_BATCH),
-                sequence_tokens: UNTRUNCATED_PROMPT_TOKENS as usize + u(e, "max_tokens")?,
+                sequence_tokens: prompt_tokens.unwrap_or(UNTRUNCATED_PROMPT_TOKENS)
+                    + u(e, "max_tokens")?,
                 trainer_state: trainer.is_some(),
             };
             (work, false, 1)
@@ -150,7 +263,8 @@ pub fn estimate(plan: &Plan, node: u32, config: &ModelConfig, device: &Device) -
                 batch: problems
                     .saturating_mul(u(p, "samples")?)
                     .min(CandleEngine::DEFAULT_MAX_BATCH),
-                sequence_tokens: UNTRUNCATED_PROMPT_TOKENS as usize + u(p, "max_tokens")?,
+                sequence_tokens: prompt_tokens.unwrap_or(UNTRUNCATED_PROMPT_TOKENS)
+                    + u(p, "max_tokens")?,
                 trainer_state: false,
             };
             (work, false, 1)

@@ -316,11 +316,3 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Stage
     let bytes = std::fs::read(path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
     serde_json::from_slice(&bytes).map_err(|e| failed(format!("{}: {e}", path.display())))
 }
-
-pub fn u64_at(v: &Value, path: &[&str]) -> Option<u64> {
-    path.iter().try_fold(v, |cur, k| cur.get(k))?.as_u64()
-}
-
-pub fn f64_at(v: &Value, path: &[&str]) -> Option<f64> {
-    path.iter().try_fold(v, |cur, k| cur.get(k))?.as_f64()
-}

@@ -1,17 +1,18 @@
 //! The `reward` stage: scores a rollout with the run's reward.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use spur_math::RewardSpec;
 use spur_plan::{Role, StageKind};
 
+use crate::interrupt;
 use crate::label::{Label, LABELS_FILE};
 use crate::model::{self, failed};
 use crate::param::Params;
 use crate::rollout::{RolloutArtifact, ROLLOUT_FILE};
+use crate::shell::{self, ScriptError};
 use crate::{NodeContext, Stage, StageError};
 
 pub const REWARDS_FILE: &str = "rewards.json";
@@ -32,9 +33,11 @@ fn base_kinds(kind: &str) -> impl Iterator<Item = &str> {
 }
 
 /// A user's reward command: JSONL in (`response`, `label`, `problem`), one
-/// number per line out.
+/// number per line out. `${name}` in `template` reads `vars[name]`, passed
+/// through the environment as one word (see [`crate::shell`]).
 fn command_rewards(
-    command: &str,
+    template: &str,
+    vars: &Value,
     rollout: &RolloutArtifact,
     labels: &[String],
 ) -> Result<Vec<Vec<f64>>, StageError> {
@@ -49,19 +52,21 @@ fn command_rewards(
             input.push(b'\n');
         }
     }
-    let mut child = Command::new("bash")
-        .arg("-c")
-        .arg(command)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut stdin = child.stdin.take().expect("piped");
-    let writer = std::thread::spawn(move || stdin.write_all(&input));
-    let output = child.wait_with_output()?;
-    writer
-        .join()
-        .map_err(|_| failed("writing to the reward command failed"))??;
+    let script = shell::render(template, &mut |name| {
+        vars.get(name).map(|v| spur_spec::scalar_text(v).into())
+    })
+    .map_err(|e| match e {
+        ScriptError::Unknown(name) => failed(format!(
+            "reward command: `${{{name}}}` has no value for this node"
+        )),
+        ScriptError::Unusable { name, why } => failed(format!(
+            "reward command: `${{{name}}}` cannot be passed to the command: {why}"
+        )),
+    })?;
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c").arg(&script.text).envs(script.env);
+    let output = interrupt::output(&mut cmd, input)?;
+    let command = template;
     if !output.status.success() {
         return Err(failed(format!(
             "reward command `{command}` exited with {}: {}",
@@ -104,7 +109,8 @@ impl Stage for RewardStage {
 
     fn version(&self) -> u32 {
         // 2: `reward_std` is the sample std (n − 1), as the trainer's and the advantages'.
-        2
+        // 3: a command reward's `${…}` values reach the shell through the environment.
+        3
     }
 
     fn declared_outputs(&self, _node: &spur_plan::Node) -> Vec<String> {
@@ -141,7 +147,12 @@ impl Stage for RewardStage {
         }
 
         let rewards = if kind == "command" {
-            command_rewards(p.str("reward.command")?, &rollout, &labels)?
+            command_rewards(
+                p.str("reward.command")?,
+                p.value("vars")?,
+                &rollout,
+                &labels,
+            )?
         } else {
             // Labels already say what is right, so these grade like ground truth.
             let name = kind
@@ -205,8 +216,12 @@ mod tests {
     use crate::rollout::{Group, Sample};
     use crate::{InputDir, Session};
 
-    /// Runs a reward node over one group of `texts`, graded by the format reward.
+    /// Runs a reward node over one group of `texts`.
     fn run(reward: Value, texts: &[&str]) -> Result<Value, StageError> {
+        run_with(json!({"reward": reward, "vars": {}, "seed": 42}), texts)
+    }
+
+    fn run_with(params: Value, texts: &[&str]) -> Result<Value, StageError> {
         let dir = tempfile::tempdir().unwrap();
         let rollout = RolloutArtifact {
             step: 1,
@@ -233,7 +248,7 @@ mod tests {
             kind: StageKind::Reward,
             version: RewardStage.version(),
             step: 1,
-            params: Arc::new(json!({"reward": reward, "seed": 42})),
+            params: Arc::new(params),
             inputs: vec![],
             externals: vec![],
             runs: vec![0],
@@ -281,5 +296,27 @@ mod tests {
             err,
             "the reward node's parameter `reward.command` is missing"
         );
+    }
+
+    #[test]
+    fn a_command_rewards_values_reach_the_shell_as_one_word() {
+        // Quoted, the value compares equal and each response scores 1; spliced into the
+        // script, it would run `echo 0` and print more lines than responses.
+        let command = "while read -r line; do [ ${v} = 'a; echo 0' ] && echo 1 || echo 0; done";
+        let params = json!({
+            "reward": {"kind": "command", "command": command},
+            "vars": {"v": "a; echo 0"},
+            "seed": 42,
+        });
+        let metrics = run_with(params, &["x", "y"]).unwrap();
+        assert_eq!(metrics["reward_mean"], 1.0);
+
+        let params = json!({
+            "reward": {"kind": "command", "command": "echo ${missing}"},
+            "vars": {},
+            "seed": 42,
+        });
+        let err = run_with(params, &["x"]).unwrap_err().to_string();
+        assert!(err.contains("`${missing}` has no value"), "{err}");
     }
 }
