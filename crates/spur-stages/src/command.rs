@@ -65,10 +65,7 @@ impl Stage for CommandStage {
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
         let params = &ctx.node.params;
-        let template = params
-            .get("run")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let template = crate::param::Params::new(StageKind::Command, params).str("run")?;
         let vars = params.get("vars").and_then(Value::as_object);
         let input_names = strings(params, "inputs");
         let needs = strings(params, "needs");
