@@ -6,6 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The shared data directory: `$SPUR_SHARED_DATA`, else `../shared/data`.
+pub fn shared_data() -> std::path::PathBuf {
+    std::env::var_os("SPUR_SHARED_DATA")
+        .map(Into::into)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
+}
+
 pub struct Workspace {
     pub dir: tempfile::TempDir,
 }

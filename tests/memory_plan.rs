@@ -3,14 +3,8 @@
 
 mod common;
 
-use common::Workspace;
+use common::{shared_data, Workspace};
 use serde_json::Value;
-
-fn shared_data() -> std::path::PathBuf {
-    std::env::var_os("SPUR_SHARED_DATA")
-        .map(Into::into)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
-}
 
 /// A small training grid; `extra` goes under `defaults:`.
 fn experiment(extra: &str, grid: &str) -> String {

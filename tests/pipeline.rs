@@ -4,14 +4,8 @@
 
 mod common;
 
-use common::Workspace;
+use common::{shared_data, Workspace};
 use serde_json::Value;
-
-fn shared_data() -> std::path::PathBuf {
-    std::env::var_os("SPUR_SHARED_DATA")
-        .map(Into::into)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
-}
 
 fn experiment() -> String {
     let data = shared_data();
