@@ -36,6 +36,10 @@ pub enum Error {
         value: f64,
     },
 
+    /// A data-parallel sum failed, or a worker of the group failed or left.
+    #[error("data-parallel workers: {0}")]
+    Collective(String),
+
     #[error("checkpoint {}: {msg}", path.display())]
     Checkpoint { path: PathBuf, msg: String },
 

@@ -8,10 +8,12 @@
 //! - [`policy`]: the small trait a trainable model implements, and per-token log-probs from logits
 //!   ([`lm`] implements it for spur-lm's transformer);
 //! - [`optim`]: Adam(W) with f32 moments, gradient-norm clipping and learning-rate schedules;
-//! - [`trainer`]: one GRPO step over a scored rollout (mini-batches, micro-batches, metrics);
+//! - [`trainer`]: one GRPO step over a scored rollout (mini-batches, micro-batches, metrics),
+//!   on one worker or data-parallel over several ([`collective`] sums their gradients);
 //! - [`checkpoint`]: weights, optimiser moments, RNG state and step on disk.
 
 pub mod checkpoint;
+pub mod collective;
 mod error;
 pub mod lm;
 pub mod loss_json;
@@ -21,6 +23,7 @@ pub mod policy;
 mod rng;
 pub mod trainer;
 
+pub use collective::{Collective, Solo, ThreadGroup};
 pub use error::{Error, Result};
 pub use loss_json::{loss_from_json, LossOutput};
 pub use objective::{

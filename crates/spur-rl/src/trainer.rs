@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::collective::{Collective, Solo};
 use crate::objective::{
     group_advantages, micro_batch_objective, sample_std, MicroBatch, MiniBatchShape,
     ObjectiveConfig, TokenStats,
@@ -152,6 +153,8 @@ pub struct Trainer {
     pub(crate) rng: Rng,
     pub(crate) step: u64,
     timings: Option<StepTimings>,
+    /// The data-parallel group this trainer is one worker of ([`Solo`] when alone).
+    collective: Box<dyn Collective>,
 }
 
 /// Adds the time since the last mark to a phase, synchronising the device first.
@@ -192,6 +195,19 @@ struct Item<'a> {
 
 impl Trainer {
     pub fn new(cfg: TrainConfig, policy: &dyn Policy) -> Result<Self> {
+        Self::data_parallel(cfg, policy, Box::new(Solo))
+    }
+
+    /// One worker of a data-parallel update: each of the group's workers holds the same
+    /// weights, trains on its share of every mini-batch's micro-batches (micro-batch j goes to
+    /// worker j mod world size), and the group sums the gradients before every update, so each
+    /// worker applies the update one worker would on the whole batch. Every worker must be built
+    /// with the same configuration and weights, and be given the same rollouts.
+    pub fn data_parallel(
+        cfg: TrainConfig,
+        policy: &dyn Policy,
+        collective: Box<dyn Collective>,
+    ) -> Result<Self> {
         cfg.validate()?;
         let (names, vars): (Vec<String>, Vec<Var>) = policy.named_vars().into_iter().unzip();
         if vars.is_empty() {
@@ -211,6 +227,7 @@ impl Trainer {
             rng,
             step: 0,
             timings: None,
+            collective,
         })
     }
 
@@ -253,11 +270,17 @@ impl Trainer {
         let policy = Tempered::new(policy, temperature);
         let reference = reference.map(|r| Tempered::new(r, temperature));
         let reference = reference.as_ref().map(|r| r as &dyn Policy);
+        if self.collective.world_size() > 1 {
+            // A data-parallel worker blocks inside its step until the others reach the same
+            // sum; on a pool thread it would hold that thread from the others' kernels (and
+            // more workers than pool threads would never meet), so it stays on its own thread.
+            return self.step_on_this_thread(&policy, reference, rollout);
+        }
         // Forward, backward and the optimizer are thousands of small parallel ops.
-        spur_lm::on_compute_pool(|| self.step_in_pool(&policy, reference, rollout))
+        spur_lm::on_compute_pool(|| self.step_on_this_thread(&policy, reference, rollout))
     }
 
-    fn step_in_pool(
+    fn step_on_this_thread(
         &mut self,
         policy: &dyn Policy,
         reference: Option<&dyn Policy>,
@@ -275,111 +298,98 @@ impl Trainer {
         let (items, group_stats) = flatten(rollout, objective)?;
         let n = items.len();
         let micro = self.cfg.micro_batch;
-        let device = policy.device();
         let mut timings = StepTimings::default();
-        let mut clock = PhaseClock::new(self.timings.is_some().then(|| device.clone()))?;
+        let mut clock = PhaseClock::new(self.timings.is_some().then(|| policy.device().clone()))?;
 
+        // Every worker shuffles alike, so all agree on the mini- and micro-batches; micro-batch
+        // j of each mini-batch is trained by worker j mod world_size.
         let mut order: Vec<usize> = (0..n).collect();
         if self.cfg.shuffle {
             self.rng.shuffle(&mut order);
         }
+        let (rank, world) = (self.collective.rank(), self.collective.world_size());
+        let mini_batch = self.cfg.mini_batch;
+        let mine = |position: usize| (position % mini_batch) / micro % world == rank;
 
         // π_old: the sampler's log-probs when given, else this policy's before any update. The
         // first mini-batch trains on weights that are still π_old, so its own forward pass gives
         // them (detached; ρ ≡ 1 exactly); only later mini-batches need a scoring pass first.
         let mut old: Vec<Option<Vec<f32>>> =
             items.iter().map(|i| i.old.map(<[f32]>::to_vec)).collect();
-        let first_mini = order.len().min(self.cfg.mini_batch);
-        let missing: Vec<usize> = order[first_mini..]
-            .iter()
-            .copied()
-            .filter(|&i| old[i].is_none())
+        let first_mini = order.len().min(mini_batch);
+        let missing: Vec<usize> = (first_mini..n)
+            .filter(|&p| mine(p) && old[order[p]].is_none())
+            .map(|p| order[p])
             .collect();
         for (i, lp) in missing.iter().zip(score(policy, &items, &missing, micro)?) {
             old[*i] = Some(lp);
         }
-        let reference_logprobs = match reference.filter(|_| need_ref) {
-            Some(r) => Some(score(r, &items, &(0..n).collect::<Vec<_>>(), micro)?),
-            None => None,
-        };
+        let mut reference_logprobs: Vec<Option<Vec<f32>>> = vec![None; n];
+        if let Some(r) = reference.filter(|_| need_ref) {
+            let own: Vec<usize> = (0..n).filter(|&p| mine(p)).map(|p| order[p]).collect();
+            for (i, lp) in own.iter().zip(score(r, &items, &own, micro)?) {
+                reference_logprobs[*i] = Some(lp);
+            }
+        }
         clock.charge(&mut timings.scoring_s)?;
         let entropy = match (objective.entropy_coef > 0.0, self.cfg.entropy_metric) {
             (true, _) => Entropy::Trainable,
             (false, true) => Entropy::Metric,
             (false, false) => Entropy::Skip,
         };
+        let batch = StepBatch {
+            policy,
+            items: &items,
+            old: &old,
+            reference: need_ref.then_some(&reference_logprobs[..]),
+            entropy,
+        };
 
         let mut stats = TokenStats::default();
         let mut losses = Vec::new();
         let mut norms = Vec::new();
         let lr = self.cfg.optimizer.lr_at(self.step);
-        for (mini_index, mini) in order.chunks(self.cfg.mini_batch).enumerate() {
+        for (mini_index, mini) in order.chunks(mini_batch).enumerate() {
             let shape = MiniBatchShape {
                 micro_batches: mini.len().div_ceil(micro),
                 sequences: mini.len(),
             };
             let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+            let mut mini_stats = TokenStats::default();
             let mut mini_loss = 0.0;
+            let mut failure = None;
             for (micro_index, chunk) in mini.chunks(micro).enumerate() {
-                let non_finite = |what, value| Error::NonFinite {
-                    step,
-                    mini_batch: mini_index,
-                    micro_batch: micro_index,
-                    what,
-                    value,
-                };
-                let seqs: Vec<(&[u32], &[u32])> = chunk
-                    .iter()
-                    .map(|&i| (items[i].prompt, items[i].completion))
-                    .collect();
-                let (scored, backprop) = training_logprobs(policy, &seqs, entropy)?;
-                let width = scored.logprobs.dim(1)?;
-                let old_t = old_logprobs(chunk, &old, &scored.logprobs, &device)?;
-                let ref_t = match &reference_logprobs {
-                    Some(r) => Some(padded(chunk.iter().map(|&i| &r[i][..]), width, &device)?),
-                    None => None,
-                };
-                let adv: Vec<f32> = chunk.iter().map(|&i| items[i].advantage).collect();
-                let adv = Tensor::from_vec(adv, chunk.len(), &device)?;
-                let out = micro_batch_objective(
-                    objective,
-                    &MicroBatch {
-                        logprobs: &scored.logprobs,
-                        old_logprobs: &old_t,
-                        ref_logprobs: ref_t.as_ref(),
-                        entropy: scored.entropy.as_ref(),
-                        mask: &scored.mask,
-                        advantages: &adv,
-                    },
-                    shape,
-                )?;
-                let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !loss.is_finite() {
-                    return Err(non_finite("loss", loss));
+                if micro_index % world != rank {
+                    continue;
                 }
-                clock.charge(&mut timings.forward_s)?;
-                let mut store = backprop.backward(&out.loss)?;
-                let mut sq = 0.0;
-                for (acc, var) in grads.iter_mut().zip(&self.vars) {
-                    // Detached: a gradient computed from tracked tensors
-                    // would keep this micro-batch's whole graph alive in the
-                    // accumulator (and in Adam's moments) otherwise.
-                    if let Some(g) = store.remove(var.as_tensor()).map(|g| g.detach()) {
-                        sq += sq_sum(&g)?;
-                        *acc = Some(match acc.take() {
-                            Some(a) => (a + g)?,
-                            None => g,
-                        });
+                let place = (step, mini_index, micro_index);
+                match self.micro_batch(&batch, chunk, shape, place, &mut grads, &mut clock, &mut timings) {
+                    Ok((loss, out)) => {
+                        mini_loss += loss;
+                        mini_stats.add(&out);
                     }
+                    Err(e @ Error::NonFinite { .. }) => {
+                        failure = Some(e);
+                        break;
+                    }
+                    Err(e) => return Err(e),
                 }
-                if !sq.is_finite() {
-                    return Err(non_finite("gradient", sq.sqrt()));
-                }
-                mini_loss += loss;
-                stats.add(&out.stats);
-                clock.charge(&mut timings.backward_s)?;
             }
-            let grads = grads
+            // The workers sum their losses, statistics and failures before their gradients,
+            // so that all of them stop together when one of them saw a non-finite value.
+            let mut sums = sums_of(mini_loss, &mini_stats, failure.is_some());
+            self.collective.all_reduce_sum_f64(&mut sums)?;
+            if let Some(failure) = failure {
+                return Err(failure);
+            }
+            let (mini_loss, mini_stats, failed) = unsums(&sums);
+            if failed {
+                return Err(Error::Collective(format!(
+                    "step {step}, mini-batch {mini_index}: another worker's loss or gradient is \
+                     not finite; that update was not applied"
+                )));
+            }
+            let mut grads = grads
                 .into_iter()
                 .zip(&self.vars)
                 .map(|(g, var)| match g {
@@ -387,6 +397,7 @@ impl Trainer {
                     None => Ok(var.zeros_like()?),
                 })
                 .collect::<Result<Vec<_>>>()?;
+            self.collective.all_reduce_sum(&mut grads)?;
             let norm = grad_norm(&grads)?;
             if !norm.is_finite() {
                 let last = mini.len().div_ceil(micro) - 1;
@@ -399,6 +410,7 @@ impl Trainer {
                 });
             }
             self.optimizer.step(&self.vars, &grads, norm, lr)?;
+            stats.add(&mini_stats);
             losses.push(mini_loss);
             norms.push(norm);
             clock.charge(&mut timings.optimizer_s)?;
@@ -444,6 +456,81 @@ impl Trainer {
         })
     }
 
+    /// Forward and backward of one micro-batch (`chunk`, item indices); adds its gradients to
+    /// `grads` and returns its loss share and token statistics.
+    #[allow(clippy::too_many_arguments)]
+    fn micro_batch(
+        &self,
+        batch: &StepBatch,
+        chunk: &[usize],
+        shape: MiniBatchShape,
+        (step, mini_batch, micro_batch): (u64, usize, usize),
+        grads: &mut [Option<Tensor>],
+        clock: &mut PhaseClock,
+        timings: &mut StepTimings,
+    ) -> Result<(f64, TokenStats)> {
+        let non_finite = |what, value| Error::NonFinite {
+            step,
+            mini_batch,
+            micro_batch,
+            what,
+            value,
+        };
+        let device = &batch.policy.device();
+        let items = batch.items;
+        let seqs: Vec<(&[u32], &[u32])> = chunk
+            .iter()
+            .map(|&i| (items[i].prompt, items[i].completion))
+            .collect();
+        let (scored, backprop) = training_logprobs(batch.policy, &seqs, batch.entropy)?;
+        let width = scored.logprobs.dim(1)?;
+        let old_t = old_logprobs(chunk, batch.old, &scored.logprobs, device)?;
+        let ref_t = match batch.reference {
+            Some(r) => {
+                let rows = chunk.iter().map(|&i| r[i].as_deref().unwrap_or_default());
+                Some(padded(rows, width, device)?)
+            }
+            None => None,
+        };
+        let adv: Vec<f32> = chunk.iter().map(|&i| items[i].advantage).collect();
+        let adv = Tensor::from_vec(adv, chunk.len(), device)?;
+        let out = micro_batch_objective(
+            &self.cfg.objective,
+            &MicroBatch {
+                logprobs: &scored.logprobs,
+                old_logprobs: &old_t,
+                ref_logprobs: ref_t.as_ref(),
+                entropy: scored.entropy.as_ref(),
+                mask: &scored.mask,
+                advantages: &adv,
+            },
+            shape,
+        )?;
+        let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !loss.is_finite() {
+            return Err(non_finite("loss", loss));
+        }
+        clock.charge(&mut timings.forward_s)?;
+        let mut store = backprop.backward(&out.loss)?;
+        let mut sq = 0.0;
+        for (acc, var) in grads.iter_mut().zip(&self.vars) {
+            // Detached: a gradient computed from tracked tensors would keep this micro-batch's
+            // whole graph alive in the accumulator (and in Adam's moments) otherwise.
+            if let Some(g) = store.remove(var.as_tensor()).map(|g| g.detach()) {
+                sq += sq_sum(&g)?;
+                *acc = Some(match acc.take() {
+                    Some(a) => (a + g)?,
+                    None => g,
+                });
+            }
+        }
+        if !sq.is_finite() {
+            return Err(non_finite("gradient", sq.sqrt()));
+        }
+        clock.charge(&mut timings.backward_s)?;
+        Ok((loss, out.stats))
+    }
+
     pub(crate) fn check_policy(&self, policy: &dyn Policy) -> Result<()> {
         let vars = policy.named_vars();
         let same = vars.len() == self.vars.len()
@@ -458,6 +545,42 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// What every micro-batch of a step reads.
+struct StepBatch<'a> {
+    policy: &'a dyn Policy,
+    items: &'a [Item<'a>],
+    old: &'a [Option<Vec<f32>>],
+    /// Reference log-probs, for the items this worker trains on, when the objective has a KL term.
+    reference: Option<&'a [Option<Vec<f32>>]>,
+    entropy: Entropy,
+}
+
+/// A mini-batch's loss, token statistics and failure flag as one buffer to sum over workers.
+fn sums_of(loss: f64, stats: &TokenStats, failed: bool) -> [f64; 8] {
+    [
+        loss,
+        stats.tokens,
+        stats.clipped_low,
+        stats.clipped_high,
+        stats.approx_kl,
+        stats.ref_kl,
+        stats.entropy,
+        f64::from(u8::from(failed)),
+    ]
+}
+
+fn unsums(s: &[f64; 8]) -> (f64, TokenStats, bool) {
+    let stats = TokenStats {
+        tokens: s[1],
+        clipped_low: s[2],
+        clipped_high: s[3],
+        approx_kl: s[4],
+        ref_kl: s[5],
+        entropy: s[6],
+    };
+    (s[0], stats, s[7] > 0.0)
 }
 
 struct GroupStats {
