@@ -247,14 +247,16 @@ fn relation_as_set(v: &Value) -> Option<Value> {
     let mut var: Option<String> = None;
     for r in rels {
         let (op, bound) = match (&r.lhs, &r.rhs) {
-            (Value::Expr(Expr::Sym(s)), Value::Expr(b)) if b.is_free_of_symbols() => {
-                if var.get_or_insert(s.clone()) != s {
+            (Value::Expr(x), Value::Expr(b)) if is_variable(x) && b.is_free_of_symbols() => {
+                let s = x.key();
+                if *var.get_or_insert(s.clone()) != s {
                     return None;
                 }
                 (r.op, b.clone())
             }
-            (Value::Expr(b), Value::Expr(Expr::Sym(s))) if b.is_free_of_symbols() => {
-                if var.get_or_insert(s.clone()) != s {
+            (Value::Expr(b), Value::Expr(x)) if is_variable(x) && b.is_free_of_symbols() => {
+                let s = x.key();
+                if *var.get_or_insert(s.clone()) != s {
                     return None;
                 }
                 (r.op.flipped(), b.clone())
@@ -291,6 +293,12 @@ fn relation_as_set(v: &Value) -> Option<Value> {
         lo_open: lo.2,
         hi_open: hi.2,
     })
+}
+
+/// A symbol, or a call of an undefined function (`f(x)`, which math-verify
+/// turns into a symbol before making a set of a relation).
+fn is_variable(e: &Expr) -> bool {
+    matches!(e, Expr::Sym(_) | Expr::Call(Func::Undefined(_), _))
 }
 
 fn compare_sets(gold: &Value, pred: &Value, depth: usize) -> bool {
@@ -514,7 +522,7 @@ fn numeric_expr_eq(a: &Expr, b: &Expr) -> bool {
     if na.is_some() || nb.is_some() {
         if na.is_some_and(|n| n.float) || nb.is_some_and(|n| n.float) {
             // Both rounded to 6 places.
-            if let (Some(x), Some(y)) = (a.exact(), b.exact()) {
+            if let (Some(x), Some(y)) = (exact_cmp(a), exact_cmp(b)) {
                 return round_exact(&x) == round_exact(&y);
             }
             let (Some(x), Some(y)) = (a.real(), b.real()) else {
@@ -529,14 +537,14 @@ fn numeric_expr_eq(a: &Expr, b: &Expr) -> bool {
                 return x.value == y.value;
             }
         }
-        return match (a.exact(), b.exact()) {
+        return match (exact_cmp(a), exact_cmp(b)) {
             (Some(x), Some(y)) => x == y,
             _ => false,
         };
     }
     // evalf(a - b) == 0 for numbers; expressions with symbols fall through.
     if a.is_free_of_symbols() && b.is_free_of_symbols() {
-        if let (Some(x), Some(y)) = (a.exact(), b.exact()) {
+        if let (Some(x), Some(y)) = (exact_cmp(a), exact_cmp(b)) {
             return x == y;
         }
         let env = |_: &str| Complex64::new(f64::NAN, 0.0);
@@ -546,6 +554,15 @@ fn numeric_expr_eq(a: &Expr, b: &Expr) -> bool {
         }
     }
     false
+}
+
+/// The exact value, except for float arithmetic: sympy computes that in
+/// floating point (`\\sqrt{2.5^2-0.7^2}/0.2` is not exactly 12 there).
+fn exact_cmp(e: &Expr) -> Option<BigRational> {
+    if e.has_float() && e.atomic_number().is_none() {
+        return None;
+    }
+    e.exact()
 }
 
 fn finite(z: Complex64) -> bool {
@@ -577,13 +594,18 @@ fn sample(point: u64, name: &str) -> Complex64 {
 fn symbolic_eq(gold: &Value, pred: &Value) -> bool {
     match (gold, pred) {
         (Value::Expr(a), Value::Expr(b)) => {
-            if let (Some(x), Some(y)) = (a.exact(), b.exact()) {
+            if let (Some(x), Some(y)) = (exact_cmp(a), exact_cmp(b)) {
                 return x == y;
             }
             if contains_inf(a) || contains_inf(b) {
                 return false;
             }
-            let tol = if a.has_float() || b.has_float() { 1e-12 } else { 1e-9 };
+            let symbol_free = a.is_free_of_symbols() && b.is_free_of_symbols();
+            let tol = match (a.has_float() || b.has_float(), symbol_free) {
+                (true, true) => 0.0,
+                (true, false) => 1e-12,
+                _ => 1e-9,
+            };
             let mut finite_points = 0;
             for point in 0..4u64 {
                 let env = |name: &str| sample(point, name);

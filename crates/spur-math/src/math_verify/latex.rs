@@ -53,11 +53,25 @@ fn tokenize(s: &str) -> Vec<Tok> {
             }
             if i == start {
                 if i < chars.len() {
-                    out.push(Tok::Cmd(chars[i].to_string()));
+                    // `\(`, `\)`, `\[`, `\]` read as brackets.
+                    match chars[i] {
+                        c @ ('(' | ')' | '[' | ']') => out.push(Tok::Ch(c)),
+                        c => out.push(Tok::Cmd(c.to_string())),
+                    }
                     i += 1;
                 }
             } else {
-                out.push(Tok::Cmd(chars[start..i].iter().collect()));
+                let name: String = chars[start..i].iter().collect();
+                // `\quadx`: a spacing command run into a letter.
+                match ["qquad", "quad"].iter().find(|q| name.starts_with(**q) && name.len() > q.len()) {
+                    Some(q) => {
+                        out.push(Tok::Cmd(q.to_string()));
+                        for c in name[q.len()..].chars() {
+                            out.push(Tok::Ch(c));
+                        }
+                    }
+                    None => out.push(Tok::Cmd(name)),
+                }
             }
         } else {
             out.push(Tok::Ch(c));
@@ -82,6 +96,9 @@ pub fn parse(s: &str) -> Option<Value> {
     if let Some(n) = thousands(s.trim()) {
         return Some(Value::Expr(n));
     }
+    if let Some(n) = mixed_number(s.trim()) {
+        return Some(Value::Expr(n));
+    }
     let toks: Vec<Tok> = tokenize(s).into_iter().filter(|t| !is_space(t)).collect();
     let mut p = Parser { t: &toks, i: 0, depth: 0, abs: 0 };
     let v = p.top()?;
@@ -89,6 +106,30 @@ pub fn parse(s: &str) -> Option<Value> {
         return None;
     }
     Some(v)
+}
+
+/// `2\frac{2}{5}` (the whole answer) is the mixed number 12/5.
+fn mixed_number(s: &str) -> Option<Expr> {
+    let (neg, body) = match s.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, s),
+    };
+    let (whole, rest) = body.split_once("\\frac")?;
+    let whole = whole.trim();
+    if whole.is_empty() || !whole.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let rest = rest.trim().strip_prefix('{')?.strip_suffix('}')?;
+    let (a, b) = rest.split_once("}{")?;
+    if [a, b].iter().any(|x| x.is_empty() || !x.chars().all(|c| c.is_ascii_digit())) {
+        return None;
+    }
+    let (w, a, b): (BigInt, BigInt, BigInt) = (whole.parse().ok()?, a.parse().ok()?, b.parse().ok()?);
+    if b.is_zero() {
+        return None;
+    }
+    let v = BigRational::from_integer(w) + BigRational::new(a, b);
+    Some(Expr::Num(Num { value: if neg { -v } else { v }, float: false }))
 }
 
 fn thousands(s: &str) -> Option<Expr> {
@@ -180,12 +221,32 @@ impl<'a> Parser<'a> {
     }
 
     /// A comma / semicolon list at top level is a set.
+    /// `p=5,q=2;p=7,q=2`: `;` separates tuples of comma-separated items.
     fn top(&mut self) -> Option<Value> {
-        let items = self.list(&[])?;
-        if items.len() == 1 {
-            return items.into_iter().next();
+        let mut groups = vec![self.comma_items()?];
+        while self.eat_ch(';') {
+            groups.push(self.comma_items()?);
         }
+        if groups.len() == 1 {
+            let items = groups.pop()?;
+            if items.len() == 1 {
+                return items.into_iter().next();
+            }
+            return Some(make_set(items));
+        }
+        let items = groups
+            .into_iter()
+            .map(|g| if g.len() == 1 { g.into_iter().next() } else { Some(Value::Tuple(g)) })
+            .collect::<Option<Vec<_>>>()?;
         Some(make_set(items))
+    }
+
+    fn comma_items(&mut self) -> Option<Vec<Value>> {
+        let mut items = vec![self.relation()?];
+        while self.eat_ch(',') {
+            items.push(self.relation()?);
+        }
+        Some(items)
     }
 
     /// Items separated by `,` or `;` up to (not including) a closing token.
@@ -200,6 +261,10 @@ impl<'a> Parser<'a> {
     fn rel_op(&mut self) -> Option<Option<RelOp>> {
         let op = match self.peek() {
             Some(Tok::Ch('=')) => RelOp::Eq,
+            Some(Tok::Ch('!')) if self.t.get(self.i + 1) == Some(&Tok::Ch('=')) => {
+                self.i += 1;
+                RelOp::Ne
+            }
             Some(Tok::Ch('<')) => {
                 if self.t.get(self.i + 1) == Some(&Tok::Ch('=')) {
                     self.i += 1;
@@ -235,14 +300,24 @@ impl<'a> Parser<'a> {
         self.enter()?;
         // `x \approx 2` reads as its right side.
         let first = self.set_expr()?;
-        if self.eat_cmd(&["approx"]) {
+        if matches!(first, Value::Expr(Expr::Sym(_))) && self.eat_cmd(&["approx"]) {
+            // `x \approx 2` is 2.
             let v = self.relation();
             self.depth -= 1;
             return v;
         }
         let mut operands = vec![first];
         let mut ops = Vec::new();
-        while let Some(op) = self.rel_op()? {
+        loop {
+            if self.eat_cmd(&["approx"]) {
+                // `a \approx b`: the approximation is dropped.
+                self.set_expr()?;
+                while self.rel_op()?.is_some() {
+                    self.set_expr()?;
+                }
+                break;
+            }
+            let Some(op) = self.rel_op()? else { break };
             ops.push(op);
             operands.push(self.set_expr()?);
         }
@@ -253,10 +328,18 @@ impl<'a> Parser<'a> {
         let rels = ops
             .iter()
             .enumerate()
-            .map(|(k, op)| Rel {
-                op: *op,
-                lhs: operands[k].clone(),
-                rhs: operands[k + 1].clone(),
+            .map(|(k, op)| {
+                let (mut lhs, mut rhs) = (operands[k].clone(), operands[k + 1].clone());
+                // `(p,q)=(3,2)`: both sides are tuples.
+                if *op == RelOp::Eq {
+                    if matches!(rhs, Value::Tuple(_)) {
+                        lhs = interval_as_tuple(lhs);
+                    }
+                    if matches!(lhs, Value::Tuple(_)) {
+                        rhs = interval_as_tuple(rhs);
+                    }
+                }
+                Rel { op: *op, lhs, rhs }
             })
             .collect();
         Some(Value::Rel(rels))
@@ -351,7 +434,7 @@ impl<'a> Parser<'a> {
             }
             let op = match self.peek() {
                 Some(Tok::Ch('*')) => Op::Mul,
-                Some(Tok::Ch('/')) => Op::Div,
+                Some(Tok::Ch('/')) | Some(Tok::Ch(':')) => Op::Div,
                 Some(Tok::Cmd(c)) if c == "cdot" || c == "times" || c == "ast" => Op::Mul,
                 Some(Tok::Cmd(c)) if c == "div" => Op::Div,
                 _ if self.starts_primary() => Op::Implicit,
@@ -434,7 +517,8 @@ impl<'a> Parser<'a> {
                 }
                 let exp = self.script()?;
                 v = Value::Expr(Expr::pow(v.as_expr()?, exp));
-            } else if self.eat_ch('!') {
+            } else if self.peek_ch('!') && self.t.get(self.i + 1) != Some(&Tok::Ch('=')) {
+                self.i += 1;
                 v = Value::Expr(Expr::Call(Func::Factorial, vec![v.as_expr()?]));
             } else if self.eat_cmd(&["%"]) || self.eat_ch('%') {
                 v = Value::Expr(Expr::Pct(Box::new(v.as_expr()?)));
@@ -563,18 +647,25 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// Symbols are lower case (latex2sympy2 reads `A` as `a`); only a
+    /// lower-case `e` is Euler's number.
     fn symbol(&mut self, c: char) -> Option<Value> {
-        let mut name = c.to_string();
+        let mut name: String = c.to_lowercase().collect();
         // `a_1`, `x_{10}`; primes.
         if self.peek_ch('_') {
             self.i += 1;
             name.push('_');
-            name.push_str(&self.script_raw()?);
+            let sub = self.script_raw()?.to_lowercase();
+            let inner = sub.strip_prefix('{').and_then(|x| x.strip_suffix('}'));
+            match inner {
+                Some(x) if x.chars().count() == 1 => name.push_str(x),
+                _ => name.push_str(&sub),
+            }
         }
         while self.eat_ch('\'') {
             name.push('\'');
         }
-        if name.len() == 1 && matches!(c, 'f' | 'g' | 'h') && self.peek_ch('(') {
+        if name.len() == 1 && matches!(name.as_str(), "f" | "g" | "h") && self.peek_ch('(') {
             self.i += 1;
             let mut args = vec![self.relation()?.as_expr()?];
             while self.eat_ch(',') {
@@ -585,7 +676,7 @@ impl<'a> Parser<'a> {
             }
             return Some(Value::Expr(Expr::Call(Func::Undefined(name), args)));
         }
-        if name == "e" {
+        if name == "e" && c == 'e' {
             return Some(Value::Expr(Expr::E));
         }
         Some(Value::Expr(Expr::Sym(name)))
@@ -861,11 +952,20 @@ impl<'a> Parser<'a> {
     }
 }
 
+fn interval_as_tuple(v: Value) -> Value {
+    match v {
+        Value::Interval { lo, hi, lo_open: true, hi_open: true } => {
+            Value::Tuple(vec![Value::Expr(lo), Value::Expr(hi)])
+        }
+        v => v,
+    }
+}
+
 fn letter(c: char) -> Expr {
     if c == 'e' {
         Expr::E
     } else {
-        Expr::Sym(c.to_string())
+        Expr::Sym(c.to_lowercase().collect())
     }
 }
 
