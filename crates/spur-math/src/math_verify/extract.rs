@@ -328,7 +328,16 @@ fn extract_expr(caps: &Captures) -> (Option<Value>, String) {
     if clean.contains(['×', '÷']) || clean.contains(")(") || has_implicit_product(&clean) {
         return (None, expr.to_string());
     }
-    let v = latex::parse(&clean.replace("**", "^")).filter(|v| matches!(v, Value::Expr(_)));
+    // `3.` is a float in Python.
+    let mut py = String::with_capacity(clean.len() + 4);
+    let chars: Vec<char> = clean.chars().collect();
+    for (i, &c) in chars.iter().enumerate() {
+        py.push(c);
+        if c == '.' && i > 0 && chars[i - 1].is_ascii_digit() && !chars.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
+            py.push('0');
+        }
+    }
+    let v = latex::parse(&py.replace("**", "^")).filter(|v| matches!(v, Value::Expr(_)));
     (v, expr.to_string())
 }
 

@@ -393,9 +393,12 @@ impl<'a> Parser<'a> {
                 Some(Tok::Cmd(c)) if c == "mp" => 3,
                 _ => break,
             };
-            if single.is_some() {
-                // Arithmetic on a set, interval or matrix.
-                return None;
+            if let Some(v) = single.take() {
+                // Sums of matrices; no other arithmetic on sets, intervals.
+                self.i += 1;
+                let rhs = self.term()?;
+                single = Some(matrix_add(v, rhs, op == 1)?);
+                continue;
             }
             self.i += 1;
             let rhs = self.term()?.as_expr()?;
@@ -425,6 +428,9 @@ impl<'a> Parser<'a> {
     fn term(&mut self) -> Option<Value> {
         let first = self.unary()?;
         let mut factors: Vec<Expr> = Vec::new();
+        // Whether the term is "number, then \frac" (a mixed number).
+        let mixed_candidate = matches!(first, Value::Expr(Expr::Num(_)))
+            && is_cmd(self.peek(), &["frac", "dfrac", "tfrac"]);
         let mut single = Some(first);
         loop {
             enum Op {
@@ -442,6 +448,18 @@ impl<'a> Parser<'a> {
             };
             if !matches!(op, Op::Implicit) {
                 self.i += 1;
+            }
+            if let Some(Value::Matrix { .. }) = single {
+                // Matrix products (and a matrix times a number).
+                if matches!(op, Op::Div) {
+                    return None;
+                }
+                let rhs = match op {
+                    Op::Implicit => self.postfix()?,
+                    _ => self.unary()?,
+                };
+                single = Some(matrix_mul(single.take()?, rhs)?);
+                continue;
             }
             if let Some(v) = single.take() {
                 factors.push(v.as_expr()?);
@@ -461,6 +479,14 @@ impl<'a> Parser<'a> {
         }
         if let Some(v) = single {
             return Some(v);
+        }
+        // `4\frac{5}{8}`: an integer and a fraction of integers, alone in a
+        // product, are a mixed number.
+        if let ([Expr::Num(w), Expr::Num(f)], true) = (factors.as_slice(), mixed_candidate) {
+            if w.is_integer() && !f.float {
+                let v = if w.value.is_negative() { &w.value - &f.value } else { &w.value + &f.value };
+                return Some(Value::Expr(Expr::Num(Num { value: v, float: false })));
+            }
         }
         Some(Value::Expr(if factors.len() == 1 {
             factors.pop()?
@@ -696,11 +722,9 @@ impl<'a> Parser<'a> {
         };
         self.i += 1;
         self.depth -= 1;
+        let matching = (open == '(' && close == ')') || (open == '[' && close == ']');
         if items.len() == 1 {
-            if open == close || (open == '(' && close == ')') {
-                return items.into_iter().next();
-            }
-            return None;
+            return if matching { items.into_iter().next() } else { None };
         }
         if items.len() == 2 {
             let lo = items[0].clone().as_expr();
@@ -721,10 +745,7 @@ impl<'a> Parser<'a> {
                 }
             }
         }
-        if open == close || (open == '(' && close == ')') {
-            return Some(Value::Tuple(items));
-        }
-        None
+        matching.then_some(Value::Tuple(items))
     }
 
     fn command(&mut self, c: &str) -> Option<Value> {
@@ -949,6 +970,50 @@ impl<'a> Parser<'a> {
             cols,
             items: rows.into_iter().flatten().collect(),
         })
+    }
+}
+
+/// `A + B` / `A - B` for matrices of the same shape.
+fn matrix_add(a: Value, b: Value, minus: bool) -> Option<Value> {
+    let (Value::Matrix { rows, cols, items: x }, Value::Matrix { rows: r2, cols: c2, items: y }) = (a, b) else {
+        return None;
+    };
+    if rows != r2 || cols != c2 {
+        return None;
+    }
+    let items = x
+        .into_iter()
+        .zip(y)
+        .map(|(p, q)| if minus { Expr::sub(p, q) } else { Expr::Add(vec![p, q]) })
+        .collect();
+    Some(Value::Matrix { rows, cols, items })
+}
+
+/// `A B` for matrices, or `A k` for a matrix and a number.
+fn matrix_mul(a: Value, b: Value) -> Option<Value> {
+    let Value::Matrix { rows, cols, items: x } = a else {
+        return None;
+    };
+    match b {
+        Value::Expr(k) => Some(Value::Matrix {
+            rows,
+            cols,
+            items: x.into_iter().map(|p| Expr::Mul(vec![p, k.clone()])).collect(),
+        }),
+        Value::Matrix { rows: r2, cols: c2, items: y } => {
+            if cols != r2 || rows * c2 > 100 {
+                return None;
+            }
+            let mut items = Vec::with_capacity(rows * c2);
+            for i in 0..rows {
+                for j in 0..c2 {
+                    let terms = (0..cols).map(|k| Expr::Mul(vec![x[i * cols + k].clone(), y[k * c2 + j].clone()])).collect();
+                    items.push(Expr::Add(terms));
+                }
+            }
+            Some(Value::Matrix { rows, cols: c2, items })
+        }
+        _ => None,
     }
 }
 
