@@ -6,8 +6,9 @@
 
 use std::sync::OnceLock;
 
-use fancy_regex::{Captures, Regex};
+use fancy_regex::Regex;
 
+use super::envs;
 use super::latex;
 use super::normalize::{normalize, BoxedMode};
 use super::value::{Expr, Value};
@@ -25,16 +26,27 @@ enum Target {
     Expr,
 }
 
+/// A regex-based pattern (the rare anchored forms and the plain numbers).
 struct Pattern {
-    re: Regex,
+    re: Re,
     priority: u32,
     target: Target,
     /// A lowercase literal the text must contain for the pattern to match.
     needs: Option<&'static str>,
 }
 
+enum Re {
+    /// Patterns with lookaround (backtracking engine).
+    Fancy(Regex),
+    /// Patterns without (linear-time engine, same leftmost-first semantics).
+    Plain(regex::Regex),
+}
+
 /// A LaTeX environment (`$…$`, `$$…$$`, `\[…\]`, `\(…\)`, ` […] `, or a
-/// plain `\frac{1}{2}`), with an optional percent sign after it.
+/// plain `\frac{1}{2}`), with an optional percent sign after it, as
+/// math-verify writes it. Only the rare "final answer is … I hope" form runs
+/// through this regex; the other environment patterns are matched by hand in
+/// `envs` (and checked against this regex in the tests).
 fn latex_env(prefix: &str, boxed: bool) -> String {
     let percent = format!(r"(?P<{prefix}percent>(?:\\?%|[Pp]ercent|[Pp]ercentage|[Pp]ct))");
     let mut display_dollar = r"(?:[^$]|\$(?!\$))".to_string();
@@ -69,46 +81,34 @@ fn latex_env(prefix: &str, boxed: bool) -> String {
     format!(r"(?:(?:{})\s*{percent}?)", alts.join("|"))
 }
 
-fn latex_patterns() -> Vec<Pattern> {
-    let next: String = (1..=5)
-        .map(|i| format!(r"(?:\s*(?:,?and|,?or|,)\s*{})?", latex_env(&format!("next{i}_"), false)))
-        .collect();
-    let envs = format!("(?:{}{next})", latex_env("first_", false));
-    let answer = "(?i:answer)";
-    let mut out = vec![
-        (format!(r"(?i:final answer is)\:?\s*{envs}\.?\s?I hope"), 0, Some("final answer is")),
-        (format!(r"(?i:final answer.{{0,100}}?)\s+is\:?\s*{envs}"), 50, Some("final answer")),
-        (format!(r"{answer}:.{{0,50}}?{envs}"), 100, Some("answer")),
-        (format!(r"{answer}.{{0,50}}?{envs}"), 200, Some("answer")),
-        (envs.clone(), 300, None),
-    ];
-    let next_boxed: String = (1..=5)
-        .map(|i| format!(r"\s*(?:\s*(?:,?and|,?or|,)\s*{})?", latex_env(&format!("next{i}_"), true)))
-        .collect();
-    out.push((format!("{}{next_boxed}", latex_env("first_", true)), 50, Some("\\boxed")));
-    out.push((r"(?P<first_latexBoxed>\\boxed\{.+\})".to_string(), 50, Some("\\boxed")));
-    out.into_iter()
-        .filter_map(|(re, priority, needs)| {
-            Some(Pattern {
-                re: Regex::new(&format!("(?s){re}")).ok()?,
-                priority,
-                target: Target::Latex,
-                needs,
-            })
-        })
-        .collect()
+/// The environments pattern with up to five chained followers.
+fn latex_envs_regex(boxed: bool) -> String {
+    if boxed {
+        let next: String = (1..=5)
+            .map(|i| format!(r"\s*(?:\s*(?:,?and|,?or|,)\s*{})?", latex_env(&format!("next{i}_"), true)))
+            .collect();
+        format!("{}{next}", latex_env("first_", true))
+    } else {
+        let next: String = (1..=5)
+            .map(|i| format!(r"(?:\s*(?:,?and|,?or|,)\s*{})?", latex_env(&format!("next{i}_"), false)))
+            .collect();
+        format!("(?:{}{next})", latex_env("first_", false))
+    }
 }
 
-fn expr_patterns() -> Vec<Pattern> {
+fn regex_patterns() -> Vec<Pattern> {
+    let envs = latex_envs_regex(false);
     let number = concat!(
-        r"(?<!\d)(?:",
+        r"(?:",
         r"(?P<integer1>-?[1-9]\d{0,2}(?:[ ,]\d{3})+)(?P<decimal1>\.\d+)?|",
         r"(?P<integer2>-?\d+)(?P<decimal2>[.,]\d+)|",
         r"(?P<decimal3>\.\d+)|",
         r"(?P<integer3>-?\d+)",
         r")(?P<percent>\s*(?:%|[Pp]ercent|\s*[Pp]ercentage|\s*[Pp]ct))?"
     );
-    let ops = r"\+\-\*\×\/\^\(\)\÷";
+    // math-verify's number pattern starts with `(?<!\d)`; every use of it
+    // follows whitespace, `=`, `**` or a currency sign, so it always holds.
+    let ops = r"\+\-\*×\/\^\(\)÷";
     let all = format!(r"[\d\.\s{ops}]");
     let expr = format!(r"(?P<expr>-?\(?-?\d{all}*[{ops}]{all}+\)?)");
     let currency = r"\$€£¥₹₽₪₩₫฿₡₢₣₤₥₦₧₨₩₪₫₭₮₯₰₱₲₳₴₵₶₷₸₹₺₻₼₽₾₿";
@@ -118,44 +118,189 @@ fn expr_patterns() -> Vec<Pattern> {
     let number_anchored = format!("(?:{prefix}[{currency}]?{number})");
     let either = format!("(?:{expr_anchored}|{number_anchored})");
     let answer = "(?i:answer)";
-    let list = vec![
-        (format!(r"(?i:final answer is)\:?\s*{either}\.?\s?I hope"), 0, Some("final answer is")),
-        (format!(r"(?i:final answer.{{0,100}}?)\s+is\:?{either}"), 50, Some("final answer")),
-        (format!(r"{answer}:(?:.{{0,100}}=\s*|.{{0,50}}?){either}(?!\s*=)"), 100, Some("answer")),
-        (format!(r"{answer}(?:.{{0,100}}=\s*|.{{0,50}}?){either}(?!\s*=)"), 200, Some("answer")),
-        (expr_anchored, 300, None),
-        (number_anchored, 300, None),
-    ];
-    list.into_iter()
-        .filter_map(|(re, priority, needs)| {
-            Some(Pattern {
-                re: Regex::new(&re).ok()?,
-                priority,
-                target: Target::Expr,
-                needs,
-            })
-        })
-        .collect()
+    let fancy = |re: String, priority, target, needs| {
+        Some(Pattern { re: Re::Fancy(Regex::new(&re).ok()?), priority, target, needs })
+    };
+    let plain = |re: String, priority, target, needs| {
+        Some(Pattern { re: Re::Plain(regex::Regex::new(&re).ok()?), priority, target, needs })
+    };
+    vec![
+        fancy(format!(r"(?s)(?i:final answer is)\:?\s*{envs}\.?\s?I hope"), 0, Target::Latex, Some("final answer is")),
+        fancy(format!(r"(?i:final answer is)\:?\s*{either}\.?\s?I hope"), 0, Target::Expr, Some("final answer is")),
+        plain(r"(?s)(?P<first_latexBoxed>\\boxed\{.+\})".to_string(), 50, Target::Latex, Some("\\boxed")),
+        plain(format!(r"(?i:final answer.{{0,100}}?)\s+is\:?{either}"), 50, Target::Expr, Some("final answer")),
+        fancy(format!(r"{answer}:(?:.{{0,100}}=\s*|.{{0,50}}?){either}(?!\s*=)"), 100, Target::Expr, Some("answer")),
+        fancy(format!(r"{answer}(?:.{{0,100}}=\s*|.{{0,50}}?){either}(?!\s*=)"), 200, Target::Expr, Some("answer")),
+        plain(expr_anchored, 300, Target::Expr, None),
+        plain(number_anchored, 300, Target::Expr, None),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 fn patterns() -> &'static [Pattern] {
     static P: OnceLock<Vec<Pattern>> = OnceLock::new();
-    P.get_or_init(|| {
-        let mut all = latex_patterns();
-        all.extend(expr_patterns());
-        // Stable: LaTeX before expressions within a priority, as math-verify.
-        all.sort_by_key(|p| p.priority);
-        all
-    })
+    P.get_or_init(regex_patterns)
 }
 
-/// Number of regex patterns that compiled (all of them, in a correct build).
+/// Number of regex patterns that compiled (all 8, in a correct build).
 pub fn pattern_count() -> usize {
     patterns().len()
 }
 
-/// Texts longer than this are cut to their last part (bounds regex work).
+/// Texts longer than this are cut to their last part (bounds the work).
 const MAX_TEXT: usize = 20_000;
+
+/// What a match holds, owned.
+enum Found {
+    /// LaTeX pieces: (text, percent sign after it, read the last box only).
+    Latex(Vec<(String, bool, bool)>),
+    Expr {
+        integer: String,
+        decimal: String,
+        percent: bool,
+        expr: String,
+    },
+}
+
+struct Candidate {
+    start: usize,
+    end: usize,
+    order: usize,
+    found: Found,
+}
+
+fn from_envs(text: &str, m: &envs::EnvsMatch) -> Found {
+    Found::Latex(
+        m.envs
+            .iter()
+            .map(|e| (text[e.content.0..e.content.1].to_string(), e.percent, false))
+            .collect(),
+    )
+}
+
+const GROUP_KINDS: [&str; 7] = [
+    "latexDisplayDollar",
+    "latexDisplayBracket",
+    "latexInlineDollar",
+    "latexInlineParenthesis",
+    "latexInlineBracket",
+    "latexFraction",
+    "latexBoxed",
+];
+
+/// The capture groups of a regex match, by name.
+trait Groups {
+    fn group(&self, name: &str) -> Option<&str>;
+}
+
+impl Groups for fancy_regex::Captures<'_> {
+    fn group(&self, name: &str) -> Option<&str> {
+        self.name(name).map(|m| m.as_str())
+    }
+}
+
+impl Groups for regex::Captures<'_> {
+    fn group(&self, name: &str) -> Option<&str> {
+        self.name(name).map(|m| m.as_str())
+    }
+}
+
+fn from_groups(caps: &dyn Groups, target: Target) -> Found {
+    match target {
+        Target::Latex => {
+            let mut pieces = Vec::new();
+            for prefix in ["first", "next1", "next2", "next3", "next4", "next5"] {
+                let hit = GROUP_KINDS.iter().find_map(|kind| {
+                    caps.group(&format!("{prefix}_{kind}"))
+                        .filter(|s| !s.is_empty())
+                        .map(|s| (*kind, s))
+                });
+                if let Some((kind, s)) = hit {
+                    let percent = caps.group(&format!("{prefix}_percent")).is_some_and(|p| !p.is_empty());
+                    pieces.push((s.to_string(), percent, kind == "latexBoxed"));
+                }
+            }
+            Found::Latex(pieces)
+        }
+        Target::Expr => {
+            let get = |names: &[&str]| {
+                names
+                    .iter()
+                    .find_map(|n| caps.group(n).filter(|s| !s.is_empty()))
+                    .unwrap_or("")
+                    .to_string()
+            };
+            Found::Expr {
+                integer: get(&["integer1", "integer2", "integer3"]),
+                decimal: get(&["decimal1", "decimal2", "decimal3"]),
+                percent: caps.group("percent").is_some_and(|p| !p.is_empty()),
+                expr: caps.group("expr").unwrap_or("").to_string(),
+            }
+        }
+    }
+}
+
+/// All matches of one priority, in math-verify's pattern order.
+fn candidates(text: &str, lower: &str, priority: u32) -> Vec<Candidate> {
+    let mut out: Vec<Candidate> = Vec::new();
+    let push = |start: usize, end: usize, found: Found, out: &mut Vec<Candidate>| {
+        let order = out.len();
+        out.push(Candidate { start, end, order, found });
+    };
+    let has_boxed = text.contains("\\boxed");
+    // Hand-matched LaTeX patterns come first in math-verify's order at
+    // priorities 50-300, except that at 50 "final answer … is" precedes the
+    // boxed environments, which precede the plain `\boxed{…}`.
+    match priority {
+        50 => {
+            if lower.contains("final answer") {
+                for m in envs::find_final_answer(text) {
+                    push(m.start, m.end, from_envs(text, &m), &mut out);
+                }
+            }
+            if has_boxed {
+                for m in envs::find_all(text, true) {
+                    push(m.start, m.end, from_envs(text, &m), &mut out);
+                }
+            }
+        }
+        100 | 200 if lower.contains("answer") => {
+            for m in envs::find_answer(text, priority == 100) {
+                push(m.start, m.end, from_envs(text, &m), &mut out);
+            }
+        }
+        300 => {
+            for m in envs::find_all(text, false) {
+                push(m.start, m.end, from_envs(text, &m), &mut out);
+            }
+        }
+        _ => {}
+    }
+    for p in patterns().iter().filter(|p| p.priority == priority) {
+        if p.needs.is_some_and(|n| !lower.contains(n)) {
+            continue;
+        }
+        match &p.re {
+            Re::Fancy(re) => {
+                for caps in re.captures_iter(text) {
+                    // A regex that gives up (backtracking limit) ends the search.
+                    let Ok(caps) = caps else { break };
+                    let Some(m) = caps.get(0) else { continue };
+                    push(m.start(), m.end(), from_groups(&caps, p.target), &mut out);
+                }
+            }
+            Re::Plain(re) => {
+                for caps in re.captures_iter(text) {
+                    let Some(m) = caps.get(0) else { continue };
+                    push(m.start(), m.end(), from_groups(&caps, p.target), &mut out);
+                }
+            }
+        }
+    }
+    out
+}
 
 /// math-verify's `parse(text)` with its default configuration.
 pub fn parse(text: &str) -> Vec<Parsed> {
@@ -168,33 +313,16 @@ pub fn parse(text: &str) -> Vec<Parsed> {
     } else {
         text
     };
-    let lower = text.to_lowercase();
-    let pats = patterns();
+    let lower = text.to_ascii_lowercase();
     let mut fallback: Option<String> = None;
-    let mut k = 0;
-    while k < pats.len() {
-        let priority = pats[k].priority;
-        let mut matches: Vec<(usize, usize, usize, Target, Captures)> = Vec::new();
-        while k < pats.len() && pats[k].priority == priority {
-            let p = &pats[k];
-            k += 1;
-            if p.needs.is_some_and(|n| !lower.contains(n)) {
-                continue;
-            }
-            for caps in p.re.captures_iter(text) {
-                // A regex that gives up (backtracking limit) counts as no match.
-                let Ok(caps) = caps else { break };
-                let Some(m) = caps.get(0) else { continue };
-                let order = matches.len();
-                matches.push((m.end(), m.start(), order, p.target, caps));
-            }
-        }
+    for priority in [0, 50, 100, 200, 300] {
+        let mut matches = candidates(text, &lower, priority);
         // Rightmost end first, then leftmost start, then pattern order.
-        matches.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        for (_, _, _, target, caps) in &matches {
-            let (value, text) = match target {
-                Target::Latex => extract_latex(caps),
-                Target::Expr => extract_expr(caps),
+        matches.sort_by(|a, b| b.end.cmp(&a.end).then(a.start.cmp(&b.start)).then(a.order.cmp(&b.order)));
+        for c in &matches {
+            let (value, text) = match &c.found {
+                Found::Latex(pieces) => extract_latex(pieces),
+                Found::Expr { integer, decimal, percent, expr } => extract_expr(integer, decimal, *percent, expr),
             };
             if fallback.is_none() && !text.is_empty() {
                 fallback = Some(text);
@@ -240,20 +368,13 @@ fn split_equals(s: &str) -> Vec<&str> {
     out
 }
 
-fn extract_latex(caps: &Captures) -> (Option<Value>, String) {
+fn extract_latex(pieces: &[(String, bool, bool)]) -> (Option<Value>, String) {
     let mut values: Vec<Option<Value>> = Vec::new();
     let mut texts: Vec<String> = Vec::new();
-    let re = &patterns_for_names();
-    for prefix in ["first", "next1", "next2", "next3", "next4", "next5"] {
-        let Some((group, latex)) = re.iter().find_map(|kind| {
-            caps.name(&format!("{prefix}_{kind}")).map(|m| (*kind, m.as_str()))
-        }) else {
-            continue;
-        };
-        let mode = if group == "latexBoxed" { BoxedMode::Last } else { BoxedMode::All };
+    for (latex, percent, last_box) in pieces {
+        let mode = if *last_box { BoxedMode::Last } else { BoxedMode::All };
         let norm = normalize(latex, mode);
-        let percent = caps.name(&format!("{prefix}_percent")).is_some();
-        let v = parse_latex(&norm).and_then(|v| if percent { to_pct(v) } else { Some(v) });
+        let v = parse_latex(&norm).and_then(|v| if *percent { to_pct(v) } else { Some(v) });
         texts.push(norm);
         values.push(v);
     }
@@ -267,18 +388,6 @@ fn extract_latex(caps: &Captures) -> (Option<Value>, String) {
     (values.swap_remove(0), texts.swap_remove(0))
 }
 
-fn patterns_for_names() -> [&'static str; 7] {
-    [
-        "latexDisplayDollar",
-        "latexDisplayBracket",
-        "latexInlineDollar",
-        "latexInlineParenthesis",
-        "latexInlineBracket",
-        "latexFraction",
-        "latexBoxed",
-    ]
-}
-
 fn to_pct(v: Value) -> Option<Value> {
     match v {
         Value::Expr(e) => Some(Value::Expr(Expr::Pct(Box::new(e)))),
@@ -286,16 +395,7 @@ fn to_pct(v: Value) -> Option<Value> {
     }
 }
 
-fn extract_expr(caps: &Captures) -> (Option<Value>, String) {
-    let get = |names: &[&str]| {
-        names
-            .iter()
-            .find_map(|n| caps.name(n).map(|m| m.as_str()).filter(|s| !s.is_empty()))
-            .unwrap_or("")
-    };
-    let integer = get(&["integer1", "integer2", "integer3"]);
-    let decimal = get(&["decimal1", "decimal2", "decimal3"]);
-    let percent = caps.name("percent").is_some_and(|m| !m.as_str().is_empty());
+fn extract_expr(integer: &str, decimal: &str, percent: bool, expr: &str) -> (Option<Value>, String) {
     if !integer.is_empty() || !decimal.is_empty() {
         let mut int: String = integer.chars().filter(|c| *c != ',' && *c != ' ').collect();
         int = int.trim_start_matches('0').to_string();
@@ -319,7 +419,6 @@ fn extract_expr(caps: &Captures) -> (Option<Value>, String) {
         }
         return (Some(Value::Expr(n)), text);
     }
-    let expr = caps.name("expr").map(|m| m.as_str()).unwrap_or("");
     if expr.is_empty() {
         return (None, String::new());
     }
@@ -370,4 +469,83 @@ fn has_implicit_product(s: &str) -> bool {
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_patterns_compile() {
+        assert_eq!(pattern_count(), 8);
+    }
+
+    /// Texts to check the hand matchers on: the fixture's, and the shared
+    /// corpus responses when present.
+    fn texts() -> Vec<String> {
+        let mut out = Vec::new();
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let files = [
+            root.join("tests/data/math_verify_cases.jsonl"),
+            root.join("../../../shared/data/grader/real_outputs.jsonl"),
+        ];
+        for f in files {
+            let Ok(text) = std::fs::read_to_string(&f) else { continue };
+            for line in text.lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+                for k in ["gold", "pred", "response"] {
+                    if let Some(s) = v[k].as_str() {
+                        out.push(s.to_string());
+                    }
+                }
+            }
+        }
+        out.push("a $$x$$ $y$, $z$ and \\(w\\) or \\[v\\] [u] \\frac{1}{2} pct".to_string());
+        out
+    }
+
+    /// (start, end, [(content, percent)]) of each match, from the regex.
+    fn by_regex(re: &Regex, t: &str) -> Vec<(usize, usize, Vec<(String, bool)>)> {
+        re.captures_iter(t)
+            .map_while(Result::ok)
+            .filter_map(|c| {
+                let m = c.get(0)?;
+                let Found::Latex(pieces) = from_groups(&c, Target::Latex) else { return None };
+                Some((m.start(), m.end(), pieces.into_iter().map(|(s, p, _)| (s, p)).collect()))
+            })
+            .collect()
+    }
+
+    fn by_hand(ms: Vec<envs::EnvsMatch>, t: &str) -> Vec<(usize, usize, Vec<(String, bool)>)> {
+        ms.iter()
+            .map(|m| {
+                let pieces = m.envs.iter().map(|e| (t[e.content.0..e.content.1].to_string(), e.percent)).collect();
+                (m.start, m.end, pieces)
+            })
+            .collect()
+    }
+
+    /// The hand matchers give exactly the matches of math-verify's regexes.
+    #[test]
+    fn hand_matchers_equal_regexes() {
+        let plain = latex_envs_regex(false);
+        let cases: Vec<(Regex, Box<dyn Fn(&str) -> Vec<envs::EnvsMatch>>)> = vec![
+            (Regex::new(&format!("(?s){plain}")).expect("regex"), Box::new(|t| envs::find_all(t, false))),
+            (Regex::new(&format!("(?s){}", latex_envs_regex(true))).expect("regex"), Box::new(|t| envs::find_all(t, true))),
+            (Regex::new(&format!("(?s)(?i:answer):.{{0,50}}?{plain}")).expect("regex"), Box::new(|t| envs::find_answer(t, true))),
+            (Regex::new(&format!("(?s)(?i:answer).{{0,50}}?{plain}")).expect("regex"), Box::new(|t| envs::find_answer(t, false))),
+            (
+                Regex::new(&format!(r"(?s)(?i:final answer.{{0,100}}?)\s+is\:?\s*{plain}")).expect("regex"),
+                Box::new(envs::find_final_answer),
+            ),
+        ];
+        let mut checked = 0;
+        for t in texts() {
+            for (k, (re, hand)) in cases.iter().enumerate() {
+                assert_eq!(by_hand(hand(&t), &t), by_regex(re, &t), "pattern {k} on {t:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 1000);
+    }
 }

@@ -12,6 +12,7 @@
 //! where the verdicts can differ from the Python library.
 
 mod compare;
+mod envs;
 mod extract;
 mod latex;
 mod normalize;
