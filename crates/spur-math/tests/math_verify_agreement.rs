@@ -14,19 +14,36 @@ const MIN_CASES: f64 = 0.95;
 const MIN_REAL: f64 = 0.99;
 
 fn show(s: &str) -> String {
-    let s: String = s.chars().rev().take(160).collect::<Vec<_>>().into_iter().rev().collect();
+    let s: String = s
+        .chars()
+        .rev()
+        .take(160)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     s.replace('\n', "⏎")
 }
 
 #[test]
 fn test_suite_cases() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/math_verify_cases.jsonl");
+    // SPUR_MV_CASES: another file of the same shape (for development).
+    let path = match std::env::var_os("SPUR_MV_CASES") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/math_verify_cases.jsonl")
+        }
+    };
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut rows = 0;
     let mut bad = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}", i + 1));
-        let (gold, pred) = (v["gold"].as_str().unwrap_or_default(), v["pred"].as_str().unwrap_or_default());
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}", i + 1));
+        let (gold, pred) = (
+            v["gold"].as_str().unwrap_or_default(),
+            v["pred"].as_str().unwrap_or_default(),
+        );
         let want = v["verdict"].as_bool().unwrap_or_default();
         let got = math_verify::verify(&math_verify::parse(gold), &math_verify::parse(pred));
         rows += 1;
@@ -42,7 +59,11 @@ fn test_suite_cases() {
         }
     }
     let agree = (rows - bad.len()) as f64 / rows as f64;
-    eprintln!("math-verify test-suite cases: {}/{rows} agree ({:.1}%)", rows - bad.len(), 100.0 * agree);
+    eprintln!(
+        "math-verify test-suite cases: {}/{rows} agree ({:.1}%)",
+        rows - bad.len(),
+        100.0 * agree
+    );
     for b in &bad {
         eprintln!("{b}");
     }
@@ -54,7 +75,9 @@ fn shared_data() -> Option<PathBuf> {
         Some(d) => PathBuf::from(d),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"),
     };
-    dir.join("grader/real_outputs.jsonl").is_file().then_some(dir)
+    dir.join("grader/real_outputs.jsonl")
+        .is_file()
+        .then_some(dir)
 }
 
 fn real(file: &str, min: f64) {
@@ -68,11 +91,15 @@ fn real(file: &str, min: f64) {
     let mut agree = [0usize; 3];
     let mut bad = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{file}:{}: {e}", i + 1));
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{file}:{}: {e}", i + 1));
         let s = |k: &str| v[k].as_str().unwrap_or_default();
         let want = v["math_verify_verdict"].as_bool().unwrap_or_default();
         rows += 1;
-        for (k, g) in [Grader::Paper, Grader::Strict, Grader::MathVerify].into_iter().enumerate() {
+        for (k, g) in [Grader::Paper, Grader::Strict, Grader::MathVerify]
+            .into_iter()
+            .enumerate()
+        {
             let verdict = g.grade(s("response"), s("gold"), ExtractStyle::Default);
             if verdict.correct == want {
                 agree[k] += 1;
@@ -98,7 +125,10 @@ fn real(file: &str, min: f64) {
         eprintln!("{b}");
     }
     let got = agree[2] as f64 / rows as f64;
-    assert!(got >= min, "{file}: math_verify agreement {got:.4} below {min}");
+    assert!(
+        got >= min,
+        "{file}: math_verify agreement {got:.4} below {min}"
+    );
 }
 
 #[test]

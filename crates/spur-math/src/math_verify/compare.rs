@@ -51,7 +51,9 @@ fn is_assignment(v: &Value) -> bool {
 fn only_symbols(v: &Value) -> bool {
     match v {
         Value::Expr(e) => expr_only_symbols(e),
-        Value::Tuple(items) | Value::Set(items) => !items.is_empty() && items.iter().all(only_symbols),
+        Value::Tuple(items) | Value::Set(items) => {
+            !items.is_empty() && items.iter().all(only_symbols)
+        }
         _ => false,
     }
 }
@@ -59,7 +61,9 @@ fn only_symbols(v: &Value) -> bool {
 fn expr_only_symbols(e: &Expr) -> bool {
     match e {
         Expr::Sym(_) => true,
-        Expr::Add(v) | Expr::Mul(v) | Expr::Call(_, v) => !v.is_empty() && v.iter().all(expr_only_symbols),
+        Expr::Add(v) | Expr::Mul(v) | Expr::Call(_, v) => {
+            !v.is_empty() && v.iter().all(expr_only_symbols)
+        }
         Expr::Pow(a, b) => {
             if **b == Expr::int(-1) && expr_only_symbols(a) {
                 return true;
@@ -78,7 +82,10 @@ fn first_last(v: &Value) -> Option<(&Value, &Value)> {
 }
 
 fn is_sympy_set(v: &Value) -> bool {
-    matches!(v, Value::Set(_) | Value::Interval { .. } | Value::Union(_) | Value::Reals | Value::Empty)
+    matches!(
+        v,
+        Value::Set(_) | Value::Interval { .. } | Value::Union(_) | Value::Reals | Value::Empty
+    )
 }
 
 pub fn expr_eq(gold: &Value, pred: &Value, depth: usize) -> bool {
@@ -93,12 +100,20 @@ pub fn expr_eq(gold: &Value, pred: &Value, depth: usize) -> bool {
     let pred_eqn = is_equation(&pred);
     if gold_assign {
         if let Some((l, r)) = first_last(&gold) {
-            gold = Value::Rel(vec![Rel { op: RelOp::Eq, lhs: l.clone(), rhs: r.clone() }]);
+            gold = Value::Rel(vec![Rel {
+                op: RelOp::Eq,
+                lhs: l.clone(),
+                rhs: r.clone(),
+            }]);
         }
     }
     if pred_assign {
         if let Some((l, r)) = first_last(&pred) {
-            pred = Value::Rel(vec![Rel { op: RelOp::Eq, lhs: l.clone(), rhs: r.clone() }]);
+            pred = Value::Rel(vec![Rel {
+                op: RelOp::Eq,
+                lhs: l.clone(),
+                rhs: r.clone(),
+            }]);
         }
     }
     if pred_eqn && !gold_eqn {
@@ -124,7 +139,9 @@ pub fn expr_eq(gold: &Value, pred: &Value, depth: usize) -> bool {
     if gold.is_set_like() || pred.is_set_like() {
         return compare_sets(&gold, &pred, depth);
     }
-    let (Value::Expr(_) | Value::Matrix { .. }, Value::Expr(_) | Value::Matrix { .. }) = (&gold, &pred) else {
+    let (Value::Expr(_) | Value::Matrix { .. }, Value::Expr(_) | Value::Matrix { .. }) =
+        (&gold, &pred)
+    else {
         return false;
     };
     if matches!(gold, Value::Expr(Expr::Sym(_))) || matches!(pred, Value::Expr(Expr::Sym(_))) {
@@ -164,17 +181,24 @@ fn compare_relational(gold: &Value, pred: &Value, depth: usize) -> bool {
         if g.len() != p.len() || g.len() < 2 {
             return false;
         }
-        return g
-            .iter()
-            .zip(p)
-            .all(|(a, b)| compare_relational(&Value::Rel(vec![a.clone()]), &Value::Rel(vec![b.clone()]), depth + 1));
+        return g.iter().zip(p).all(|(a, b)| {
+            compare_relational(
+                &Value::Rel(vec![a.clone()]),
+                &Value::Rel(vec![b.clone()]),
+                depth + 1,
+            )
+        });
     }
     let (g, p) = (&g[0], &p[0]);
     let diff = |r: &Rel, flip: bool| -> Option<Expr> {
         let (Value::Expr(l), Value::Expr(r)) = (&r.lhs, &r.rhs) else {
             return None;
         };
-        Some(if flip { Expr::sub(r.clone(), l.clone()) } else { Expr::sub(l.clone(), r.clone()) })
+        Some(if flip {
+            Expr::sub(r.clone(), l.clone())
+        } else {
+            Expr::sub(l.clone(), r.clone())
+        })
     };
     if g.op == p.op {
         if let (Some(a), Some(b)) = (diff(g, false), diff(p, false)) {
@@ -302,17 +326,41 @@ fn is_variable(e: &Expr) -> bool {
 }
 
 fn compare_sets(gold: &Value, pred: &Value, depth: usize) -> bool {
-    let wrap = |v: &Value| if v.is_set_like() { v.clone() } else { Value::Set(vec![v.clone()]) };
+    let wrap = |v: &Value| {
+        if v.is_set_like() {
+            v.clone()
+        } else {
+            Value::Set(vec![v.clone()])
+        }
+    };
     let (a, b) = (wrap(gold), wrap(pred));
     if let (
-        Value::Interval { lo: l1, hi: h1, lo_open: lo1, hi_open: ho1 },
-        Value::Interval { lo: l2, hi: h2, lo_open: lo2, hi_open: ho2 },
+        Value::Interval {
+            lo: l1,
+            hi: h1,
+            lo_open: lo1,
+            hi_open: ho1,
+        },
+        Value::Interval {
+            lo: l2,
+            hi: h2,
+            lo_open: lo2,
+            hi_open: ho2,
+        },
     ) = (&a, &b)
     {
         return lo1 == lo2
             && ho1 == ho2
-            && expr_eq(&Value::Expr(l1.clone()), &Value::Expr(l2.clone()), depth + 1)
-            && expr_eq(&Value::Expr(h1.clone()), &Value::Expr(h2.clone()), depth + 1);
+            && expr_eq(
+                &Value::Expr(l1.clone()),
+                &Value::Expr(l2.clone()),
+                depth + 1,
+            )
+            && expr_eq(
+                &Value::Expr(h1.clone()),
+                &Value::Expr(h2.clone()),
+                depth + 1,
+            );
     }
     if structural_eq(&a, &b) {
         return true;
@@ -331,13 +379,25 @@ fn compare_sets(gold: &Value, pred: &Value, depth: usize) -> bool {
     if let (Some(_), Some(_)) = (items(&a), items(&b)) {
         return deep_compare(&a, &b, depth);
     }
-    if let Value::Interval { lo, hi, lo_open: true, hi_open: true } = &a {
+    if let Value::Interval {
+        lo,
+        hi,
+        lo_open: true,
+        hi_open: true,
+    } = &a
+    {
         if items(&b).is_some_and(|i| i.len() == 2) {
             let t = Value::Tuple(vec![Value::Expr(lo.clone()), Value::Expr(hi.clone())]);
             return deep_compare(&t, &b, depth);
         }
     }
-    if let Value::Interval { lo, hi, lo_open: true, hi_open: true } = &b {
+    if let Value::Interval {
+        lo,
+        hi,
+        lo_open: true,
+        hi_open: true,
+    } = &b
+    {
         if items(&a).is_some_and(|i| i.len() == 2) {
             let t = Value::Tuple(vec![Value::Expr(lo.clone()), Value::Expr(hi.clone())]);
             return deep_compare(&a, &t, depth);
@@ -354,18 +414,16 @@ fn deep_compare(gold: &Value, pred: &Value, depth: usize) -> bool {
         Value::Tuple(i) => (i.clone(), false),
         _ => return false,
     };
-    let (p, pred_set) = match pred {
-        Value::Set(i) => (i.clone(), true),
-        Value::Tuple(i) => (i.clone(), false),
+    let p = match pred {
+        Value::Set(i) | Value::Tuple(i) => i.clone(),
         _ => return false,
     };
     if g.len() != p.len() {
         return false;
     }
+    // A tuple gold keeps both orders (a set prediction as written).
     let (g, p) = if gold_set {
         (sorted(g), sorted(p))
-    } else if pred_set {
-        (g, p)
     } else {
         (g, p)
     };
@@ -419,7 +477,12 @@ fn real_set(v: &Value) -> Option<Vec<(f64, f64, bool, bool)>> {
     let mut pieces: Vec<(f64, f64, bool, bool)> = Vec::new();
     let add = |v: &Value, pieces: &mut Vec<(f64, f64, bool, bool)>| -> Option<()> {
         match v {
-            Value::Interval { lo, hi, lo_open, hi_open } => {
+            Value::Interval {
+                lo,
+                hi,
+                lo_open,
+                hi_open,
+            } => {
                 let (a, b) = (lo.real()?, hi.real()?);
                 if a < b || (a == b && !lo_open && !hi_open) {
                     pieces.push((a, b, !lo_open && a.is_finite(), !hi_open && b.is_finite()));
@@ -448,7 +511,11 @@ fn real_set(v: &Value) -> Option<Vec<(f64, f64, bool, bool)>> {
         }
         v => add(v, &mut pieces)?,
     }
-    pieces.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal).then(b.2.cmp(&a.2)));
+    pieces.sort_by(|a, b| {
+        a.0.partial_cmp(&b.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(b.2.cmp(&a.2))
+    });
     let mut merged: Vec<(f64, f64, bool, bool)> = Vec::new();
     for p in pieces {
         if let Some(last) = merged.last_mut() {
@@ -491,7 +558,13 @@ fn compare_symbols(gold: &Value, pred: &Value) -> bool {
         return s.to_lowercase() == c.to_lowercase();
     }
     if let (Expr::Sym(a), Expr::Sym(b)) = (g, p) {
-        let norm = |s: &str| if s.chars().count() > 1 { s.to_lowercase() } else { s.to_string() };
+        let norm = |s: &str| {
+            if s.chars().count() > 1 {
+                s.to_lowercase()
+            } else {
+                s.to_string()
+            }
+        };
         return norm(a) == norm(b);
     }
     g.key() == p.key()
@@ -504,7 +577,18 @@ fn round_exact(r: &BigRational) -> BigInt {
 
 fn numeric_eq(gold: &Value, pred: &Value) -> bool {
     match (gold, pred) {
-        (Value::Matrix { rows: r1, cols: c1, items: a }, Value::Matrix { rows: r2, cols: c2, items: b }) => {
+        (
+            Value::Matrix {
+                rows: r1,
+                cols: c1,
+                items: a,
+            },
+            Value::Matrix {
+                rows: r2,
+                cols: c2,
+                items: b,
+            },
+        ) => {
             r1 == r2
                 && c1 == c2
                 && a.iter().zip(b).all(|(x, y)| {

@@ -73,7 +73,11 @@ struct BoxedNeed {
 
 impl BoxedNeed {
     fn new(active: bool) -> BoxedNeed {
-        BoxedNeed { active, open: None, close_from: None }
+        BoxedNeed {
+            active,
+            open: None,
+            close_from: None,
+        }
     }
     /// Sees the content byte at `j`.
     fn see(&mut self, t: &str, j: usize) {
@@ -228,7 +232,11 @@ fn frac_number(t: &str, mut i: usize) -> Option<usize> {
 
 /// `-?\frac{N}{N}`: the end of the match.
 fn fraction(t: &str, i: usize) -> Option<usize> {
-    let s = if t.as_bytes().get(i) == Some(&b'-') { i + 1 } else { i };
+    let s = if t.as_bytes().get(i) == Some(&b'-') {
+        i + 1
+    } else {
+        i
+    };
     if !t[s..].starts_with("\\frac{") {
         return None;
     }
@@ -257,7 +265,14 @@ fn env_at(t: &str, i: usize, boxed: bool) -> Option<(Env, usize)> {
     let prev = prev_char(t, i);
     let done = |kind: Kind, from: usize, close: usize, closer_len: usize| {
         let (end, percent) = percent_after(t, close + closer_len);
-        Some((Env { kind, content: (from, close), percent }, end))
+        Some((
+            Env {
+                kind,
+                content: (from, close),
+                percent,
+            },
+            end,
+        ))
     };
     if rest.starts_with("$$") && prev != Some('\\') {
         if let Some(k) = display_dollar(t, i + 2, boxed) {
@@ -291,7 +306,14 @@ fn env_at(t: &str, i: usize, boxed: bool) -> Option<(Env, usize)> {
     if !boxed {
         if let Some(end) = fraction(t, i) {
             let (end2, percent) = percent_after(t, end);
-            return Some((Env { kind: Kind::Fraction, content: (i, end), percent }, end2));
+            return Some((
+                Env {
+                    kind: Kind::Fraction,
+                    content: (i, end),
+                    percent,
+                },
+                end2,
+            ));
         }
     }
     None
@@ -343,7 +365,11 @@ fn envs_at(t: &str, i: usize, boxed: bool) -> Option<EnvsMatch> {
             None => break,
         }
     }
-    Some(EnvsMatch { start: i, end, envs })
+    Some(EnvsMatch {
+        start: i,
+        end,
+        envs,
+    })
 }
 
 /// `finditer` of the environments pattern (priority 300, or 50 when boxed).
@@ -353,7 +379,8 @@ pub fn find_all(t: &str, boxed: bool) -> Vec<EnvsMatch> {
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
-        let candidate = matches!(c, b'$' | b'\\' | b'-') || (c as char).is_ascii_whitespace() || c >= 0x80;
+        let candidate =
+            matches!(c, b'$' | b'\\' | b'-') || (c as char).is_ascii_whitespace() || c >= 0x80;
         if candidate {
             if let Some(m) = envs_at(t, i, boxed) {
                 i = m.end.max(i + 1);
@@ -425,7 +452,9 @@ pub fn find_final_answer(t: &str) -> Vec<EnvsMatch> {
                 }
                 let q = skip_ws(t, s);
                 let m = envs_at(t, q, false).or_else(|| {
-                    (q > s).then(|| q - prev_char(t, q).map_or(1, char::len_utf8)).and_then(|b| envs_at(t, b, false))
+                    (q > s)
+                        .then(|| q - prev_char(t, q).map_or(1, char::len_utf8))
+                        .and_then(|b| envs_at(t, b, false))
                 });
                 if let Some(m) = m {
                     found = Some(m);
@@ -455,16 +484,27 @@ mod tests {
     fn contents(t: &str, boxed: bool) -> Vec<String> {
         find_all(t, boxed)
             .iter()
-            .flat_map(|m| m.envs.iter().map(|e| t[e.content.0..e.content.1].to_string()).collect::<Vec<_>>())
+            .flat_map(|m| {
+                m.envs
+                    .iter()
+                    .map(|e| t[e.content.0..e.content.1].to_string())
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
     #[test]
     fn environments() {
-        assert_eq!(contents("so $x$ and $$y$$ or \\[z\\] then \\(w\\) a [v] b", false), vec!["x", "y", "z", "w", "v"]);
+        assert_eq!(
+            contents("so $x$ and $$y$$ or \\[z\\] then \\(w\\) a [v] b", false),
+            vec!["x", "y", "z", "w", "v"]
+        );
         assert_eq!(contents("cost 5$ and $3$", false), vec!["3"]);
         assert_eq!(contents("$a$ $\\boxed{1}$", true), vec!["\\boxed{1}"]);
-        assert_eq!(contents("\\frac{1}{2} and -\\frac{3}{4}", false), vec!["\\frac{1}{2}", "-\\frac{3}{4}"]);
+        assert_eq!(
+            contents("\\frac{1}{2} and -\\frac{3}{4}", false),
+            vec!["\\frac{1}{2}", "-\\frac{3}{4}"]
+        );
         let m = find_all("$1$, $2$ and $3$ %", false);
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].envs.len(), 3);
@@ -475,6 +515,9 @@ mod tests {
     fn anchored() {
         let t = "The answer: is $5$.";
         assert_eq!(find_answer(t, true).len(), 1);
-        assert_eq!(find_final_answer("The final answer is $\\frac{1}{2}$. I hope").len(), 1);
+        assert_eq!(
+            find_final_answer("The final answer is $\\frac{1}{2}$. I hope").len(),
+            1
+        );
     }
 }

@@ -76,7 +76,9 @@ fn latex_env(prefix: &str, boxed: bool) -> String {
     ];
     if !boxed {
         let n = r"-?\d+(?:[.,]\d+)?";
-        alts.push(format!(r"(?P<{prefix}latexFraction>-?\\frac\{{{n}\}}\{{{n}\}})"));
+        alts.push(format!(
+            r"(?P<{prefix}latexFraction>-?\\frac\{{{n}\}}\{{{n}\}})"
+        ));
     }
     format!(r"(?:(?:{})\s*{percent}?)", alts.join("|"))
 }
@@ -85,12 +87,22 @@ fn latex_env(prefix: &str, boxed: bool) -> String {
 fn latex_envs_regex(boxed: bool) -> String {
     if boxed {
         let next: String = (1..=5)
-            .map(|i| format!(r"\s*(?:\s*(?:,?and|,?or|,)\s*{})?", latex_env(&format!("next{i}_"), true)))
+            .map(|i| {
+                format!(
+                    r"\s*(?:\s*(?:,?and|,?or|,)\s*{})?",
+                    latex_env(&format!("next{i}_"), true)
+                )
+            })
             .collect();
         format!("{}{next}", latex_env("first_", true))
     } else {
         let next: String = (1..=5)
-            .map(|i| format!(r"(?:\s*(?:,?and|,?or|,)\s*{})?", latex_env(&format!("next{i}_"), false)))
+            .map(|i| {
+                format!(
+                    r"(?:\s*(?:,?and|,?or|,)\s*{})?",
+                    latex_env(&format!("next{i}_"), false)
+                )
+            })
             .collect();
         format!("(?:{}{next})", latex_env("first_", false))
     }
@@ -119,18 +131,58 @@ fn regex_patterns() -> Vec<Pattern> {
     let either = format!("(?:{expr_anchored}|{number_anchored})");
     let answer = "(?i:answer)";
     let fancy = |re: String, priority, target, needs| {
-        Some(Pattern { re: Re::Fancy(Regex::new(&re).ok()?), priority, target, needs })
+        Some(Pattern {
+            re: Re::Fancy(Regex::new(&re).ok()?),
+            priority,
+            target,
+            needs,
+        })
     };
     let plain = |re: String, priority, target, needs| {
-        Some(Pattern { re: Re::Plain(regex::Regex::new(&re).ok()?), priority, target, needs })
+        Some(Pattern {
+            re: Re::Plain(regex::Regex::new(&re).ok()?),
+            priority,
+            target,
+            needs,
+        })
     };
     vec![
-        fancy(format!(r"(?s)(?i:final answer is)\:?\s*{envs}\.?\s?I hope"), 0, Target::Latex, Some("final answer is")),
-        fancy(format!(r"(?i:final answer is)\:?\s*{either}\.?\s?I hope"), 0, Target::Expr, Some("final answer is")),
-        plain(r"(?s)(?P<first_latexBoxed>\\boxed\{.+\})".to_string(), 50, Target::Latex, Some("\\boxed")),
-        plain(format!(r"(?i:final answer.{{0,100}}?)\s+is\:?{either}"), 50, Target::Expr, Some("final answer")),
-        fancy(format!(r"{answer}:(?:.{{0,100}}=\s*|.{{0,50}}?){either}(?!\s*=)"), 100, Target::Expr, Some("answer")),
-        fancy(format!(r"{answer}(?:.{{0,100}}=\s*|.{{0,50}}?){either}(?!\s*=)"), 200, Target::Expr, Some("answer")),
+        fancy(
+            format!(r"(?s)(?i:final answer is)\:?\s*{envs}\.?\s?I hope"),
+            0,
+            Target::Latex,
+            Some("final answer is"),
+        ),
+        fancy(
+            format!(r"(?i:final answer is)\:?\s*{either}\.?\s?I hope"),
+            0,
+            Target::Expr,
+            Some("final answer is"),
+        ),
+        plain(
+            r"(?s)(?P<first_latexBoxed>\\boxed\{.+\})".to_string(),
+            50,
+            Target::Latex,
+            Some("\\boxed"),
+        ),
+        plain(
+            format!(r"(?i:final answer.{{0,100}}?)\s+is\:?{either}"),
+            50,
+            Target::Expr,
+            Some("final answer"),
+        ),
+        fancy(
+            format!(r"{answer}:(?:.{{0,100}}=\s*|.{{0,50}}?){either}(?!\s*=)"),
+            100,
+            Target::Expr,
+            Some("answer"),
+        ),
+        fancy(
+            format!(r"{answer}(?:.{{0,100}}=\s*|.{{0,50}}?){either}(?!\s*=)"),
+            200,
+            Target::Expr,
+            Some("answer"),
+        ),
         plain(expr_anchored, 300, Target::Expr, None),
         plain(number_anchored, 300, Target::Expr, None),
     ]
@@ -218,7 +270,9 @@ fn from_groups(caps: &dyn Groups, target: Target) -> Found {
                         .map(|s| (*kind, s))
                 });
                 if let Some((kind, s)) = hit {
-                    let percent = caps.group(&format!("{prefix}_percent")).is_some_and(|p| !p.is_empty());
+                    let percent = caps
+                        .group(&format!("{prefix}_percent"))
+                        .is_some_and(|p| !p.is_empty());
                     pieces.push((s.to_string(), percent, kind == "latexBoxed"));
                 }
             }
@@ -247,7 +301,12 @@ fn candidates(text: &str, lower: &str, priority: u32) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = Vec::new();
     let push = |start: usize, end: usize, found: Found, out: &mut Vec<Candidate>| {
         let order = out.len();
-        out.push(Candidate { start, end, order, found });
+        out.push(Candidate {
+            start,
+            end,
+            order,
+            found,
+        });
     };
     let has_boxed = text.contains("\\boxed");
     // Hand-matched LaTeX patterns come first in math-verify's order at
@@ -318,11 +377,21 @@ pub fn parse(text: &str) -> Vec<Parsed> {
     for priority in [0, 50, 100, 200, 300] {
         let mut matches = candidates(text, &lower, priority);
         // Rightmost end first, then leftmost start, then pattern order.
-        matches.sort_by(|a, b| b.end.cmp(&a.end).then(a.start.cmp(&b.start)).then(a.order.cmp(&b.order)));
+        matches.sort_by(|a, b| {
+            b.end
+                .cmp(&a.end)
+                .then(a.start.cmp(&b.start))
+                .then(a.order.cmp(&b.order))
+        });
         for c in &matches {
             let (value, text) = match &c.found {
                 Found::Latex(pieces) => extract_latex(pieces),
-                Found::Expr { integer, decimal, percent, expr } => extract_expr(integer, decimal, *percent, expr),
+                Found::Expr {
+                    integer,
+                    decimal,
+                    percent,
+                    expr,
+                } => extract_expr(integer, decimal, *percent, expr),
             };
             if fallback.is_none() && !text.is_empty() {
                 fallback = Some(text);
@@ -372,7 +441,11 @@ fn extract_latex(pieces: &[(String, bool, bool)]) -> (Option<Value>, String) {
     let mut values: Vec<Option<Value>> = Vec::new();
     let mut texts: Vec<String> = Vec::new();
     for (latex, percent, last_box) in pieces {
-        let mode = if *last_box { BoxedMode::Last } else { BoxedMode::All };
+        let mode = if *last_box {
+            BoxedMode::Last
+        } else {
+            BoxedMode::All
+        };
         let norm = normalize(latex, mode);
         let v = parse_latex(&norm).and_then(|v| if *percent { to_pct(v) } else { Some(v) });
         texts.push(norm);
@@ -395,7 +468,12 @@ fn to_pct(v: Value) -> Option<Value> {
     }
 }
 
-fn extract_expr(integer: &str, decimal: &str, percent: bool, expr: &str) -> (Option<Value>, String) {
+fn extract_expr(
+    integer: &str,
+    decimal: &str,
+    percent: bool,
+    expr: &str,
+) -> (Option<Value>, String) {
     if !integer.is_empty() || !decimal.is_empty() {
         let mut int: String = integer.chars().filter(|c| *c != ',' && *c != ' ').collect();
         int = int.trim_start_matches('0').to_string();
@@ -432,7 +510,11 @@ fn extract_expr(integer: &str, decimal: &str, percent: bool, expr: &str) -> (Opt
     let chars: Vec<char> = clean.chars().collect();
     for (i, &c) in chars.iter().enumerate() {
         py.push(c);
-        if c == '.' && i > 0 && chars[i - 1].is_ascii_digit() && !chars.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
+        if c == '.'
+            && i > 0
+            && chars[i - 1].is_ascii_digit()
+            && !chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())
+        {
             py.push('0');
         }
     }
@@ -442,7 +524,7 @@ fn extract_expr(integer: &str, decimal: &str, percent: bool, expr: &str) -> (Opt
 
 /// `2(3)` or `2 3`: not a Python expression.
 fn has_implicit_product(s: &str) -> bool {
-    let chars: Vec<char> = s.chars().filter(|c| !c.is_whitespace() || true).collect();
+    let chars: Vec<char> = s.chars().collect();
     let mut prev_digit_end = false;
     let mut gap = false;
     for &c in &chars {
@@ -490,9 +572,13 @@ mod tests {
             root.join("../../../shared/data/grader/real_outputs.jsonl"),
         ];
         for f in files {
-            let Ok(text) = std::fs::read_to_string(&f) else { continue };
+            let Ok(text) = std::fs::read_to_string(&f) else {
+                continue;
+            };
             for line in text.lines() {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
                 for k in ["gold", "pred", "response"] {
                     if let Some(s) = v[k].as_str() {
                         out.push(s.to_string());
@@ -505,21 +591,34 @@ mod tests {
     }
 
     /// (start, end, [(content, percent)]) of each match, from the regex.
-    fn by_regex(re: &Regex, t: &str) -> Vec<(usize, usize, Vec<(String, bool)>)> {
+    type Spans = Vec<(usize, usize, Vec<(String, bool)>)>;
+    type Matcher = Box<dyn Fn(&str) -> Vec<envs::EnvsMatch>>;
+
+    fn by_regex(re: &Regex, t: &str) -> Spans {
         re.captures_iter(t)
             .map_while(Result::ok)
             .filter_map(|c| {
                 let m = c.get(0)?;
-                let Found::Latex(pieces) = from_groups(&c, Target::Latex) else { return None };
-                Some((m.start(), m.end(), pieces.into_iter().map(|(s, p, _)| (s, p)).collect()))
+                let Found::Latex(pieces) = from_groups(&c, Target::Latex) else {
+                    return None;
+                };
+                Some((
+                    m.start(),
+                    m.end(),
+                    pieces.into_iter().map(|(s, p, _)| (s, p)).collect(),
+                ))
             })
             .collect()
     }
 
-    fn by_hand(ms: Vec<envs::EnvsMatch>, t: &str) -> Vec<(usize, usize, Vec<(String, bool)>)> {
+    fn by_hand(ms: Vec<envs::EnvsMatch>, t: &str) -> Spans {
         ms.iter()
             .map(|m| {
-                let pieces = m.envs.iter().map(|e| (t[e.content.0..e.content.1].to_string(), e.percent)).collect();
+                let pieces = m
+                    .envs
+                    .iter()
+                    .map(|e| (t[e.content.0..e.content.1].to_string(), e.percent))
+                    .collect();
                 (m.start, m.end, pieces)
             })
             .collect()
@@ -529,20 +628,39 @@ mod tests {
     #[test]
     fn hand_matchers_equal_regexes() {
         let plain = latex_envs_regex(false);
-        let cases: Vec<(Regex, Box<dyn Fn(&str) -> Vec<envs::EnvsMatch>>)> = vec![
-            (Regex::new(&format!("(?s){plain}")).expect("regex"), Box::new(|t| envs::find_all(t, false))),
-            (Regex::new(&format!("(?s){}", latex_envs_regex(true))).expect("regex"), Box::new(|t| envs::find_all(t, true))),
-            (Regex::new(&format!("(?s)(?i:answer):.{{0,50}}?{plain}")).expect("regex"), Box::new(|t| envs::find_answer(t, true))),
-            (Regex::new(&format!("(?s)(?i:answer).{{0,50}}?{plain}")).expect("regex"), Box::new(|t| envs::find_answer(t, false))),
+        let cases: Vec<(Regex, Matcher)> = vec![
             (
-                Regex::new(&format!(r"(?s)(?i:final answer.{{0,100}}?)\s+is\:?\s*{plain}")).expect("regex"),
+                Regex::new(&format!("(?s){plain}")).expect("regex"),
+                Box::new(|t| envs::find_all(t, false)),
+            ),
+            (
+                Regex::new(&format!("(?s){}", latex_envs_regex(true))).expect("regex"),
+                Box::new(|t| envs::find_all(t, true)),
+            ),
+            (
+                Regex::new(&format!("(?s)(?i:answer):.{{0,50}}?{plain}")).expect("regex"),
+                Box::new(|t| envs::find_answer(t, true)),
+            ),
+            (
+                Regex::new(&format!("(?s)(?i:answer).{{0,50}}?{plain}")).expect("regex"),
+                Box::new(|t| envs::find_answer(t, false)),
+            ),
+            (
+                Regex::new(&format!(
+                    r"(?s)(?i:final answer.{{0,100}}?)\s+is\:?\s*{plain}"
+                ))
+                .expect("regex"),
                 Box::new(envs::find_final_answer),
             ),
         ];
         let mut checked = 0;
         for t in texts() {
             for (k, (re, hand)) in cases.iter().enumerate() {
-                assert_eq!(by_hand(hand(&t), &t), by_regex(re, &t), "pattern {k} on {t:?}");
+                assert_eq!(
+                    by_hand(hand(&t), &t),
+                    by_regex(re, &t),
+                    "pattern {k} on {t:?}"
+                );
                 checked += 1;
             }
         }

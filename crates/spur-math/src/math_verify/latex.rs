@@ -33,12 +33,17 @@ fn tokenize(s: &str) -> Vec<Tok> {
         let c = chars[i];
         if c.is_whitespace() {
             i += 1;
-        } else if c.is_ascii_digit() || (c == '.' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())) {
+        } else if c.is_ascii_digit()
+            || (c == '.' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit()))
+        {
             let start = i;
             while i < chars.len() && chars[i].is_ascii_digit() {
                 i += 1;
             }
-            if i < chars.len() && chars[i] == '.' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
+            if i < chars.len()
+                && chars[i] == '.'
+                && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())
+            {
                 i += 1;
                 while i < chars.len() && chars[i].is_ascii_digit() {
                     i += 1;
@@ -62,8 +67,19 @@ fn tokenize(s: &str) -> Vec<Tok> {
                 }
             } else {
                 let name: String = chars[start..i].iter().collect();
-                // `\quadx`: a spacing command run into a letter.
-                match ["qquad", "quad"].iter().find(|q| name.starts_with(**q) && name.len() > q.len()) {
+                // `\quadx`, `\cotx`: a spacing command or function name run
+                // into letters (TeX reads the letters as one command; latex2sympy
+                // splits them).
+                let split = if FUNCS.contains(&name.as_str()) {
+                    None
+                } else {
+                    ["qquad", "quad"]
+                        .iter()
+                        .chain(FUNCS.iter().filter(|f| f.len() >= 3))
+                        .filter(|q| name.starts_with(**q) && name.len() > q.len())
+                        .max_by_key(|q| q.len())
+                };
+                match split {
                     Some(q) => {
                         out.push(Tok::Cmd(q.to_string()));
                         for c in name[q.len()..].chars() {
@@ -100,7 +116,12 @@ pub fn parse(s: &str) -> Option<Value> {
         return Some(Value::Expr(n));
     }
     let toks: Vec<Tok> = tokenize(s).into_iter().filter(|t| !is_space(t)).collect();
-    let mut p = Parser { t: &toks, i: 0, depth: 0, abs: 0 };
+    let mut p = Parser {
+        t: &toks,
+        i: 0,
+        depth: 0,
+        abs: 0,
+    };
     let v = p.top()?;
     if p.i != toks.len() {
         return None;
@@ -121,15 +142,22 @@ fn mixed_number(s: &str) -> Option<Expr> {
     }
     let rest = rest.trim().strip_prefix('{')?.strip_suffix('}')?;
     let (a, b) = rest.split_once("}{")?;
-    if [a, b].iter().any(|x| x.is_empty() || !x.chars().all(|c| c.is_ascii_digit())) {
+    if [a, b]
+        .iter()
+        .any(|x| x.is_empty() || !x.chars().all(|c| c.is_ascii_digit()))
+    {
         return None;
     }
-    let (w, a, b): (BigInt, BigInt, BigInt) = (whole.parse().ok()?, a.parse().ok()?, b.parse().ok()?);
+    let (w, a, b): (BigInt, BigInt, BigInt) =
+        (whole.parse().ok()?, a.parse().ok()?, b.parse().ok()?);
     if b.is_zero() {
         return None;
     }
     let v = BigRational::from_integer(w) + BigRational::new(a, b);
-    Some(Expr::Num(Num { value: if neg { -v } else { v }, float: false }))
+    Some(Expr::Num(Num {
+        value: if neg { -v } else { v },
+        float: false,
+    }))
 }
 
 fn thousands(s: &str) -> Option<Expr> {
@@ -188,8 +216,8 @@ fn is_cmd(t: Option<&Tok>, names: &[&str]) -> bool {
 }
 
 const FUNCS: &[&str] = &[
-    "sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh",
-    "tanh", "ln", "log", "exp", "lg",
+    "sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
+    "ln", "log", "exp", "lg",
 ];
 
 impl<'a> Parser<'a> {
@@ -236,7 +264,13 @@ impl<'a> Parser<'a> {
         }
         let items = groups
             .into_iter()
-            .map(|g| if g.len() == 1 { g.into_iter().next() } else { Some(Value::Tuple(g)) })
+            .map(|g| {
+                if g.len() == 1 {
+                    g.into_iter().next()
+                } else {
+                    Some(Value::Tuple(g))
+                }
+            })
             .collect::<Option<Vec<_>>>()?;
         Some(make_set(items))
     }
@@ -373,8 +407,12 @@ impl<'a> Parser<'a> {
         let first = self.term()?;
         match lead {
             Some(k) => {
-                let e = first.as_expr()?;
-                alts = if k == 0 { vec![e.clone().neg(), e] } else { vec![e.clone(), e.neg()] };
+                let e = first.into_expr()?;
+                alts = if k == 0 {
+                    vec![e.clone().neg(), e]
+                } else {
+                    vec![e.clone(), e.neg()]
+                };
             }
             None => {
                 if let Value::Expr(e) = first {
@@ -401,7 +439,7 @@ impl<'a> Parser<'a> {
                 continue;
             }
             self.i += 1;
-            let rhs = self.term()?.as_expr()?;
+            let rhs = self.term()?.into_expr()?;
             if op >= 2 && alts.len() >= 4 {
                 return None;
             }
@@ -410,7 +448,10 @@ impl<'a> Parser<'a> {
                 .flat_map(|a| match op {
                     0 => vec![Expr::Add(vec![a, rhs.clone()])],
                     1 => vec![Expr::sub(a, rhs.clone())],
-                    _ => vec![Expr::Add(vec![a.clone(), rhs.clone()]), Expr::sub(a, rhs.clone())],
+                    _ => vec![
+                        Expr::Add(vec![a.clone(), rhs.clone()]),
+                        Expr::sub(a, rhs.clone()),
+                    ],
                 })
                 .collect();
         }
@@ -462,13 +503,13 @@ impl<'a> Parser<'a> {
                 continue;
             }
             if let Some(v) = single.take() {
-                factors.push(v.as_expr()?);
+                factors.push(v.into_expr()?);
             }
             let rhs = match op {
                 Op::Implicit => self.postfix()?,
                 _ => self.unary()?,
             }
-            .as_expr()?;
+            .into_expr()?;
             match op {
                 Op::Div => {
                     let lhs = Expr::Mul(std::mem::take(&mut factors));
@@ -484,8 +525,15 @@ impl<'a> Parser<'a> {
         // product, are a mixed number.
         if let ([Expr::Num(w), Expr::Num(f)], true) = (factors.as_slice(), mixed_candidate) {
             if w.is_integer() && !f.float {
-                let v = if w.value.is_negative() { &w.value - &f.value } else { &w.value + &f.value };
-                return Some(Value::Expr(Expr::Num(Num { value: v, float: false })));
+                let v = if w.value.is_negative() {
+                    &w.value - &f.value
+                } else {
+                    &w.value + &f.value
+                };
+                return Some(Value::Expr(Expr::Num(Num {
+                    value: v,
+                    float: false,
+                })));
             }
         }
         Some(Value::Expr(if factors.len() == 1 {
@@ -498,15 +546,45 @@ impl<'a> Parser<'a> {
     fn starts_primary(&self) -> bool {
         match self.peek() {
             Some(Tok::Num(_)) => true,
-            Some(Tok::Ch(c)) => c.is_alphabetic() || *c == '(' || *c == '[' || (*c == '|' && self.abs == 0) || *c == '{',
-            Some(Tok::Cmd(c)) => {
-                !matches!(
-                    c.as_str(),
-                    "cdot" | "times" | "div" | "pm" | "mp" | "cup" | "le" | "leq" | "ge" | "geq" | "lt" | "gt"
-                        | "ne" | "neq" | "in" | "approx" | "leqslant" | "geqslant" | "}" | "\\" | "%" | "right"
-                        | "end" | "rfloor" | "rceil" | "ast" | "cap" | "circ" | "degree"
-                )
+            Some(Tok::Ch(c)) => {
+                c.is_alphabetic()
+                    || *c == '('
+                    || *c == '['
+                    || (*c == '|' && self.abs == 0)
+                    || *c == '{'
             }
+            Some(Tok::Cmd(c)) => !matches!(
+                c.as_str(),
+                "cdot"
+                    | "times"
+                    | "div"
+                    | "pm"
+                    | "mp"
+                    | "cup"
+                    | "le"
+                    | "leq"
+                    | "ge"
+                    | "geq"
+                    | "lt"
+                    | "gt"
+                    | "ne"
+                    | "neq"
+                    | "in"
+                    | "approx"
+                    | "leqslant"
+                    | "geqslant"
+                    | "}"
+                    | "\\"
+                    | "%"
+                    | "right"
+                    | "end"
+                    | "rfloor"
+                    | "rceil"
+                    | "ast"
+                    | "cap"
+                    | "circ"
+                    | "degree"
+            ),
             _ => false,
         }
     }
@@ -537,17 +615,20 @@ impl<'a> Parser<'a> {
                 if self.eat_cmd(&["circ"]) {
                     continue;
                 }
-                if self.peek_ch('{') && is_cmd(self.t.get(self.i + 1), &["circ"]) && self.t.get(self.i + 2) == Some(&Tok::Ch('}')) {
+                if self.peek_ch('{')
+                    && is_cmd(self.t.get(self.i + 1), &["circ"])
+                    && self.t.get(self.i + 2) == Some(&Tok::Ch('}'))
+                {
                     self.i += 3;
                     continue;
                 }
                 let exp = self.script()?;
-                v = Value::Expr(Expr::pow(v.as_expr()?, exp));
+                v = Value::Expr(Expr::pow(v.into_expr()?, exp));
             } else if self.peek_ch('!') && self.t.get(self.i + 1) != Some(&Tok::Ch('=')) {
                 self.i += 1;
-                v = Value::Expr(Expr::Call(Func::Factorial, vec![v.as_expr()?]));
+                v = Value::Expr(Expr::Call(Func::Factorial, vec![v.into_expr()?]));
             } else if self.eat_cmd(&["%"]) || self.eat_ch('%') {
-                v = Value::Expr(Expr::Pct(Box::new(v.as_expr()?)));
+                v = Value::Expr(Expr::Pct(Box::new(v.into_expr()?)));
             } else if self.eat_cmd(&["circ", "degree"]) {
                 continue;
             } else if self.peek_ch('_') {
@@ -570,7 +651,7 @@ impl<'a> Parser<'a> {
             if !self.eat_ch('}') {
                 return None;
             }
-            return v.as_expr();
+            return v.into_expr();
         }
         if self.eat_ch('-') {
             return Some(self.script()?.neg());
@@ -584,7 +665,7 @@ impl<'a> Parser<'a> {
                 self.i += 1;
                 Some(letter(*c))
             }
-            Tok::Cmd(_) => self.primary()?.as_expr(),
+            Tok::Cmd(_) => self.primary()?.into_expr(),
             _ => None,
         }
     }
@@ -631,7 +712,7 @@ impl<'a> Parser<'a> {
 
     fn group_expr(&mut self) -> Option<Expr> {
         if self.peek_ch('{') {
-            return self.group()?.as_expr();
+            return self.group()?.into_expr();
         }
         // `\frac12`-style single tokens.
         match self.peek()? {
@@ -643,7 +724,7 @@ impl<'a> Parser<'a> {
                 self.i += 1;
                 Some(letter(*c))
             }
-            _ => self.primary()?.as_expr(),
+            _ => self.primary()?.into_expr(),
         }
     }
 
@@ -661,7 +742,7 @@ impl<'a> Parser<'a> {
             }
             Tok::Ch('|') => {
                 self.abs += 1;
-                let v = self.sum()?.as_expr()?;
+                let v = self.sum()?.into_expr()?;
                 self.abs -= 1;
                 if !self.eat_ch('|') {
                     return None;
@@ -693,9 +774,9 @@ impl<'a> Parser<'a> {
         }
         if name.len() == 1 && matches!(name.as_str(), "f" | "g" | "h") && self.peek_ch('(') {
             self.i += 1;
-            let mut args = vec![self.relation()?.as_expr()?];
+            let mut args = vec![self.relation()?.into_expr()?];
             while self.eat_ch(',') {
-                args.push(self.relation()?.as_expr()?);
+                args.push(self.relation()?.into_expr()?);
             }
             if !self.eat_ch(')') {
                 return None;
@@ -724,15 +805,23 @@ impl<'a> Parser<'a> {
         self.depth -= 1;
         let matching = (open == '(' && close == ')') || (open == '[' && close == ']');
         if items.len() == 1 {
-            return if matching { items.into_iter().next() } else { None };
+            return if matching {
+                items.into_iter().next()
+            } else {
+                None
+            };
         }
         if items.len() == 2 {
-            let lo = items[0].clone().as_expr();
-            let hi = items[1].clone().as_expr();
+            let lo = items[0].clone().into_expr();
+            let hi = items[1].clone().into_expr();
             if let (Some(lo), Some(hi)) = (lo, hi) {
                 let ordered = match (lo.real(), hi.real()) {
                     (Some(a), Some(b)) => a < b,
-                    _ => !(lo.is_free_of_symbols() && hi.is_free_of_symbols()) || lo == Expr::Inf.clone().neg() || hi == Expr::Inf,
+                    _ => {
+                        !(lo.is_free_of_symbols() && hi.is_free_of_symbols())
+                            || lo == Expr::Inf.clone().neg()
+                            || hi == Expr::Inf
+                    }
                 };
                 let infinite = |e: &Expr| *e == Expr::Inf || *e == Expr::Inf.neg();
                 if ordered || infinite(&lo) || infinite(&hi) {
@@ -772,13 +861,16 @@ impl<'a> Parser<'a> {
                 let k = self.group_expr()?;
                 let call = Expr::Call(Func::Binom, vec![n, k]);
                 match call.exact() {
-                    Some(v) => e(Expr::Num(Num { value: v, float: false })),
+                    Some(v) => e(Expr::Num(Num {
+                        value: v,
+                        float: false,
+                    })),
                     None => e(call),
                 }
             }
             "sqrt" => {
                 let index = if self.eat_ch('[') {
-                    let v = self.sum()?.as_expr()?;
+                    let v = self.sum()?.into_expr()?;
                     if !self.eat_ch(']') {
                         return None;
                     }
@@ -840,17 +932,24 @@ impl<'a> Parser<'a> {
                 e(Expr::Sym(format!("{c}{}", raw.to_lowercase())))
             }
             "lfloor" | "lceil" => {
-                let v = self.sum()?.as_expr()?;
+                let v = self.sum()?.into_expr()?;
                 if !self.eat_cmd(&[if c == "lfloor" { "rfloor" } else { "rceil" }]) {
                     return None;
                 }
-                e(Expr::Call(if c == "lfloor" { Func::Floor } else { Func::Ceil }, vec![v]))
+                e(Expr::Call(
+                    if c == "lfloor" {
+                        Func::Floor
+                    } else {
+                        Func::Ceil
+                    },
+                    vec![v],
+                ))
             }
             "begin" => self.matrix(),
             "alpha" | "beta" | "gamma" | "delta" | "theta" | "lambda" | "mu" | "phi" | "omega"
-            | "sigma" | "tau" | "epsilon" | "rho" | "psi" | "eta" | "xi" | "zeta" | "nu" | "kappa"
-            | "chi" | "varphi" | "vartheta" | "varepsilon" | "Delta" | "Omega" | "Gamma" | "Theta"
-            | "Lambda" | "Phi" | "Psi" | "Sigma" => e(Expr::Sym(c.to_string())),
+            | "sigma" | "tau" | "epsilon" | "rho" | "psi" | "eta" | "xi" | "zeta" | "nu"
+            | "kappa" | "chi" | "varphi" | "vartheta" | "varepsilon" | "Delta" | "Omega"
+            | "Gamma" | "Theta" | "Lambda" | "Phi" | "Psi" | "Sigma" => e(Expr::Sym(c.to_string())),
             f if FUNCS.contains(&f) => self.function(f),
             _ => None,
         }
@@ -868,14 +967,14 @@ impl<'a> Parser<'a> {
         let arg = if self.peek_ch('(') {
             self.postfix_arg()?
         } else if self.peek_ch('{') {
-            self.group()?.as_expr()?
+            self.group()?.into_expr()?
         } else {
             // `\sin 2x`: the implicit product that follows.
-            let mut factors = vec![self.postfix()?.as_expr()?];
+            let mut factors = vec![self.postfix()?.into_expr()?];
             while matches!(self.peek(), Some(Tok::Num(_)) | Some(Tok::Ch('a'..='z' | 'A'..='Z')))
                 || matches!(self.peek(), Some(Tok::Cmd(c)) if c == "pi")
             {
-                factors.push(self.postfix()?.as_expr()?);
+                factors.push(self.postfix()?.into_expr()?);
             }
             if factors.len() == 1 {
                 factors.pop()?
@@ -921,7 +1020,7 @@ impl<'a> Parser<'a> {
 
     fn postfix_arg(&mut self) -> Option<Expr> {
         self.eat_ch('(');
-        let v = self.sum()?.as_expr()?;
+        let v = self.sum()?.into_expr()?;
         if !self.eat_ch(')') {
             return None;
         }
@@ -931,8 +1030,14 @@ impl<'a> Parser<'a> {
     /// `\begin{pmatrix} a & b \\ c & d \end{pmatrix}` (after `\begin`).
     fn matrix(&mut self) -> Option<Value> {
         let env = self.script_raw()?;
-        let env = env.trim_start_matches('{').trim_end_matches('}').to_string();
-        if !matches!(env.as_str(), "pmatrix" | "bmatrix" | "matrix" | "Bmatrix" | "smallmatrix" | "array") {
+        let env = env
+            .trim_start_matches('{')
+            .trim_end_matches('}')
+            .to_string();
+        if !matches!(
+            env.as_str(),
+            "pmatrix" | "bmatrix" | "matrix" | "Bmatrix" | "smallmatrix" | "array"
+        ) {
             return None;
         }
         if env == "array" && self.peek_ch('{') {
@@ -945,7 +1050,7 @@ impl<'a> Parser<'a> {
                 self.script_raw()?;
                 break;
             }
-            let cell = self.sum()?.as_expr()?;
+            let cell = self.sum()?.into_expr()?;
             rows.last_mut()?.push(cell);
             if self.eat_ch('&') {
                 continue;
@@ -975,7 +1080,19 @@ impl<'a> Parser<'a> {
 
 /// `A + B` / `A - B` for matrices of the same shape.
 fn matrix_add(a: Value, b: Value, minus: bool) -> Option<Value> {
-    let (Value::Matrix { rows, cols, items: x }, Value::Matrix { rows: r2, cols: c2, items: y }) = (a, b) else {
+    let (
+        Value::Matrix {
+            rows,
+            cols,
+            items: x,
+        },
+        Value::Matrix {
+            rows: r2,
+            cols: c2,
+            items: y,
+        },
+    ) = (a, b)
+    else {
         return None;
     };
     if rows != r2 || cols != c2 {
@@ -984,34 +1101,58 @@ fn matrix_add(a: Value, b: Value, minus: bool) -> Option<Value> {
     let items = x
         .into_iter()
         .zip(y)
-        .map(|(p, q)| if minus { Expr::sub(p, q) } else { Expr::Add(vec![p, q]) })
+        .map(|(p, q)| {
+            if minus {
+                Expr::sub(p, q)
+            } else {
+                Expr::Add(vec![p, q])
+            }
+        })
         .collect();
     Some(Value::Matrix { rows, cols, items })
 }
 
 /// `A B` for matrices, or `A k` for a matrix and a number.
 fn matrix_mul(a: Value, b: Value) -> Option<Value> {
-    let Value::Matrix { rows, cols, items: x } = a else {
+    let Value::Matrix {
+        rows,
+        cols,
+        items: x,
+    } = a
+    else {
         return None;
     };
     match b {
         Value::Expr(k) => Some(Value::Matrix {
             rows,
             cols,
-            items: x.into_iter().map(|p| Expr::Mul(vec![p, k.clone()])).collect(),
+            items: x
+                .into_iter()
+                .map(|p| Expr::Mul(vec![p, k.clone()]))
+                .collect(),
         }),
-        Value::Matrix { rows: r2, cols: c2, items: y } => {
+        Value::Matrix {
+            rows: r2,
+            cols: c2,
+            items: y,
+        } => {
             if cols != r2 || rows * c2 > 100 {
                 return None;
             }
             let mut items = Vec::with_capacity(rows * c2);
             for i in 0..rows {
                 for j in 0..c2 {
-                    let terms = (0..cols).map(|k| Expr::Mul(vec![x[i * cols + k].clone(), y[k * c2 + j].clone()])).collect();
+                    let terms = (0..cols)
+                        .map(|k| Expr::Mul(vec![x[i * cols + k].clone(), y[k * c2 + j].clone()]))
+                        .collect();
                     items.push(Expr::Add(terms));
                 }
             }
-            Some(Value::Matrix { rows, cols: c2, items })
+            Some(Value::Matrix {
+                rows,
+                cols: c2,
+                items,
+            })
         }
         _ => None,
     }
@@ -1019,9 +1160,12 @@ fn matrix_mul(a: Value, b: Value) -> Option<Value> {
 
 fn interval_as_tuple(v: Value) -> Value {
     match v {
-        Value::Interval { lo, hi, lo_open: true, hi_open: true } => {
-            Value::Tuple(vec![Value::Expr(lo), Value::Expr(hi)])
-        }
+        Value::Interval {
+            lo,
+            hi,
+            lo_open: true,
+            hi_open: true,
+        } => Value::Tuple(vec![Value::Expr(lo), Value::Expr(hi)]),
         v => v,
     }
 }
@@ -1065,7 +1209,7 @@ pub fn make_set(items: Vec<Value>) -> Value {
 }
 
 impl Value {
-    pub fn as_expr(self) -> Option<Expr> {
+    pub fn into_expr(self) -> Option<Expr> {
         match self {
             Value::Expr(e) => Some(e),
             _ => None,

@@ -20,20 +20,146 @@ pub enum BoxedMode {
 
 /// Unit words removed from the end of an answer (`5 cm`, `12 feet`).
 const UNITS: &[&str] = &[
-    "integerpoint", "feet", "sue", "digit", "pound", "meal", "edge", "student",
-    "children ticket", "multiple", "east", "degree", "mph", "kmph", "ft", "m square",
-    " m east", "sq m", "deg", "mile", "q .", "monkey", "prime", "ratio", "profit of rs",
-    "rd", "o", "gm", "p . m", "lb", "tile", "per", "dm", "lt", "gain", "ab", "way", "west",
-    "a .", "b .", "c .", "d .", "e .", "f .", "g .", "h .", "t", "h", "no change", "men",
-    "soldier", "pie", "bc", "excess", "st", "inches", "noon", "cent", "by", "gal", "kmh",
-    "c", "acre", "rise", "a . m", "th", "π r 2", "sq", "mark", "l", "toy", "coin",
-    "sq . m", "gallon", "° f", "profit", "minw", "yr", "women", "am", "pm", "hr", "cu cm",
-    "square", "v â € ™", "are", "rupee", "rounds", "cubic", "cc", "mtr", "s", "ohm",
-    "number", "kmph", "day", "hour", "minute", "min", "second", "man", "woman", "sec",
-    "cube", "mt", "sq inch", "mp", "∏ cm ³", "hectare", "more", "sec", "unit", "cu . m",
-    "cm 2", "rs .", "rs", "kg", "g", "month", "km", "m", "cm", "mm", "apple", "liter",
-    "loss", "yard", "pure", "year", "increase", "decrease", "d", "less", "Surface",
-    "litre", "pi sq m", "s .", "metre", "meter", "inch",
+    "integerpoint",
+    "feet",
+    "sue",
+    "digit",
+    "pound",
+    "meal",
+    "edge",
+    "student",
+    "children ticket",
+    "multiple",
+    "east",
+    "degree",
+    "mph",
+    "kmph",
+    "ft",
+    "m square",
+    " m east",
+    "sq m",
+    "deg",
+    "mile",
+    "q .",
+    "monkey",
+    "prime",
+    "ratio",
+    "profit of rs",
+    "rd",
+    "o",
+    "gm",
+    "p . m",
+    "lb",
+    "tile",
+    "per",
+    "dm",
+    "lt",
+    "gain",
+    "ab",
+    "way",
+    "west",
+    "a .",
+    "b .",
+    "c .",
+    "d .",
+    "e .",
+    "f .",
+    "g .",
+    "h .",
+    "t",
+    "h",
+    "no change",
+    "men",
+    "soldier",
+    "pie",
+    "bc",
+    "excess",
+    "st",
+    "inches",
+    "noon",
+    "cent",
+    "by",
+    "gal",
+    "kmh",
+    "c",
+    "acre",
+    "rise",
+    "a . m",
+    "th",
+    "π r 2",
+    "sq",
+    "mark",
+    "l",
+    "toy",
+    "coin",
+    "sq . m",
+    "gallon",
+    "° f",
+    "profit",
+    "minw",
+    "yr",
+    "women",
+    "am",
+    "pm",
+    "hr",
+    "cu cm",
+    "square",
+    "v â € ™",
+    "are",
+    "rupee",
+    "rounds",
+    "cubic",
+    "cc",
+    "mtr",
+    "s",
+    "ohm",
+    "number",
+    "kmph",
+    "day",
+    "hour",
+    "minute",
+    "min",
+    "second",
+    "man",
+    "woman",
+    "sec",
+    "cube",
+    "mt",
+    "sq inch",
+    "mp",
+    "∏ cm ³",
+    "hectare",
+    "more",
+    "sec",
+    "unit",
+    "cu . m",
+    "cm 2",
+    "rs .",
+    "rs",
+    "kg",
+    "g",
+    "month",
+    "km",
+    "m",
+    "cm",
+    "mm",
+    "apple",
+    "liter",
+    "loss",
+    "yard",
+    "pure",
+    "year",
+    "increase",
+    "decrease",
+    "d",
+    "less",
+    "Surface",
+    "litre",
+    "pi sq m",
+    "s .",
+    "metre",
+    "meter",
+    "inch",
 ];
 
 struct Patterns {
@@ -124,7 +250,11 @@ const REPLACEMENTS: &[(&str, &str)] = &[
 
 /// `re.sub` with a fancy regex; the text is kept as it is if the regex
 /// engine gives up (backtracking limit).
-fn fancy_replace(re: &FancyRegex, text: &str, rep: impl Fn(&fancy_regex::Captures) -> String) -> String {
+fn fancy_replace(
+    re: &FancyRegex,
+    text: &str,
+    rep: impl Fn(&fancy_regex::Captures) -> String,
+) -> String {
     let mut out = String::with_capacity(text.len());
     let mut last = 0;
     for caps in re.captures_iter(text) {
@@ -353,10 +483,19 @@ mod tests {
 
     #[test]
     fn boxed_contents() {
-        assert_eq!(extract_boxed(r"so \boxed{\frac{1}{2}}.", BoxedMode::Last), r"\frac{1}{2}");
-        assert_eq!(extract_boxed(r"\boxed{1} and \boxed{2}", BoxedMode::Last), "1,2");
         assert_eq!(
-            extract_boxed(r"\boxed{1} then a long stretch of words without any separator here \boxed{2}", BoxedMode::Last),
+            extract_boxed(r"so \boxed{\frac{1}{2}}.", BoxedMode::Last),
+            r"\frac{1}{2}"
+        );
+        assert_eq!(
+            extract_boxed(r"\boxed{1} and \boxed{2}", BoxedMode::Last),
+            "1,2"
+        );
+        assert_eq!(
+            extract_boxed(
+                r"\boxed{1} then a long stretch of words without any separator here \boxed{2}",
+                BoxedMode::Last
+            ),
             "2"
         );
         assert_eq!(extract_boxed("no box", BoxedMode::All), "no box");
@@ -367,7 +506,10 @@ mod tests {
         assert_eq!(normalize(r"\dfrac12", BoxedMode::All), r"\frac{1}{2}");
         assert_eq!(normalize(r"15\mbox{ cm}^2", BoxedMode::All), "15");
         assert_eq!(normalize(r"5 \text{ dollars}", BoxedMode::All), "5");
-        assert_eq!(normalize(r"\left( 1, 2 \right)", BoxedMode::All), "( 1, 2 )");
+        assert_eq!(
+            normalize(r"\left( 1, 2 \right)", BoxedMode::All),
+            "( 1, 2 )"
+        );
         assert_eq!(normalize("10 percent", BoxedMode::All), r"10\%");
         assert_eq!(normalize("3/4", BoxedMode::All), r"\frac{3}{4}");
         assert_eq!(normalize(r"\sqrt2", BoxedMode::All), r"\sqrt{2}");

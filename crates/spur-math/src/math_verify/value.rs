@@ -120,16 +120,16 @@ impl Expr {
 
     pub fn symbols(&self, out: &mut Vec<String>) {
         match self {
-            Expr::Sym(s) => {
-                if !out.contains(s) {
-                    out.push(s.clone());
-                }
-            }
+            Expr::Sym(s) if !out.contains(s) => out.push(s.clone()),
+            Expr::Sym(_) => {}
             Expr::Add(v) | Expr::Mul(v) => v.iter().for_each(|e| e.symbols(out)),
             Expr::Call(f, v) => {
                 if let Func::Undefined(name) = f {
                     // f(x) as one unknown per distinct call.
-                    let key = format!("{name}({})", v.iter().map(Expr::key).collect::<Vec<_>>().join(","));
+                    let key = format!(
+                        "{name}({})",
+                        v.iter().map(Expr::key).collect::<Vec<_>>().join(",")
+                    );
                     if !out.contains(&key) {
                         out.push(key);
                     }
@@ -166,8 +166,14 @@ impl Expr {
             Expr::E => "E".into(),
             Expr::Pi => "pi".into(),
             Expr::Inf => "oo".into(),
-            Expr::Add(v) => format!("({})", v.iter().map(Expr::key).collect::<Vec<_>>().join("+")),
-            Expr::Mul(v) => format!("({})", v.iter().map(Expr::key).collect::<Vec<_>>().join("*")),
+            Expr::Add(v) => format!(
+                "({})",
+                v.iter().map(Expr::key).collect::<Vec<_>>().join("+")
+            ),
+            Expr::Mul(v) => format!(
+                "({})",
+                v.iter().map(Expr::key).collect::<Vec<_>>().join("*")
+            ),
             Expr::Pow(a, b) => format!("({})^({})", a.key(), b.key()),
             Expr::Call(f, v) => format!(
                 "{f:?}[{}]",
@@ -239,8 +245,12 @@ impl Expr {
                 Some(BigRational::from_integer(r))
             }
             Expr::Call(Func::Abs, v) => Some(v.first()?.exact()?.abs()),
-            Expr::Call(Func::Floor, v) => Some(BigRational::from_integer(v.first()?.exact()?.floor().to_integer())),
-            Expr::Call(Func::Ceil, v) => Some(BigRational::from_integer(v.first()?.exact()?.ceil().to_integer())),
+            Expr::Call(Func::Floor, v) => Some(BigRational::from_integer(
+                v.first()?.exact()?.floor().to_integer(),
+            )),
+            Expr::Call(Func::Ceil, v) => Some(BigRational::from_integer(
+                v.first()?.exact()?.ceil().to_integer(),
+            )),
             _ => None,
         }
     }
@@ -270,19 +280,21 @@ impl Expr {
             }
             Expr::Pow(a, b) => {
                 let base = a.eval(env);
-                if let Some(k) = b.exact().filter(|k| k.is_integer()).and_then(|k| k.to_integer().to_i32()) {
+                if let Some(k) = b
+                    .exact()
+                    .filter(|k| k.is_integer())
+                    .and_then(|k| k.to_integer().to_i32())
+                {
                     if base.im == 0.0 {
                         return Complex64::new(base.re.powi(k), 0.0);
                     }
                     return base.powi(k);
                 }
                 let exp = b.eval(env);
-                if base.im == 0.0 && exp.im == 0.0 {
-                    if base.re >= 0.0 {
-                        return Complex64::new(base.re.powf(exp.re), 0.0);
-                    }
-                    // Odd roots of negative reals: sympy takes the principal
-                    // (complex) root; keep it.
+                // Roots of negative reals: sympy takes the principal (complex)
+                // root, as `powc` below does.
+                if base.im == 0.0 && exp.im == 0.0 && base.re >= 0.0 {
+                    return Complex64::new(base.re.powf(exp.re), 0.0);
                 }
                 if base == Complex64::new(0.0, 0.0) {
                     return Complex64::new(0.0, 0.0);
@@ -310,7 +322,10 @@ impl Expr {
                     Func::Tanh => x.tanh(),
                     Func::Exp => x.exp(),
                     Func::Log => {
-                        let base = v.get(1).map(|e| e.eval(env)).unwrap_or(Complex64::new(std::f64::consts::E, 0.0));
+                        let base = v
+                            .get(1)
+                            .map(|e| e.eval(env))
+                            .unwrap_or(Complex64::new(std::f64::consts::E, 0.0));
                         if real && x.re > 0.0 && base.im == 0.0 && base.re > 0.0 {
                             Complex64::new(x.re.ln() / base.re.ln(), 0.0)
                         } else {
@@ -326,7 +341,10 @@ impl Expr {
                         None => nan,
                     },
                     Func::Undefined(name) => {
-                        let key = format!("{name}({})", v.iter().map(Expr::key).collect::<Vec<_>>().join(","));
+                        let key = format!(
+                            "{name}({})",
+                            v.iter().map(Expr::key).collect::<Vec<_>>().join(",")
+                        );
                         env(&key)
                     }
                     _ => nan,
@@ -357,7 +375,13 @@ fn exact_pow(base: &BigRational, exp: &BigRational) -> Option<BigRational> {
     if exp.is_integer() {
         let e = exp.to_integer().to_i64()?;
         if base.is_zero() {
-            return if e > 0 { Some(BigRational::zero()) } else if e == 0 { Some(BigRational::one()) } else { None };
+            return if e > 0 {
+                Some(BigRational::zero())
+            } else if e == 0 {
+                Some(BigRational::one())
+            } else {
+                None
+            };
         }
         if base.abs().is_one() {
             return Some(if e % 2 == 0 { base.abs() } else { base.clone() });
@@ -482,9 +506,20 @@ impl Value {
     pub fn key(&self) -> String {
         match self {
             Value::Expr(e) => e.key(),
-            Value::Set(v) => format!("{{{}}}", v.iter().map(Value::key).collect::<Vec<_>>().join(",")),
-            Value::Tuple(v) => format!("({})", v.iter().map(Value::key).collect::<Vec<_>>().join(",")),
-            Value::Interval { lo, hi, lo_open, hi_open } => format!(
+            Value::Set(v) => format!(
+                "{{{}}}",
+                v.iter().map(Value::key).collect::<Vec<_>>().join(",")
+            ),
+            Value::Tuple(v) => format!(
+                "({})",
+                v.iter().map(Value::key).collect::<Vec<_>>().join(",")
+            ),
+            Value::Interval {
+                lo,
+                hi,
+                lo_open,
+                hi_open,
+            } => format!(
                 "{}{},{}{}",
                 if *lo_open { '(' } else { '[' },
                 lo.key(),
@@ -509,7 +544,12 @@ impl Value {
     pub fn is_set_like(&self) -> bool {
         matches!(
             self,
-            Value::Set(_) | Value::Tuple(_) | Value::Interval { .. } | Value::Union(_) | Value::Reals | Value::Empty
+            Value::Set(_)
+                | Value::Tuple(_)
+                | Value::Interval { .. }
+                | Value::Union(_)
+                | Value::Reals
+                | Value::Empty
         )
     }
 }
