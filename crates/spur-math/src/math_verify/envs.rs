@@ -44,7 +44,10 @@ fn prev_char(t: &str, i: usize) -> Option<char> {
 }
 
 fn next_pos(t: &str, i: usize) -> usize {
-    i + char_at(t, i).map_or(1, char::len_utf8)
+    match t.as_bytes().get(i) {
+        Some(&c) if c < 0x80 => i + 1,
+        _ => i + char_at(t, i).map_or(1, char::len_utf8),
+    }
 }
 
 /// After any whitespace from `i`.
@@ -82,6 +85,10 @@ impl BoxedNeed {
     /// Sees the content byte at `j`.
     fn see(&mut self, t: &str, j: usize) {
         if !self.active || self.close_from.is_some() {
+            return;
+        }
+        let c = t.as_bytes()[j];
+        if (self.open.is_none() && c != b'\\') || (self.open.is_some() && c != b'}') {
             return;
         }
         match self.open {
@@ -377,10 +384,25 @@ pub fn find_all(t: &str, boxed: bool) -> Vec<EnvsMatch> {
     let b = t.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
-    while i < b.len() {
+    // A boxed match contains a `\boxed{`, so none starts after the last one.
+    let limit = if boxed {
+        t.rfind("\\boxed{").map_or(0, |k| k + 1)
+    } else {
+        b.len()
+    };
+    while i < limit {
+        // Only where some alternative can start.
         let c = b[i];
-        let candidate =
-            matches!(c, b'$' | b'\\' | b'-') || (c as char).is_ascii_whitespace() || c >= 0x80;
+        let candidate = match c {
+            b'$' => true,
+            b'\\' => {
+                matches!(b.get(i + 1), Some(b'[' | b'('))
+                    || (!boxed && b[i..].starts_with(b"\\frac{"))
+            }
+            b'-' => !boxed && b[i + 1..].starts_with(b"\\frac{"),
+            _ if c.is_ascii_whitespace() => b.get(i + 1) == Some(&b'['),
+            _ => c >= 0x80 && char_at(t, i).is_some_and(char::is_whitespace),
+        };
         if candidate {
             if let Some(m) = envs_at(t, i, boxed) {
                 i = m.end.max(i + 1);
@@ -393,18 +415,18 @@ pub fn find_all(t: &str, boxed: bool) -> Vec<EnvsMatch> {
     out
 }
 
-/// Case-insensitive ASCII search for `word` from `from`.
-fn find_ci(t: &str, word: &str, from: usize) -> Option<usize> {
-    let b = t.as_bytes();
-    let w = word.as_bytes();
-    (from..=b.len().checked_sub(w.len())?).find(|&i| b[i..i + w.len()].eq_ignore_ascii_case(w))
+/// Search for the lower-case `word` in `lower` (the text, ASCII
+/// lower-cased: same byte offsets) from `from`.
+fn find_ci(lower: &str, word: &str, from: usize) -> Option<usize> {
+    lower.get(from..)?.find(word).map(|k| from + k)
 }
 
 /// `(?i:answer):?.{0,50}?ENVS` (priority 100 with the colon, 200 without).
 pub fn find_answer(t: &str, colon: bool) -> Vec<EnvsMatch> {
     let mut out = Vec::new();
     let mut from = 0;
-    while let Some(a) = find_ci(t, "answer", from) {
+    let lower = t.to_ascii_lowercase();
+    while let Some(a) = find_ci(&lower, "answer", from) {
         let mut p = a + 6;
         if colon {
             if t.as_bytes().get(p) != Some(&b':') {
@@ -440,7 +462,8 @@ pub fn find_answer(t: &str, colon: bool) -> Vec<EnvsMatch> {
 pub fn find_final_answer(t: &str) -> Vec<EnvsMatch> {
     let mut out = Vec::new();
     let mut from = 0;
-    while let Some(a) = find_ci(t, "final answer", from) {
+    let lower = t.to_ascii_lowercase();
+    while let Some(a) = find_ci(&lower, "final answer", from) {
         let mut found = None;
         let mut p = a + 12;
         for _ in 0..=100 {

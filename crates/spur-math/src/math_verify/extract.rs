@@ -31,8 +31,8 @@ struct Pattern {
     re: Re,
     priority: u32,
     target: Target,
-    /// A lowercase literal the text must contain for the pattern to match.
-    needs: Option<&'static str>,
+    /// Lower-case literals the text must contain for the pattern to match.
+    needs: &'static [&'static str],
 }
 
 enum Re {
@@ -151,40 +151,40 @@ fn regex_patterns() -> Vec<Pattern> {
             format!(r"(?s)(?i:final answer is)\:?\s*{envs}\.?\s?I hope"),
             0,
             Target::Latex,
-            Some("final answer is"),
+            &["final answer is", "i hope"],
         ),
         fancy(
             format!(r"(?i:final answer is)\:?\s*{either}\.?\s?I hope"),
             0,
             Target::Expr,
-            Some("final answer is"),
+            &["final answer is", "i hope"],
         ),
         plain(
             r"(?s)(?P<first_latexBoxed>\\boxed\{.+\})".to_string(),
             50,
             Target::Latex,
-            Some("\\boxed"),
+            &["\\boxed"],
         ),
         plain(
             format!(r"(?i:final answer.{{0,100}}?)\s+is\:?{either}"),
             50,
             Target::Expr,
-            Some("final answer"),
+            &["final answer"],
         ),
         fancy(
             format!(r"{answer}:(?:.{{0,100}}=\s*|.{{0,50}}?){either}(?!\s*=)"),
             100,
             Target::Expr,
-            Some("answer"),
+            &["answer"],
         ),
         fancy(
             format!(r"{answer}(?:.{{0,100}}=\s*|.{{0,50}}?){either}(?!\s*=)"),
             200,
             Target::Expr,
-            Some("answer"),
+            &["answer"],
         ),
-        plain(expr_anchored, 300, Target::Expr, None),
-        plain(number_anchored, 300, Target::Expr, None),
+        plain(expr_anchored, 300, Target::Expr, &[]),
+        plain(number_anchored, 300, Target::Expr, &[]),
     ]
     .into_iter()
     .flatten()
@@ -338,16 +338,34 @@ fn candidates(text: &str, lower: &str, priority: u32) -> Vec<Candidate> {
         _ => {}
     }
     for p in patterns().iter().filter(|p| p.priority == priority) {
-        if p.needs.is_some_and(|n| !lower.contains(n)) {
+        if p.needs.iter().any(|n| !lower.contains(n)) {
             continue;
         }
         match &p.re {
             Re::Fancy(re) => {
-                for caps in re.captures_iter(text) {
+                // `finditer`, with each search started at the next place the
+                // pattern's first literal occurs (no match can start before).
+                let lead = p.needs.first().copied().unwrap_or("");
+                let mut pos = 0;
+                while let Some(k) = lower.get(pos..).and_then(|r| r.find(lead)) {
                     // A regex that gives up (backtracking limit) ends the search.
-                    let Ok(caps) = caps else { break };
-                    let Some(m) = caps.get(0) else { continue };
+                    let Ok(Some(caps)) = re.captures_from_pos(text, pos + k) else {
+                        break;
+                    };
+                    let Some(m) = caps.get(0) else { break };
                     push(m.start(), m.end(), from_groups(&caps, p.target), &mut out);
+                    pos = if m.end() > m.start() {
+                        m.end()
+                    } else {
+                        m.end() + 1
+                    };
+                }
+            }
+            Re::Plain(re) if p.target == Target::Latex => {
+                // The plain `\boxed{…}` pattern: one group.
+                for m in re.find_iter(text) {
+                    let found = Found::Latex(vec![(m.as_str().to_string(), false, true)]);
+                    push(m.start(), m.end(), found, &mut out);
                 }
             }
             Re::Plain(re) => {

@@ -34,6 +34,30 @@ pub fn verify(gold: &[Parsed], pred: &[Parsed]) -> bool {
 /// The gold answer as math-verify's users parse it: `parse("$" + gold + "$")`,
 /// or `parse("\boxed{" + gold + "}")` if that finds nothing.
 pub fn parse_gold(gold: &str) -> Vec<Parsed> {
+    // Golds repeat (several samples per problem): keep the last few parses.
+    thread_local! {
+        static CACHE: std::cell::RefCell<Vec<(String, Vec<Parsed>)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    if let Some(hit) = CACHE.with(|c| {
+        c.borrow()
+            .iter()
+            .find(|(g, _)| g == gold)
+            .map(|(_, p)| p.clone())
+    }) {
+        return hit;
+    }
+    let parsed = parse_gold_uncached(gold);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= 32 {
+            c.remove(0);
+        }
+        c.push((gold.to_string(), parsed.clone()));
+    });
+    parsed
+}
+
+fn parse_gold_uncached(gold: &str) -> Vec<Parsed> {
     let p = parse(&format!("${gold}$"));
     if !p.is_empty() {
         return p;
@@ -74,4 +98,84 @@ pub fn describe(parsed: &[Parsed]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random strings of LaTeX-ish pieces: no panic, bounded time.
+    #[test]
+    fn no_panic_on_noise() {
+        const PIECES: &[&str] = &[
+            "$",
+            "$$",
+            "\\boxed{",
+            "}",
+            "{",
+            "\\frac",
+            "\\(",
+            "\\)",
+            "\\[",
+            "\\]",
+            "[",
+            "]",
+            "(",
+            ")",
+            "1",
+            "2.5",
+            ",",
+            " and ",
+            "=",
+            "<",
+            "\\le",
+            "\\pm",
+            "x",
+            "é",
+            "€",
+            "%",
+            "\\%",
+            "\\text{",
+            "^",
+            "_",
+            "\\sqrt",
+            "!",
+            "\\begin{pmatrix}",
+            "&",
+            "\\\\",
+            "\\end{pmatrix}",
+            "answer:",
+            "final answer is ",
+            " ",
+            "\n",
+            "-",
+            "/",
+            "\\infty",
+            "\\cup",
+            "\\{",
+            "\\}",
+            ";",
+            "e",
+            "\\approx",
+            "1,000",
+            "\\left(",
+        ];
+        let mut state: u64 = 0x1234_5678_9abc_def0;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..3000 {
+            let n = (next() % 40) as usize;
+            let s: String = (0..n)
+                .map(|_| PIECES[(next() % PIECES.len() as u64) as usize])
+                .collect();
+            let g: String = (0..(n / 4))
+                .map(|_| PIECES[(next() % PIECES.len() as u64) as usize])
+                .collect();
+            let _ = grade(&s, &g);
+        }
+    }
 }

@@ -166,7 +166,7 @@ struct Patterns {
     left: Regex,
     right: Regex,
     permutation: Regex,
-    to_remove: FancyRegex,
+    to_remove: Regex,
     to_replace: FancyRegex,
     command_slash: Regex,
     unit_superscript: Regex,
@@ -183,7 +183,8 @@ fn patterns() -> &'static Patterns {
             left: Regex::new(r"\\m?left(\\\{|\{|\\\||\||\[|\(|\\rbracl|\\lgroup|\\lbrace|\\lbrack|\\vert|\\lvert|\\lceil|\\lfloor|\\vert|\\lvert|\\langle|\\llcorner|\\ulcorner)").expect("valid regex"),
             right: Regex::new(r"\\m?right(\\\}|\}|\\\||\||\]|\)|\\rbrack|\\rgroup|\\rbrace|\\rbrack|\\vert|\\rvert|\\rceil|\\rfloor|\\vert|\\rvert|\\rangle|\\lrcorner|\\urcorner)").expect("valid regex"),
             permutation: Regex::new(r"\(([a-zA-Z0-9+\-*/\\ ]+?)\)_\{([a-zA-Z0-9+\-*/\\ ]+?)\}").expect("valid regex"),
-            to_remove: FancyRegex::new(r#"\\mathrm\{th\}|\\!\s*|\\text\s*\{\s*\}|\\\$|\$|(?<!\\)["']|\\displaystyle"#).expect("valid regex"),
+            // math-verify's `(?<!\\)["']` is checked in `normalize`.
+            to_remove: Regex::new(r#"\\mathrm\{th\}|\\!\s*|\\text\s*\{\s*\}|\\\$|\$|["']|\\displaystyle"#).expect("valid regex"),
             // One alternation; the replacement is chosen by the group that matched.
             to_replace: FancyRegex::new(concat!(
                 r"(?P<math>\\math(?:rm|it|bf))",
@@ -270,6 +271,28 @@ fn fancy_replace(
     out
 }
 
+/// Whether any of the `to_replace` alternatives can match (each needs one
+/// of these pieces); most short answers need no replacement.
+fn may_replace(text: &str) -> bool {
+    const PIECES: &[&str] = &[
+        "\\math", "\\text", "dfrac", "tfrac", "cfrac", "{.", "~=", ",", "and", "or", "inf",
+        "ldots", "percent", "pct", " sqrt",
+    ];
+    if PIECES.iter().any(|p| text.contains(p)) {
+        return true;
+    }
+    let mut prev: Option<char> = None;
+    for c in text.chars() {
+        if let Some(p) = prev {
+            if (p.is_whitespace() && c == '.') || (p == '\\' && c.is_whitespace()) {
+                return true;
+            }
+        }
+        prev = Some(c);
+    }
+    false
+}
+
 /// `normalize_latex` with math-verify's default configuration.
 pub fn normalize(text: &str, boxed: BoxedMode) -> String {
     let p = patterns();
@@ -288,14 +311,31 @@ pub fn normalize(text: &str, boxed: BoxedMode) -> String {
         .permutation
         .replace_all(&text, r"\frac{($1)!}{(($1)-($2))!}")
         .into_owned();
-    text = fancy_replace(&p.to_remove, &text, |_| String::new());
-    text = fancy_replace(&p.to_replace, &text, |caps| {
-        REPLACEMENTS
-            .iter()
-            .find(|(name, _)| caps.name(name).is_some())
-            .map(|(_, r)| r.to_string())
-            .unwrap_or_default()
-    });
+    text = {
+        // Quotes after a backslash stay (a lookbehind in math-verify).
+        let src = text.as_str();
+        let mut out = String::with_capacity(src.len());
+        let mut last = 0;
+        for m in p.to_remove.find_iter(src) {
+            let quote = matches!(m.as_str(), "\"" | "'");
+            if quote && src[..m.start()].ends_with('\\') {
+                continue;
+            }
+            out.push_str(&src[last..m.start()]);
+            last = m.end();
+        }
+        out.push_str(&src[last..]);
+        out
+    };
+    if may_replace(&text) {
+        text = fancy_replace(&p.to_replace, &text, |caps| {
+            REPLACEMENTS
+                .iter()
+                .find(|(name, _)| caps.name(name).is_some())
+                .map(|(_, r)| r.to_string())
+                .unwrap_or_default()
+        });
+    }
     text = text.replace(['\n', '\t'], " ");
     if !text.contains("matrix") {
         text = p.command_slash.replace_all(&text, r"\$1").into_owned();

@@ -390,10 +390,7 @@ fn exact_pow(base: &BigRational, exp: &BigRational) -> Option<BigRational> {
         if e.abs() * bits > 4096 {
             return None;
         }
-        let mut r = BigRational::one();
-        for _ in 0..e.abs() {
-            r *= base;
-        }
+        let r = num_traits::pow(base.clone(), e.unsigned_abs() as usize);
         return Some(if e < 0 { r.recip() } else { r });
     }
     // Rational exponent p/q: exact when the q-th root is.
