@@ -390,6 +390,7 @@ pub fn find_all(t: &str, boxed: bool) -> Vec<EnvsMatch> {
     } else {
         b.len()
     };
+    let mut cursors = (0usize, 0usize);
     while i < limit {
         // Only where some alternative can start.
         let c = b[i];
@@ -403,6 +404,9 @@ pub fn find_all(t: &str, boxed: bool) -> Vec<EnvsMatch> {
             _ if c.is_ascii_whitespace() => b.get(i + 1) == Some(&b'['),
             _ => c >= 0x80 && char_at(t, i).is_some_and(char::is_whitespace),
         };
+        // Boxed inline forms (one line) need a `\\boxed{` on this line.
+        let candidate =
+            candidate && (!boxed || display_start(b, i) || box_on_line(t, i, &mut cursors));
         if candidate {
             if let Some(m) = envs_at(t, i, boxed) {
                 i = m.end.max(i + 1);
@@ -413,6 +417,28 @@ pub fn find_all(t: &str, boxed: bool) -> Vec<EnvsMatch> {
         i = next_pos(t, i);
     }
     out
+}
+
+/// Whether a display environment (`$$`, `\\[`) starts at `i`.
+fn display_start(b: &[u8], i: usize) -> bool {
+    b[i..].starts_with(b"$$") || b[i..].starts_with(b"\\[")
+}
+
+/// Whether a `\\boxed{` starts after `i` before the next newline after
+/// `i`; `cursors` caches both (start them at 0).
+fn box_on_line(t: &str, i: usize, cursors: &mut (usize, usize)) -> bool {
+    let find = |from: usize, pat: &str| {
+        t.get(from..)
+            .and_then(|r| r.find(pat))
+            .map_or(usize::MAX, |k| from + k)
+    };
+    if cursors.0 != usize::MAX && cursors.0 <= i {
+        cursors.0 = find(i + 1, "\\boxed{");
+    }
+    if cursors.1 != usize::MAX && cursors.1 <= i {
+        cursors.1 = find(i + 1, "\n");
+    }
+    cursors.0 != usize::MAX && cursors.0 < cursors.1
 }
 
 /// Search for the lower-case `word` in `lower` (the text, ASCII

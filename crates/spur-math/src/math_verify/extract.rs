@@ -361,11 +361,13 @@ fn candidates(text: &str, lower: &str, priority: u32) -> Vec<Candidate> {
                     };
                 }
             }
-            Re::Plain(re) if p.target == Target::Latex => {
-                // The plain `\boxed{…}` pattern: one group.
-                for m in re.find_iter(text) {
-                    let found = Found::Latex(vec![(m.as_str().to_string(), false, true)]);
-                    push(m.start(), m.end(), found, &mut out);
+            Re::Plain(_) if p.target == Target::Latex => {
+                // `(?s)\\boxed\{.+\}`: from the first `\boxed{` to the last
+                // `}`, when some character lies between (a test checks this
+                // against the regex).
+                if let Some(m) = plain_boxed(text) {
+                    let found = Found::Latex(vec![(text[m.0..m.1].to_string(), false, true)]);
+                    push(m.0, m.1, found, &mut out);
                 }
             }
             Re::Plain(re) => {
@@ -377,6 +379,15 @@ fn candidates(text: &str, lower: &str, priority: u32) -> Vec<Candidate> {
         }
     }
     out
+}
+
+/// The match of `(?s)\\boxed\{.+\}` (there is at most one).
+fn plain_boxed(text: &str) -> Option<(usize, usize)> {
+    let p = text.find("\\boxed{")?;
+    let q = text.rfind('}')?;
+    let first = p + "\\boxed{".len();
+    // `.+` needs one character (of any width) before the `}`.
+    (q > first).then_some((p, q + 1))
 }
 
 /// math-verify's `parse(text)` with its default configuration.
@@ -671,8 +682,18 @@ mod tests {
                 Box::new(envs::find_final_answer),
             ),
         ];
+        let boxed_re = regex::Regex::new(r"(?s)\\boxed\{.+\}").expect("regex");
         let mut checked = 0;
         for t in texts() {
+            let want: Vec<(usize, usize)> = boxed_re
+                .find_iter(&t)
+                .map(|m| (m.start(), m.end()))
+                .collect();
+            assert_eq!(
+                plain_boxed(&t).into_iter().collect::<Vec<_>>(),
+                want,
+                "plain boxed on {t:?}"
+            );
             for (k, (re, hand)) in cases.iter().enumerate() {
                 assert_eq!(
                     by_hand(hand(&t), &t),

@@ -34,27 +34,37 @@ pub fn verify(gold: &[Parsed], pred: &[Parsed]) -> bool {
 /// The gold answer as math-verify's users parse it: `parse("$" + gold + "$")`,
 /// or `parse("\boxed{" + gold + "}")` if that finds nothing.
 pub fn parse_gold(gold: &str) -> Vec<Parsed> {
-    // Golds repeat (several samples per problem): keep the last few parses.
+    with_gold(gold, <[Parsed]>::to_vec)
+}
+
+/// Runs `f` on the parsed gold. Golds repeat (several samples per problem):
+/// the last few parses are kept.
+fn with_gold<T>(gold: &str, f: impl FnOnce(&[Parsed]) -> T) -> T {
+    type Cache = std::cell::RefCell<Vec<(String, std::rc::Rc<Vec<Parsed>>)>>;
     thread_local! {
-        static CACHE: std::cell::RefCell<Vec<(String, Vec<Parsed>)>> = const { std::cell::RefCell::new(Vec::new()) };
+        static CACHE: Cache = const { std::cell::RefCell::new(Vec::new()) };
     }
-    if let Some(hit) = CACHE.with(|c| {
+    let hit = CACHE.with(|c| {
         c.borrow()
             .iter()
             .find(|(g, _)| g == gold)
             .map(|(_, p)| p.clone())
-    }) {
-        return hit;
-    }
-    let parsed = parse_gold_uncached(gold);
-    CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.len() >= 32 {
-            c.remove(0);
-        }
-        c.push((gold.to_string(), parsed.clone()));
     });
-    parsed
+    let parsed = match hit {
+        Some(p) => p,
+        None => {
+            let p = std::rc::Rc::new(parse_gold_uncached(gold));
+            CACHE.with(|c| {
+                let mut c = c.borrow_mut();
+                if c.len() >= 32 {
+                    c.remove(0);
+                }
+                c.push((gold.to_string(), p.clone()));
+            });
+            p
+        }
+    };
+    f(&parsed)
 }
 
 fn parse_gold_uncached(gold: &str) -> Vec<Parsed> {
@@ -79,7 +89,7 @@ pub fn extracted_text(parsed: &[Parsed]) -> String {
 /// Grades `response` against `gold`: the extracted text and the verdict.
 pub fn grade(response: &str, gold: &str) -> (String, bool) {
     let pred = parse(response);
-    let correct = verify(&parse_gold(gold), &pred);
+    let correct = with_gold(gold, |g| verify(g, &pred));
     (extracted_text(&pred), correct)
 }
 
