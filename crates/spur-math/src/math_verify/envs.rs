@@ -383,7 +383,6 @@ fn envs_at(t: &str, i: usize, boxed: bool) -> Option<EnvsMatch> {
 pub fn find_all(t: &str, boxed: bool) -> Vec<EnvsMatch> {
     let b = t.as_bytes();
     let mut out = Vec::new();
-    let mut i = 0;
     // A boxed match contains a `\boxed{`, so none starts after the last one.
     let limit = if boxed {
         t.rfind("\\boxed{").map_or(0, |k| k + 1)
@@ -391,30 +390,53 @@ pub fn find_all(t: &str, boxed: bool) -> Vec<EnvsMatch> {
         b.len()
     };
     let mut cursors = (0usize, 0usize);
+    let mut i = 0;
+    // Every alternative starts at a `$` or `\`, at `-\frac{`, or at the
+    // whitespace before a `[`: jump between those bytes, trying starts in
+    // increasing order as the regex does.
     while i < limit {
-        // Only where some alternative can start.
-        let c = b[i];
-        let candidate = match c {
-            b'$' => true,
-            b'\\' => {
-                matches!(b.get(i + 1), Some(b'[' | b'('))
-                    || (!boxed && b[i..].starts_with(b"\\frac{"))
-            }
-            b'-' => !boxed && b[i + 1..].starts_with(b"\\frac{"),
-            _ if c.is_ascii_whitespace() => b.get(i + 1) == Some(&b'['),
-            _ => c >= 0x80 && char_at(t, i).is_some_and(char::is_whitespace),
+        let Some(k) = memchr::memchr3(b'$', b'\\', b'[', &b[i..limit.min(b.len())]) else {
+            break;
         };
-        // Boxed inline forms (one line) need a `\\boxed{` on this line.
-        let candidate =
-            candidate && (!boxed || display_start(b, i) || box_on_line(t, i, &mut cursors));
-        if candidate {
-            if let Some(m) = envs_at(t, i, boxed) {
-                i = m.end.max(i + 1);
-                out.push(m);
+        let j = i + k;
+        let mut starts: [Option<usize>; 2] = [None, None];
+        match b[j] {
+            b'[' => {
+                if let Some(c) = prev_char(t, j).filter(|c| c.is_whitespace()) {
+                    let s = j - c.len_utf8();
+                    if s >= i {
+                        starts[0] = Some(s);
+                    }
+                }
+            }
+            b'\\' => {
+                if !boxed && j > i && b[j - 1] == b'-' && b[j..].starts_with(b"\\frac{") {
+                    starts[0] = Some(j - 1);
+                }
+                if matches!(b.get(j + 1), Some(b'[' | b'('))
+                    || (!boxed && b[j..].starts_with(b"\\frac{"))
+                {
+                    starts[1] = Some(j);
+                }
+            }
+            _ => starts[1] = Some(j),
+        }
+        let mut matched = false;
+        for s in starts.into_iter().flatten() {
+            // Boxed inline forms (one line) need a `\boxed{` on this line.
+            if boxed && !display_start(b, s) && !box_on_line(t, s, &mut cursors) {
                 continue;
             }
+            if let Some(m) = envs_at(t, s, boxed) {
+                i = m.end.max(s + 1);
+                out.push(m);
+                matched = true;
+                break;
+            }
         }
-        i = next_pos(t, i);
+        if !matched {
+            i = j + 1;
+        }
     }
     out
 }
@@ -424,7 +446,7 @@ fn display_start(b: &[u8], i: usize) -> bool {
     b[i..].starts_with(b"$$") || b[i..].starts_with(b"\\[")
 }
 
-/// Whether a `\\boxed{` starts after `i` before the next newline after
+/// Whether a `\boxed{` starts after `i` before the next newline after
 /// `i`; `cursors` caches both (start them at 0).
 fn box_on_line(t: &str, i: usize, cursors: &mut (usize, usize)) -> bool {
     let find = |from: usize, pat: &str| {

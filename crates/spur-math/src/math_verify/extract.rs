@@ -599,6 +599,7 @@ mod tests {
         let files = [
             root.join("tests/data/math_verify_cases.jsonl"),
             root.join("../../../shared/data/grader/real_outputs.jsonl"),
+            root.join("../../../shared/data/grader/real_outputs_aime_amc.jsonl"),
         ];
         for f in files {
             let Ok(text) = std::fs::read_to_string(&f) else {
