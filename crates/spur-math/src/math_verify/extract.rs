@@ -601,11 +601,13 @@ mod tests {
             root.join("../../../shared/data/grader/real_outputs.jsonl"),
             root.join("../../../shared/data/grader/real_outputs_aime_amc.jsonl"),
         ];
-        for f in files {
-            let Ok(text) = std::fs::read_to_string(&f) else {
+        for (k, f) in files.iter().enumerate() {
+            let Ok(text) = std::fs::read_to_string(f) else {
                 continue;
             };
-            for line in text.lines() {
+            // Every 3rd corpus row (the regex side is slow in debug builds).
+            let step = if k == 0 { 1 } else { 3 };
+            for line in text.lines().step_by(step) {
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                     continue;
                 };
