@@ -1,4 +1,4 @@
-//! The two graders: `Paper` reproduces the paper's verdicts exactly, failures
+//! The graders: `Paper` reproduces the paper's verdicts exactly, failures
 //! included; `Strict` fixes the failures that are plainly wrong (see
 //! docs/grading.md for the list).
 
