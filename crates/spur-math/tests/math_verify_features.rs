@@ -1,5 +1,6 @@
-//! The `math_verify` grader, feature by feature: each case was checked
-//! against the Python library (math-verify 0.9.0), and each feature has cases
+//! The `math_verify` grader, feature by feature: every case written as a
+//! literal (70 of them) gives the same verdict as
+//! the Python library (math-verify 0.9.0); each feature has cases
 //! that must be false.
 
 use spur_math::{ExtractStyle, Grader};
