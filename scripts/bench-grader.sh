@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Grading throughput, single thread: spur's paper grader vs HuggingFace
-# math-verify (PyPI), on the shared grader corpus. Prints both and the ratio.
+# Grading throughput, single thread: spur's paper and math_verify graders vs
+# HuggingFace math-verify (PyPI), on the shared grader corpus. Prints each and
+# the ratios.
 #
 #   scripts/bench-grader.sh [--limit N]   (N: rows for math-verify; default all)
 #
@@ -28,12 +29,15 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 
 spur=$(cargo run --quiet --release -p spur-math --example bench_grader -- "${files[@]}")
 echo "$spur"
+spur_mv=$(cargo run --quiet --release -p spur-math --example bench_grader -- --grader math_verify "${files[@]}")
+echo "$spur_mv"
 mv=$("$venv/bin/python" scripts/bench_grader.py "${files[@]}" "${limit[@]}")
 echo "$mv"
 
-python3 - "$spur" "$mv" <<'PY'
+python3 - "$spur" "$spur_mv" "$mv" <<'PY'
 import json, sys
-s, m = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"spur {s['responses_per_sec']:.0f} responses/s, math-verify {m['responses_per_sec']:.1f} responses/s, "
-      f"ratio {s['responses_per_sec'] / m['responses_per_sec']:.0f}x")
+s, smv, m = (json.loads(a) for a in sys.argv[1:4])
+for r in (s, smv):
+    print(f"{r['grader']} {r['responses_per_sec']:.0f} responses/s, math-verify {m['responses_per_sec']:.1f} responses/s, "
+          f"ratio {r['responses_per_sec'] / m['responses_per_sec']:.0f}x")
 PY

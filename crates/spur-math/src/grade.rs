@@ -1,4 +1,4 @@
-//! The two graders: `Paper` reproduces the paper's verdicts exactly, failures
+//! The graders: `Paper` reproduces the paper's verdicts exactly, failures
 //! included; `Strict` fixes the failures that are plainly wrong (see
 //! docs/grading.md for the list).
 
@@ -8,6 +8,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::extract::{self, ExtractStyle};
+use crate::math_verify;
 use crate::prm;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -18,6 +19,9 @@ pub enum Grader {
     Paper,
     /// The paper's grader with its obvious failures fixed.
     Strict,
+    /// HuggingFace Math-Verify 0.9 (`verify(parse("$"+gold+"$"), parse(response))`),
+    /// ported to Rust (see docs/grading-math-verify.md).
+    MathVerify,
 }
 
 impl Grader {
@@ -25,6 +29,7 @@ impl Grader {
         match self {
             Grader::Paper => "paper",
             Grader::Strict => "strict",
+            Grader::MathVerify => "math_verify",
         }
     }
 
@@ -33,6 +38,7 @@ impl Grader {
         match self {
             Grader::Paper => extract::extract_answer(response, style),
             Grader::Strict => extract::extract_answer_strict(response, style),
+            Grader::MathVerify => math_verify::extracted_text(&math_verify::parse(response)),
         }
     }
 
@@ -41,11 +47,20 @@ impl Grader {
         match self {
             Grader::Paper => prm::grade_answer(extracted, gold),
             Grader::Strict => strict_equivalent(extracted, gold),
+            // The extracted text is read again as a response would be.
+            Grader::MathVerify => math_verify::verify(
+                &math_verify::parse_gold(gold),
+                &math_verify::parse(&format!("${extracted}$")),
+            ),
         }
     }
 
     /// Extracts and grades in one go.
     pub fn grade(self, response: &str, gold: &str, style: ExtractStyle) -> Verdict {
+        if self == Grader::MathVerify {
+            let (extracted, correct) = math_verify::grade(response, gold);
+            return Verdict { extracted, correct };
+        }
         let extracted = self.extract(response, style);
         let correct = self.is_equivalent(&extracted, gold);
         Verdict { extracted, correct }
@@ -59,10 +74,11 @@ impl std::str::FromStr for Grader {
         match s {
             "paper" => Ok(Grader::Paper),
             "strict" => Ok(Grader::Strict),
+            "math_verify" => Ok(Grader::MathVerify),
             other => Err(crate::Error::UnknownName {
                 what: "grader",
                 name: other.to_string(),
-                expected: "paper, strict",
+                expected: "paper, strict, math_verify",
             }),
         }
     }

@@ -9,6 +9,7 @@ mod grade;
 mod hendrycks;
 mod jsonl;
 mod latex2text;
+pub mod math_verify;
 mod metrics;
 mod prm;
 mod pyfloat;
