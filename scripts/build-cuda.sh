@@ -2,7 +2,7 @@
 # Build spur with the `cuda` feature on a machine without a GPU or a system
 # CUDA toolkit, using the CUDA 13.0 toolkit wheels from PyPI.
 #
-#   scripts/build-cuda.sh [--out DIR] [--features LIST]
+#   scripts/build-cuda.sh [--out DIR] [--features LIST] [--check]
 #
 # Steps (each skipped when already done):
 #   1. a venv holding cuda-toolkit 13.0.2 (nvcc, cudart, cublas, curand, nvrtc...);
@@ -11,6 +11,8 @@
 #   4. `cargo build --release --features cuda` (plus LIST, e.g. `mistralrs`, which adds
 #      mistral.rs's CUDA build: about 33 minutes more on 2 cores);
 #   5. DIR/spur-cuda (stripped) and DIR/spur-cuda.xz (the compressed copy to carry to a GPU).
+# With --check, step 4 is `cargo check` of every target and steps 5 is skipped: a quick proof
+# that the CUDA-only code (and NCCL's, with --features nccl) compiles.
 #
 # Environment:
 #   SPUR_CUDA_HOME_BASE  toolkit cache (default: $HOME/.cache/spur/cuda-13.0)
@@ -26,6 +28,7 @@ toolkit_version=13.0.2
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out_dir=$repo/target/cuda-dist
 features=cuda
+check=0
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
@@ -34,6 +37,7 @@ while [[ $# -gt 0 ]]; do
                out_dir=$2; shift 2 ;;
         --features) [[ $# -ge 2 ]] || { echo "error: --features needs a list, e.g. mistralrs" >&2; exit 2; }
                features=cuda,$2; shift 2 ;;
+        --check) check=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -62,6 +66,10 @@ else
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
         "cuda-toolkit[nvcc,cudart,cccl,crt,nvvm,cublas,curand,nvrtc]==$toolkit_version"
 fi
+if [[ ,$features, == *,nccl,* ]] && ! "$venv/bin/python" -m pip show nvidia-nccl-cu13 >/dev/null 2>&1; then
+    step "installing nvidia-nccl-cu13 into $venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check nvidia-nccl-cu13
+fi
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cu13=$site/nvidia/cu13
 [[ -x $cu13/bin/nvcc ]] || die "no nvcc at $cu13/bin/nvcc; delete $venv and rerun"
@@ -75,6 +83,10 @@ done
 for lib in "$cu13"/lib/*.so.*; do
     ln -sf "$lib" "$cuda_home/lib64/$(basename "$lib")"
 done
+if [[ -d $site/nvidia/nccl ]]; then
+    ln -sf "$site"/nvidia/nccl/lib/libnccl.so.* "$cuda_home/lib64/"
+    ln -sf "$(cd "$cuda_home/lib64" && ls libnccl.so.* | sort -V | head -n 1)" "$cuda_home/lib64/libnccl.so"
+fi
 # The wheels ship only libX.so.N; the linker looks for libX.so.
 for name in cublas cublasLt cudart curand nvrtc; do
     versioned=$(cd "$cuda_home/lib64" && ls "lib$name.so."* 2>/dev/null | sort -V | head -n 1)
@@ -107,6 +119,11 @@ export PATH=$cuda_home/bin:$PATH
 export LIBRARY_PATH=$cuda_home/lib64:$cuda_home/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
 nvcc_version=$(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
 [[ $nvcc_version == 13.0 ]] || die "nvcc on PATH is $nvcc_version, need 13.0"
+if (( check )); then
+    step "cargo check --release --all-targets --features $features (target dir $CARGO_TARGET_DIR)"
+    (cd "$repo" && cargo check --release --all-targets --features "$features")
+    exit 0
+fi
 step "cargo build --release --features $features (CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP, target dir $CARGO_TARGET_DIR)"
 start=$SECONDS
 (cd "$repo" && cargo build --release --features "$features" --bin spur)

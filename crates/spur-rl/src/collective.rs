@@ -209,6 +209,7 @@ mod nccl {
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
     use candle_core::cuda_backend::cudarc::nccl::{Comm, NcclType, ReduceOp};
     use candle_core::cuda_backend::{CudaDType, CudaStorage};
+    use candle_core::backend::BackendStorage;
     use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
     use super::Collective;
