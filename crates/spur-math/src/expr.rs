@@ -58,7 +58,7 @@ pub fn is_zero(expr: &str) -> bool {
 }
 
 /// A fixed pseudo-random complex point (splitmix64 of the point and symbol).
-fn sample(point: u64, symbol: u64) -> Complex64 {
+pub(crate) fn sample(point: u64, symbol: u64) -> Complex64 {
     let u = |k: u64| {
         let mut z = point
             .wrapping_mul(0x9e37_79b9_7f4a_7c15)

@@ -206,10 +206,10 @@ mod nccl {
     //! NCCL over the GPUs of one process: one communicator per device, created together, each
     //! driven by the thread of its rank.
 
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
     use candle_core::cuda_backend::cudarc::nccl::{Comm, NcclType, ReduceOp};
     use candle_core::cuda_backend::{CudaDType, CudaStorage};
-    use candle_core::backend::BackendStorage;
     use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
     use super::Collective;
@@ -280,7 +280,12 @@ mod nccl {
         }
     }
 
-    fn sum<T>(comm: &Comm, storage: &CudaStorage, start: usize, end: usize) -> candle_core::Result<CudaStorage>
+    fn sum<T>(
+        comm: &Comm,
+        storage: &CudaStorage,
+        start: usize,
+        end: usize,
+    ) -> candle_core::Result<CudaStorage>
     where
         T: CudaDType + NcclType + DeviceRepr + ValidAsZeroBits,
     {
@@ -302,7 +307,11 @@ mod nccl {
         /// Sums f64 as f64 and everything else in f32, so that bf16 gradients lose nothing more.
         fn all_reduce_sum(&self, tensors: &mut [Tensor]) -> Result<()> {
             for t in tensors.iter_mut() {
-                let wide = if t.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+                let wide = if t.dtype() == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
+                };
                 let sum = t
                     .to_dtype(wide)?
                     .contiguous()?

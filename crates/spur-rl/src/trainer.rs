@@ -363,7 +363,15 @@ impl Trainer {
                     continue;
                 }
                 let place = (step, mini_index, micro_index);
-                match self.micro_batch(&batch, chunk, shape, place, &mut grads, &mut clock, &mut timings) {
+                match self.micro_batch(
+                    &batch,
+                    chunk,
+                    shape,
+                    place,
+                    &mut grads,
+                    &mut clock,
+                    &mut timings,
+                ) {
                     Ok((loss, out)) => {
                         mini_loss += loss;
                         mini_stats.add(&out);

@@ -59,7 +59,11 @@ fn train(world: usize, kl_coef: f64) -> Vec<(Vec<Vec<f32>>, Vec<StepMetrics>)> {
             None => Trainer::new(config(kl_coef), &policy).unwrap(),
         };
         let metrics = (0..STEPS)
-            .map(|s| trainer.step(&policy, Some(&reference), &rollout(s)).unwrap())
+            .map(|s| {
+                trainer
+                    .step(&policy, Some(&reference), &rollout(s))
+                    .unwrap()
+            })
             .collect();
         (policy.snapshot(), metrics)
     };
@@ -86,20 +90,42 @@ fn max_relative_gap(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 fn assert_same_update(world: usize, kl_coef: f64) {
     let (alone, alone_metrics) = train(1, kl_coef).remove(0);
     let start = ToyLm::new(7, 5, 3, DType::F32).snapshot();
-    assert!(max_relative_gap(&alone, &start) > 1e-2, "the steps must move the weights");
+    assert!(
+        max_relative_gap(&alone, &start) > 1e-2,
+        "the steps must move the weights"
+    );
     let workers = train(world, kl_coef);
     for (rank, (weights, metrics)) in workers.iter().enumerate() {
         // Every worker holds the same weights, to the bit.
-        assert_eq!(weights, &workers[0].0, "worker {rank} drifted from worker 0");
+        assert_eq!(
+            weights, &workers[0].0,
+            "worker {rank} drifted from worker 0"
+        );
         // ... the ones a single worker reaches (sums in another order: float rounding only).
         let gap = max_relative_gap(weights, &alone);
-        assert!(gap < 1e-4, "{world} workers vs one: weights differ by {gap} (relative)");
+        assert!(
+            gap < 1e-4,
+            "{world} workers vs one: weights differ by {gap} (relative)"
+        );
         for (m, a) in metrics.iter().zip(&alone_metrics) {
-            assert_eq!((m.tokens, m.updates, m.rollouts), (a.tokens, a.updates, a.rollouts));
+            assert_eq!(
+                (m.tokens, m.updates, m.rollouts),
+                (a.tokens, a.updates, a.rollouts)
+            );
             let close = |x: f64, y: f64| (x - y).abs() <= 1e-4 * y.abs().max(1e-3);
             assert!(close(m.loss, a.loss), "loss {} vs {}", m.loss, a.loss);
-            assert!(close(m.grad_norm, a.grad_norm), "grad norm {} vs {}", m.grad_norm, a.grad_norm);
-            assert!(close(m.approx_kl, a.approx_kl), "approx kl {} vs {}", m.approx_kl, a.approx_kl);
+            assert!(
+                close(m.grad_norm, a.grad_norm),
+                "grad norm {} vs {}",
+                m.grad_norm,
+                a.grad_norm
+            );
+            assert!(
+                close(m.approx_kl, a.approx_kl),
+                "approx kl {} vs {}",
+                m.approx_kl,
+                a.approx_kl
+            );
             assert_eq!(m.clip_fraction_low, a.clip_fraction_low);
             assert_eq!(m.clip_fraction_high, a.clip_fraction_high);
             assert!(close(m.entropy.unwrap(), a.entropy.unwrap()));
@@ -148,7 +174,10 @@ fn a_non_finite_loss_on_one_worker_stops_all_of_them() {
         workers.into_iter().map(|w| w.join().unwrap()).collect()
     });
     let (own, untouched) = &results[0];
-    assert!(matches!(own, Err(Error::NonFinite { micro_batch: 0, .. })), "{own:?}");
+    assert!(
+        matches!(own, Err(Error::NonFinite { micro_batch: 0, .. })),
+        "{own:?}"
+    );
     assert!(untouched);
     let (other, untouched) = &results[1];
     let message = other.as_ref().unwrap_err().to_string();

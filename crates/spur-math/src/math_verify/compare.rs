@@ -653,24 +653,14 @@ fn finite(z: Complex64) -> bool {
     z.re.is_finite() && z.im.is_finite()
 }
 
-/// A fixed pseudo-random complex point for a symbol.
+/// A fixed pseudo-random complex point for a symbol: the plain grader's sampler, keyed by
+/// an FNV-1a hash of the name.
 fn sample(point: u64, name: &str) -> Complex64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in name.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
     }
-    let u = |k: u64| {
-        let mut z = h
-            .wrapping_add(point.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-            .wrapping_add(k.wrapping_mul(0xbf58_476d_1ce4_e5b9));
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    };
-    let r = 0.5 + 1.5 * u(1);
-    let theta = std::f64::consts::TAU * u(2);
-    Complex64::from_polar(r, theta)
+    crate::expr::sample(point, h)
 }
 
 /// `simplify(a - b) == 0`: exact where both are rational, else the
