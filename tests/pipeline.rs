@@ -33,7 +33,7 @@ defaults:
   rollout: {{prompts_per_step: 2, samples_per_prompt: 2, max_response_tokens: 12}}
   update: {{lr: 1.0e-5, mini_batch: 4, micro_batch: 2}}
   evals:
-    math500: {{dataset: test, max_tokens: 12}}
+    math500: {{dataset: test, max_tokens: 12, grader: strict}}
 grid:
   reward: [gt, fmt, wrong, mine]
   update.kl_coef: [0.0]
@@ -126,6 +126,36 @@ fn grpo_pipeline_on_the_default_model() {
         .find(|n| n["kind"] == "eval" && n["step"] == 2)
         .unwrap();
     assert!(eval2["metrics"]["accuracy"].is_number() && eval2["metrics"]["boxed_rate"].is_number());
+    // Every response graded three ways; `grader: strict` is the headline.
+    let m = &eval2["metrics"];
+    assert_eq!(m["grader"], "strict");
+    assert_eq!(m["graders"]["n"], 3);
+    let by_grader = m["graders"]["by_grader"].as_object().unwrap();
+    assert_eq!(
+        by_grader.keys().collect::<Vec<_>>(),
+        ["math_verify", "paper", "strict"]
+    );
+    assert_eq!(m["accuracy"], by_grader["strict"]["accuracy"]);
+    assert_eq!(m["graders"]["pairs"].as_array().unwrap().len(), 3);
+    let eval_id = eval2["id"].as_str().unwrap();
+    let jsonl = ws
+        .cache()
+        .join("nodes")
+        .join(&eval_id[..2])
+        .join(eval_id)
+        .join("out/eval.jsonl");
+    let lines: Vec<Value> = std::fs::read_to_string(&jsonl)
+        .unwrap_or_else(|e| panic!("{}: {e}", jsonl.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for line in &lines {
+        let verdicts = line["verdicts"].as_object().unwrap();
+        assert_eq!(verdicts.len(), 3, "{line}");
+        assert_eq!(line["record"]["correct"], verdicts["strict"]["correct"]);
+        assert!(verdicts["math_verify"]["extracted"].is_string());
+    }
 
     // Materialisation: step 1's weights were superseded by step 2's.
     let update1 = record["nodes"]

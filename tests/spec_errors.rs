@@ -353,3 +353,47 @@ fn mistralrs_engine_needs_a_build_with_it() {
         ],
     );
 }
+
+#[test]
+fn graders_are_checked_where_they_are_named() {
+    let err = error_for(
+        "{dataset: math500}",
+        "{dataset: math500, grader: math-verify}",
+    );
+    assert_has(
+        &err,
+        &[
+            "unknown value `math-verify`",
+            "exp.yaml:24:",
+            "evals.math500.grader",
+            "did you mean `math_verify`?",
+        ],
+    );
+    let err = error_for(
+        "ground_truth: {kind: ground_truth}",
+        "ground_truth: {kind: ground_truth, grader: mathverify}",
+    );
+    assert_has(
+        &err,
+        &[
+            "unknown grader `mathverify`",
+            "exp.yaml:7:",
+            "rewards.ground_truth.grader",
+            "did you mean `math_verify`?",
+        ],
+    );
+    // Named right, both plan.
+    let ws = Workspace::new();
+    ws.write(
+        "exp.yaml",
+        &GOOD
+            .replacen("{dataset: math500}", "{dataset: math500, grader: math_verify}", 1)
+            .replacen(
+                "ground_truth: {kind: ground_truth}",
+                "ground_truth: {kind: ground_truth, grader: math_verify}",
+                1,
+            ),
+    );
+    let plan = ws.plan_json("exp.yaml");
+    assert_eq!(plan["runs"].as_array().unwrap().len(), 4);
+}

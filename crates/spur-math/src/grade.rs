@@ -20,7 +20,7 @@ pub enum Grader {
     /// The paper's grader with its obvious failures fixed.
     Strict,
     /// HuggingFace Math-Verify 0.9 (`verify(parse("$"+gold+"$"), parse(response))`),
-    /// ported to Rust (see docs/grading-math-verify.md).
+    /// ported to Rust (see docs/grading.md).
     MathVerify,
 }
 

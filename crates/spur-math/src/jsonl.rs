@@ -7,7 +7,7 @@ use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use crate::{Error, ExtractStyle, Grader};
+use crate::{Error, ExtractStyle, Grader, GraderComparison, Verdict};
 
 /// A problem with one input line; the line was skipped.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,9 +27,20 @@ impl fmt::Display for LineError {
 pub struct GradeSummary {
     /// Lines graded and written.
     pub graded: usize,
-    pub correct: usize,
+    /// The graders' verdicts on those lines (one grader: its accuracy alone).
+    pub comparison: GraderComparison,
     /// Lines that could not be graded, in input order.
     pub errors: Vec<LineError>,
+}
+
+impl GradeSummary {
+    /// Lines `grader` called correct (0 for a grader not run).
+    pub fn correct(&self, grader: Grader) -> usize {
+        self.comparison
+            .by_grader
+            .get(grader.name())
+            .map_or(0, |g| g.correct)
+    }
 }
 
 /// A JSON object with its members in input order and their values verbatim.
@@ -56,25 +67,30 @@ impl<'de> Deserialize<'de> for Members {
 }
 
 /// Reads JSONL lines `{"gold": …, "response": …}` (`gold` a string or a
-/// number) and writes, in the same order, each object with `"extracted"` and
-/// `"correct"` added (replacing members of those names). Lines that are not
-/// JSON objects or lack a field are reported in the summary and skipped; the
+/// number) and writes, in the same order, each object with the verdicts
+/// added. With one grader that is `"extracted"` and `"correct"`; with
+/// several, `"verdicts": {grader: {"extracted", "correct"}, …}` in the order
+/// given. Members of those names are replaced. Lines that are not JSON
+/// objects or lack a field are reported in the summary and skipped; the
 /// others are still graded. I/O failures stop the run.
 pub fn grade_jsonl(
     input: impl BufRead,
     mut output: impl Write,
-    grader: Grader,
+    graders: &[Grader],
     style: ExtractStyle,
 ) -> crate::Result<GradeSummary> {
-    let mut summary = GradeSummary::default();
+    let mut summary = GradeSummary {
+        comparison: GraderComparison::new(graders),
+        ..GradeSummary::default()
+    };
     for (i, line) in input.lines().enumerate() {
         let line = line.map_err(Error::Read)?;
         let number = i + 1;
-        match grade_line(&line, grader, style) {
-            Ok((text, correct)) => {
+        match grade_line(&line, graders, style) {
+            Ok((text, verdicts)) => {
                 writeln!(output, "{text}").map_err(Error::Write)?;
                 summary.graded += 1;
-                summary.correct += usize::from(correct);
+                summary.comparison.add(number, graders, &verdicts);
             }
             Err(message) => summary.errors.push(LineError {
                 line: number,
@@ -86,7 +102,11 @@ pub fn grade_jsonl(
     Ok(summary)
 }
 
-fn grade_line(line: &str, grader: Grader, style: ExtractStyle) -> Result<(String, bool), String> {
+fn grade_line(
+    line: &str,
+    graders: &[Grader],
+    style: ExtractStyle,
+) -> Result<(String, Vec<bool>), String> {
     if line.trim().is_empty() {
         return Err("empty line (expected a JSON object)".into());
     }
@@ -109,10 +129,29 @@ fn grade_line(line: &str, grader: Grader, style: ExtractStyle) -> Result<(String
         Some(Ok(serde_json::Value::String(s))) => s,
         Some(_) => return Err("field \"response\" must be a string".into()),
     };
-    let verdict = grader.grade(&response, &gold, style);
-    let extracted = serde_json::to_string(&verdict.extracted).map_err(|e| e.to_string())?;
-    let correct = if verdict.correct { "true" } else { "false" };
-    for (name, value) in [("extracted", extracted), ("correct", correct.to_string())] {
+    let verdicts: Vec<Verdict> = graders
+        .iter()
+        .map(|g| g.grade(&response, &gold, style))
+        .collect();
+    let added: Vec<(&str, String)> = match (graders, verdicts.as_slice()) {
+        ([_], [v]) => vec![
+            ("extracted", to_json(&v.extracted)?),
+            ("correct", to_json(&v.correct)?),
+        ],
+        _ => {
+            // Built by hand so the graders stay in the order given.
+            let mut by_grader = String::from("{");
+            for (k, (g, v)) in graders.iter().zip(&verdicts).enumerate() {
+                if k > 0 {
+                    by_grader.push(',');
+                }
+                by_grader.push_str(&format!("{}:{}", to_json(&g.name())?, to_json(v)?));
+            }
+            by_grader.push('}');
+            vec![("verdicts", by_grader)]
+        }
+    };
+    for (name, value) in added {
         let raw = RawValue::from_string(value).map_err(|e| e.to_string())?;
         match members.iter_mut().find(|(k, _)| k == name) {
             Some(slot) => slot.1 = raw,
@@ -125,12 +164,16 @@ fn grade_line(line: &str, grader: Grader, style: ExtractStyle) -> Result<(String
         if k > 0 {
             out.push(',');
         }
-        out.push_str(&serde_json::to_string(name).map_err(|e| e.to_string())?);
+        out.push_str(&to_json(name)?);
         out.push(':');
         out.push_str(value.get());
     }
     out.push('}');
-    Ok((out, verdict.correct))
+    Ok((out, verdicts.iter().map(|v| v.correct).collect()))
+}
+
+fn to_json(value: &(impl Serialize + ?Sized)) -> Result<String, String> {
+    serde_json::to_string(value).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -149,7 +192,7 @@ mod tests {
         let s = grade_jsonl(
             input.as_bytes(),
             &mut out,
-            Grader::Paper,
+            &[Grader::Paper],
             ExtractStyle::Default,
         )
         .unwrap();
@@ -163,11 +206,43 @@ mod tests {
             lines[1],
             r#"{"gold":142.0,"response":"The answer is 142","correct":true,"extracted":"142"}"#
         );
-        assert_eq!((s.graded, s.correct), (2, 2));
+        assert_eq!((s.graded, s.correct(Grader::Paper)), (2, 2));
         assert_eq!(
             s.errors.iter().map(|e| e.line).collect::<Vec<_>>(),
             vec![2, 3]
         );
         assert!(s.errors[1].message.contains("response"));
+    }
+
+    #[test]
+    fn several_graders_write_verdicts_in_the_order_given() {
+        // `3/5` vs `0.6`: the paper's grader and math_verify agree it is right;
+        // an unboxed `x = 2` only math_verify reads.
+        let input = concat!(
+            "{\"gold\":\"0.6\",\"response\":\"\\\\boxed{3/5}\"}\n",
+            "{\"gold\":\"2\",\"response\":\"so $x = 2$\",\"verdicts\":1}\n",
+        );
+        let graders = [Grader::MathVerify, Grader::Paper];
+        let mut out = Vec::new();
+        let s = grade_jsonl(input.as_bytes(), &mut out, &graders, ExtractStyle::Default).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        let first = lines[0]["verdicts"].as_object().unwrap();
+        assert_eq!(
+            first.keys().collect::<Vec<_>>(),
+            ["math_verify", "paper"],
+            "{out}"
+        );
+        assert!(out.lines().next().unwrap().contains("{\"verdicts\":{\"math_verify\":"));
+        assert_eq!(lines[0]["verdicts"]["paper"]["correct"], true);
+        assert!(lines[0].get("correct").is_none());
+        assert_eq!(s.comparison.n, 2);
+        assert_eq!(s.correct(Grader::MathVerify), 2);
+        assert_eq!(s.correct(Grader::Paper), 1 + usize::from(lines[1]["verdicts"]["paper"]["correct"] == true));
+        assert_eq!(s.correct(Grader::Strict), 0);
     }
 }

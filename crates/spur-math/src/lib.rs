@@ -3,6 +3,7 @@
 //! (Qwen2.5-Math extraction + OpenAI PRM800K grader), in pure Rust; the
 //! paper's rewards; and the eval metrics of its Table 1.
 
+mod compare;
 mod expr;
 mod extract;
 mod grade;
@@ -18,6 +19,7 @@ mod words;
 
 pub mod bench;
 
+pub use compare::{GraderComparison, PairCounts, DISAGREE_LINES_KEPT};
 pub use extract::{extract_answer, extract_answer_strict, last_box, strip_string, ExtractStyle};
 pub use grade::{Grader, Verdict};
 pub use jsonl::{grade_jsonl, GradeSummary, LineError};

@@ -35,7 +35,7 @@ pub struct Group {
 }
 
 impl Group {
-    fn add(&mut self, correct: bool) {
+    pub(crate) fn add(&mut self, correct: bool) {
         self.n += 1;
         self.correct += usize::from(correct);
         self.accuracy = self.correct as f64 / self.n as f64;

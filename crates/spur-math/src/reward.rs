@@ -37,7 +37,7 @@ pub struct RewardSpec {
 
 impl RewardSpec {
     /// Parses a reward name. `params` may hold `gamma` (number, for `random`),
-    /// `grader` ("paper" | "strict") and `style` ("default" | "r1" | "box_only").
+    /// `grader` ("paper" | "strict" | "math_verify") and `style` ("default" | "r1" | "box_only").
     pub fn parse(
         name: &str,
         params: &serde_json::Map<String, serde_json::Value>,
@@ -146,10 +146,7 @@ impl Reward {
     pub fn evaluate(&self, response: &str, label: &str, seed: u64) -> f32 {
         let b = |x: bool| if x { 1.0 } else { 0.0 };
         match self {
-            Reward::Correct { grader, style } => {
-                let extracted = grader.extract(response, *style);
-                b(grader.is_equivalent(&extracted, label))
-            }
+            Reward::Correct { grader, style } => b(grader.grade(response, label, *style).correct),
             Reward::Format => b(last_box(response).is_some_and(|c| !c.trim().is_empty())),
             Reward::Random { gamma } => b(unit_interval(seed) < *gamma),
             Reward::Python => b(response.to_lowercase().contains("python")),

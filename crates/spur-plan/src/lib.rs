@@ -21,7 +21,8 @@ use sha2::{Digest, Sha256};
 use spur_spec::{Experiment, Run};
 
 pub use external::{External, ExternalError, ExternalKind, Hasher};
-pub use node::{Hash, Input, Node, Role, StageKind};
+pub use node::{Input, Node};
+pub use spur_core::{Hash, Role, StageKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {

@@ -1,116 +1,11 @@
 //! Nodes of the stage DAG and their identities.
 
-use std::fmt;
 use std::sync::Arc;
 
 use serde_json::Value;
+use spur_core::{Hash, StageKind};
 
-/// A sha256 digest: a node id or a content hash.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Hash(pub [u8; 32]);
-
-impl Hash {
-    pub fn hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    pub fn from_hex(s: &str) -> Option<Hash> {
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(s, &mut out).ok()?;
-        Some(Hash(out))
-    }
-}
-
-impl fmt::Display for Hash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.hex())
-    }
-}
-
-impl fmt::Debug for Hash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", &self.hex()[..12])
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum StageKind {
-    Rollout,
-    Reward,
-    Update,
-    Eval,
-    /// Majority-vote labels for `majority_vote` / `incorrect` rewards.
-    Label,
-    Command,
-}
-
-impl StageKind {
-    pub const ALL: [StageKind; 6] = [
-        StageKind::Rollout,
-        StageKind::Reward,
-        StageKind::Update,
-        StageKind::Eval,
-        StageKind::Label,
-        StageKind::Command,
-    ];
-
-    /// Whether the stage loads a model (and so has a peak memory worth estimating).
-    pub fn loads_model(self) -> bool {
-        matches!(
-            self,
-            StageKind::Rollout | StageKind::Update | StageKind::Eval | StageKind::Label
-        )
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            StageKind::Rollout => "rollout",
-            StageKind::Reward => "reward",
-            StageKind::Update => "update",
-            StageKind::Eval => "eval",
-            StageKind::Label => "label",
-            StageKind::Command => "command",
-        }
-    }
-}
-
-impl fmt::Display for StageKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// What an input is to the node that reads it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// The policy weights after the previous step (absent at step 1: the
-    /// model's own weights are an external input then).
-    Policy,
-    Rollout,
-    Reward,
-    Labels,
-    /// The previous step of the same per-step command.
-    Prev,
-    /// The i-th entry of a command's `needs`.
-    Need(u16),
-}
-
-impl Role {
-    /// Bytes hashed into the reader's id.
-    pub(crate) fn tag(self) -> [u8; 3] {
-        match self {
-            Role::Policy => [1, 0, 0],
-            Role::Rollout => [2, 0, 0],
-            Role::Reward => [3, 0, 0],
-            Role::Labels => [4, 0, 0],
-            Role::Prev => [5, 0, 0],
-            Role::Need(i) => {
-                let [a, b] = i.to_le_bytes();
-                [6, a, b]
-            }
-        }
-    }
-}
+use crate::Role;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Input {

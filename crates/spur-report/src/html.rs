@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::plots::{Drawn, HEIGHT, WIDTH};
 use crate::runs::{RunView, State};
-use crate::table::{Table, CAPTION};
+use crate::table::{Table, CAPTION, GRADER_CAPTION};
 use crate::{ReportError, ReportInput, Result};
 
 /// Responses longer than this are cut in the page (the eval artifact keeps
@@ -113,6 +113,11 @@ pub fn render(
             "unfinished": count(State::Incomplete) + count(State::Failed),
         },
         "table": {"caption": CAPTION, "header": table.header(), "rows": rows},
+        "grader_table": {
+            "caption": GRADER_CAPTION,
+            "header": table.grader_header(),
+            "rows": table.grader_rows().map(|r| table.grader_cells(r)).collect::<Vec<_>>(),
+        },
         "figures": figures,
         "runs": runs,
     });
@@ -191,5 +196,13 @@ mod tests {
             "only the error's first line"
         );
         assert!(html.contains("class=\"partial\""));
+    }
+
+    #[test]
+    fn the_page_shows_accuracy_under_each_grader() {
+        let html = page();
+        assert!(html.contains("<table id=\"graders\">"), "no grader table");
+        assert!(html.contains("<th>math_verify: final (Δ)</th>"));
+        assert!(html.contains("<td>27&#x2f;1500</td>"), "disagreements");
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use serde_json::Value;
+use spur_math::GraderComparison;
 
 use crate::{ReportError, Result, RunInput};
 
@@ -23,11 +24,32 @@ pub struct EvalNode {
     pub eval: String,
     pub step: u64,
     pub metrics: Option<Value>,
+    /// `metrics.graders`: every grader's verdicts, where the eval recorded them.
+    pub graders: Option<GraderComparison>,
 }
 
 impl EvalNode {
     pub fn metric(&self, name: &str) -> Option<f64> {
         self.metrics.as_ref()?.get(name)?.as_f64()
+    }
+
+    /// The accuracy under one grader (the eval stage records every grader's).
+    pub fn grader_accuracy(&self, grader: &str) -> Option<f64> {
+        Some(self.graders.as_ref()?.by_grader.get(grader)?.accuracy)
+    }
+
+    /// The graders this node has verdicts of.
+    pub fn grader_names(&self) -> Vec<String> {
+        self.graders
+            .as_ref()
+            .map(|g| g.by_grader.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// (responses on which the graders disagree, responses graded).
+    pub fn disagreement(&self) -> Option<(u64, u64)> {
+        let g = self.graders.as_ref()?;
+        Some((g.disagree as u64, g.n as u64))
     }
 }
 
@@ -136,11 +158,18 @@ impl RunView {
                         ));
                         continue;
                     };
+                    let graders = match metrics.and_then(|m| m.get("graders")) {
+                        Some(g) => Some(serde_json::from_value(g.clone()).map_err(|e| {
+                            bad(format!("nodes[{i}].metrics.graders: {e}"))
+                        })?),
+                        None => None,
+                    };
                     view.evals.push(EvalNode {
                         id: id.to_string(),
                         eval: name.to_string(),
                         step,
                         metrics: metrics.cloned(),
+                        graders,
                     });
                 }
                 "update" => {
@@ -214,14 +243,17 @@ impl RunView {
 /// node (a model's step-0 eval) is one node in every record that lists it,
 /// and a record written before another run computed it still says pending.
 pub fn share_eval_metrics(views: &mut [RunView]) {
-    let known: HashMap<String, Value> = views
+    let known: HashMap<String, (Value, Option<GraderComparison>)> = views
         .iter()
         .flat_map(|v| &v.evals)
-        .filter_map(|e| Some((e.id.clone(), e.metrics.clone()?)))
+        .filter_map(|e| Some((e.id.clone(), (e.metrics.clone()?, e.graders.clone()))))
         .collect();
     for e in views.iter_mut().flat_map(|v| &mut v.evals) {
         if e.metrics.is_none() {
-            e.metrics = known.get(&e.id).cloned();
+            if let Some((metrics, graders)) = known.get(&e.id) {
+                e.metrics = Some(metrics.clone());
+                e.graders = graders.clone();
+            }
         }
     }
 }

@@ -72,6 +72,24 @@ pub struct Row {
     pub seeds_total: usize,
     /// Why some seeds are missing: `seed 3 at step 2`, `seed 4 not started`.
     pub missing: Vec<String>,
+    /// The same accuracies under each grader, in [`Table::graders`] order.
+    pub by_grader: Vec<GraderCell>,
+    /// Final-eval responses on which the graders disagree, and all of them,
+    /// summed over the seeds that reached the final eval.
+    pub disagreement: Option<(u64, u64)>,
+}
+
+/// One grader's baseline and final mean in a row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GraderCell {
+    pub baseline: Option<f64>,
+    pub final_mean: Option<f64>,
+}
+
+impl GraderCell {
+    pub fn delta(&self) -> Option<f64> {
+        Some(self.final_mean? - self.baseline?)
+    }
 }
 
 impl Row {
@@ -124,11 +142,37 @@ pub struct Table {
     pub experiment: String,
     pub rows: Vec<Row>,
     pub has_variants: bool,
+    /// Graders the eval metrics have verdicts of: spur's own in their usual
+    /// order, then any other.
+    pub graders: Vec<String>,
+}
+
+/// spur's graders, in the order the tables show them.
+const GRADER_ORDER: [&str; 3] = ["paper", "strict", "math_verify"];
+
+fn grader_names(views: &[RunView]) -> Vec<String> {
+    let found: BTreeSet<String> = views
+        .iter()
+        .flat_map(|v| &v.evals)
+        .flat_map(|e| e.grader_names())
+        .collect();
+    let mut names: Vec<String> = GRADER_ORDER
+        .iter()
+        .filter(|g| found.contains(**g))
+        .map(|g| g.to_string())
+        .collect();
+    names.extend(
+        found
+            .into_iter()
+            .filter(|g| !GRADER_ORDER.contains(&g.as_str())),
+    );
+    names
 }
 
 impl Table {
     pub fn build(input: &ReportInput, views: &[RunView]) -> Table {
         let all_evals = eval_names(views);
+        let graders = grader_names(views);
         let mut rows = Vec::new();
         for g in groups(input) {
             let mut evals: Vec<String> =
@@ -147,18 +191,65 @@ impl Table {
                     finals: Vec::new(),
                     seeds_total: g.runs.len(),
                     missing: Vec::new(),
+                    by_grader: Vec::new(),
+                    disagreement: None,
                 });
                 continue;
             }
             for eval in evals {
-                rows.push(row(input, views, &g, &eval));
+                rows.push(row(input, views, &g, &eval, &graders));
             }
         }
         Table {
             experiment: input.experiment.name.clone(),
             has_variants: rows.iter().any(|r| !r.variant.is_empty()),
             rows,
+            graders,
         }
+    }
+
+    /// The "by grader" table's header: one column per grader, then the
+    /// final-eval disagreements.
+    pub fn grader_header(&self) -> Vec<String> {
+        let mut h = vec!["model".to_string(), "reward".into()];
+        if self.has_variants {
+            h.push("variant".into());
+        }
+        h.push("eval".into());
+        h.extend(self.graders.iter().map(|g| format!("{g}: final (Δ)")));
+        h.push("disagree".into());
+        h
+    }
+
+    /// Rows that have per-grader numbers (evals recorded before the eval
+    /// stage graded three ways have none).
+    pub fn grader_rows(&self) -> impl Iterator<Item = &Row> {
+        self.rows.iter().filter(|r| {
+            r.by_grader
+                .iter()
+                .any(|c| c.baseline.is_some() || c.final_mean.is_some())
+        })
+    }
+
+    /// Display cells of the "by grader" table (accuracies in %).
+    pub fn grader_cells(&self, r: &Row) -> Vec<String> {
+        let mut c = vec![r.model.clone(), r.reward.clone()];
+        if self.has_variants {
+            c.push(r.variant.clone());
+        }
+        c.push(r.eval.clone().unwrap_or_else(|| "—".into()));
+        for cell in &r.by_grader {
+            c.push(match (cell.final_mean, cell.delta()) {
+                (Some(m), Some(d)) => format!("{:.1} ({:+.1})", 100.0 * m, 100.0 * d),
+                (Some(m), None) => format!("{:.1}", 100.0 * m),
+                (None, _) => "—".into(),
+            });
+        }
+        c.push(match r.disagreement {
+            Some((d, n)) => format!("{d}/{n}"),
+            None => "—".into(),
+        });
+        c
     }
 
     pub fn header(&self) -> Vec<&'static str> {
@@ -219,6 +310,18 @@ impl Table {
             let cells: Vec<String> = self.cells(r).iter().map(|c| esc(c)).collect();
             out.push_str(&format!("| {} |\n", cells.join(" | ")));
         }
+        if self.grader_rows().next().is_some() {
+            out.push_str("\n## By grader\n\n");
+            out.push_str(GRADER_CAPTION);
+            out.push_str("\n\n");
+            let header = self.grader_header();
+            out.push_str(&format!("| {} |\n", header.join(" | ")));
+            out.push_str(&format!("|{}\n", "---|".repeat(header.len())));
+            for r in self.grader_rows() {
+                let cells: Vec<String> = self.grader_cells(r).iter().map(|c| esc(c)).collect();
+                out.push_str(&format!("| {} |\n", cells.join(" | ")));
+            }
+        }
         out
     }
 
@@ -227,8 +330,15 @@ impl Table {
         let num = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
         let mut out = String::from(
             "model,reward,variant,eval,final_step,baseline,final_mean,final_std,delta,\
-             seeds_finished,seeds_total,final_by_seed,note\n",
+             seeds_finished,seeds_total,final_by_seed",
         );
+        for g in &self.graders {
+            out.push_str(&format!(",baseline_{g},final_mean_{g}"));
+        }
+        if !self.graders.is_empty() {
+            out.push_str(",disagree,responses");
+        }
+        out.push_str(",note\n");
         for r in &self.rows {
             let by_seed = r
                 .finals
@@ -236,7 +346,7 @@ impl Table {
                 .map(|(s, v)| format!("{s}={v:.6}"))
                 .collect::<Vec<_>>()
                 .join(";");
-            let fields = [
+            let mut fields = vec![
                 r.model.clone(),
                 r.reward.clone(),
                 r.variant.clone(),
@@ -249,8 +359,18 @@ impl Table {
                 r.finals.len().to_string(),
                 r.seeds_total.to_string(),
                 by_seed,
-                r.note(),
             ];
+            for k in 0..self.graders.len() {
+                let cell = r.by_grader.get(k);
+                fields.push(num(cell.and_then(|c| c.baseline)));
+                fields.push(num(cell.and_then(|c| c.final_mean)));
+            }
+            if !self.graders.is_empty() {
+                let (d, n) = r.disagreement.unzip();
+                fields.push(d.map_or(String::new(), |d| d.to_string()));
+                fields.push(n.map_or(String::new(), |n| n.to_string()));
+            }
+            fields.push(r.note());
             let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
             out.push_str(&line.join(","));
             out.push('\n');
@@ -264,6 +384,12 @@ Final: the eval at the last planned step, mean ± sample standard deviation (n �
 over the seeds that reached it; Δ = final mean − baseline. \
 Seeds: seeds that reached the final eval / seeds in the grid.";
 
+pub const GRADER_CAPTION: &str = "The same evaluations under each grader: final mean \
+accuracy in % over the seeds that reached the final eval, and in brackets its change from \
+the step-0 baseline under that grader. Disagree: final-eval responses on which the graders' \
+verdicts differ / responses graded, summed over those seeds. A gain that holds under one \
+grader only is the grader's, not the training's.";
+
 fn csv_field(f: &str) -> String {
     if f.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", f.replace('"', "\"\""))
@@ -272,7 +398,7 @@ fn csv_field(f: &str) -> String {
     }
 }
 
-fn row(input: &ReportInput, views: &[RunView], g: &Group, eval: &str) -> Row {
+fn row(input: &ReportInput, views: &[RunView], g: &Group, eval: &str, graders: &[String]) -> Row {
     let nodes = |i: usize| views[i].evals.iter().filter(move |e| e.eval == eval);
     let final_step = g.runs.iter().flat_map(|&i| nodes(i)).map(|e| e.step).max();
     let baseline = mean(
@@ -284,13 +410,17 @@ fn row(input: &ReportInput, views: &[RunView], g: &Group, eval: &str) -> Row {
     );
     let mut finals = Vec::new();
     let mut missing = Vec::new();
+    let mut final_nodes = Vec::new();
     for &i in &g.runs {
         let seed = &input.runs[i].seed;
         let last = nodes(i)
             .filter(|e| Some(e.step) == final_step)
-            .find_map(|e| e.metric("accuracy"));
+            .find_map(|e| Some((e.metric("accuracy")?, e)));
         match (last, views[i].state) {
-            (Some(acc), _) => finals.push((seed.clone(), acc)),
+            (Some((acc, node)), _) => {
+                finals.push((seed.clone(), acc));
+                final_nodes.push(node);
+            }
             (None, State::NotStarted) => missing.push(format!("seed {seed} not started")),
             (None, state) => {
                 let at = match views[i].latest_eval_step() {
@@ -306,6 +436,23 @@ fn row(input: &ReportInput, views: &[RunView], g: &Group, eval: &str) -> Row {
             }
         }
     }
+    let by_grader = graders
+        .iter()
+        .map(|grader| GraderCell {
+            baseline: mean(
+                g.runs
+                    .iter()
+                    .flat_map(|&i| nodes(i))
+                    .filter(|e| e.step == 0)
+                    .filter_map(|e| e.grader_accuracy(grader)),
+            ),
+            final_mean: mean(final_nodes.iter().filter_map(|e| e.grader_accuracy(grader))),
+        })
+        .collect();
+    let disagreement = final_nodes
+        .iter()
+        .filter_map(|e| e.disagreement())
+        .reduce(|(d, n), (d2, n2)| (d + d2, n + n2));
     Row {
         model: g.model.clone(),
         reward: g.reward.clone(),
@@ -316,6 +463,8 @@ fn row(input: &ReportInput, views: &[RunView], g: &Group, eval: &str) -> Row {
         finals,
         seeds_total: g.runs.len(),
         missing,
+        by_grader,
+        disagreement,
     }
 }
 
@@ -408,6 +557,61 @@ mod tests {
             .unwrap();
         assert!(line.contains(",2,3,1=0.580000;2=0.600000,"), "{line}");
         assert!(line.ends_with("\"partial; seed 3 unfinished, last eval at step 2\""));
+    }
+
+    #[test]
+    fn the_grader_table_shows_each_graders_gain_and_the_disagreements() {
+        let t = table();
+        assert_eq!(t.graders, ["paper", "strict", "math_verify"]);
+        let r = find(&t, "alpha", "ground_truth", "math500");
+        let paper_mean = r.mean().unwrap();
+        assert_eq!(r.by_grader[0].final_mean, Some(paper_mean));
+        assert_eq!(r.by_grader[0].delta(), r.delta());
+        // strict: one point above paper at both ends, so the same gain.
+        assert!((r.by_grader[1].delta().unwrap() - r.delta().unwrap()).abs() < 1e-12);
+        // math_verify: four points more at step 4.
+        assert!((r.by_grader[2].delta().unwrap() - r.delta().unwrap() - 0.04).abs() < 1e-12);
+        // Three seeds at step 4: 9 disagreements in 500 responses each.
+        assert_eq!(r.disagreement, Some((27, 1500)));
+        let cells = t.grader_cells(r);
+        assert_eq!(cells[..3], ["alpha", "ground_truth", "math500"]);
+        assert_eq!(cells.last().unwrap(), "27/1500");
+        let md = t.markdown();
+        assert!(md.contains("## By grader"), "{md}");
+        assert!(
+            md.contains("| model | reward | eval | paper: final (Δ) | strict: final (Δ) | math_verify: final (Δ) | disagree |"),
+            "{md}"
+        );
+        let csv = t.csv();
+        let header = csv.lines().next().unwrap();
+        assert!(header.ends_with(
+            "final_by_seed,baseline_paper,final_mean_paper,baseline_strict,final_mean_strict,\
+             baseline_math_verify,final_mean_math_verify,disagree,responses,note"
+        ));
+        let line = csv
+            .lines()
+            .find(|l| l.starts_with("alpha,ground_truth,,math500,"))
+            .unwrap();
+        assert!(line.contains(",0.500000,") && line.contains(",27,1500,"), "{line}");
+    }
+
+    #[test]
+    fn records_without_grader_verdicts_leave_the_grader_table_out() {
+        let mut input = testdata::input();
+        for run in &mut input.runs {
+            if let Some(rec) = &mut run.record {
+                for node in rec.json["nodes"].as_array_mut().unwrap() {
+                    if let Some(m) = node["metrics"].as_object_mut() {
+                        m.remove("graders");
+                    }
+                }
+            }
+        }
+        let views = testdata::views(&input);
+        let t = Table::build(&input, &views);
+        assert!(t.graders.is_empty());
+        assert!(!t.markdown().contains("By grader"));
+        assert!(t.csv().lines().next().unwrap().ends_with("final_by_seed,note"));
     }
 
     #[test]

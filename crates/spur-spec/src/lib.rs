@@ -21,7 +21,7 @@ use serde_json::Value;
 pub use error::{did_you_mean, one_of, SpecError, SpecErrors};
 pub use locate::{Locations, Pos};
 pub use params::{
-    param_paths, Advantage, Aggregation, EvalAt, EvalParams, KlEstimator, LrSchedule, Materialize,
+    param_paths, Advantage, Aggregation, EvalAt, EvalParams, GraderName, KlEstimator, LrSchedule, Materialize,
     Precision, RolloutParams, RunParams, UpdateParams,
 };
 pub use schema::{
@@ -510,7 +510,7 @@ fn check_definitions(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecErro
             }
         }
         if let Some(grader) = &r.grader {
-            let graders = ["paper", "strict"];
+            let graders = params::GraderName::NAMES;
             if !graders.contains(&grader.as_str()) {
                 errors.push(
                     ctx.err(

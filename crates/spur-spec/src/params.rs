@@ -203,6 +203,25 @@ pub struct EvalParams {
     pub at: EvalAt,
     /// Seed for sampled evals; fixed so every arm sees the same eval noise.
     pub seed: u64,
+    /// The grader behind the headline `accuracy`; every response is graded by all three.
+    pub grader: GraderName,
+}
+
+/// A grader, by the name spur-math gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GraderName {
+    /// The paper's Qwen2.5-Math extraction and PRM800K grader.
+    #[default]
+    Paper,
+    /// The paper's grader with its plain failures fixed.
+    Strict,
+    /// Math-Verify 0.9's semantics.
+    MathVerify,
+}
+
+impl GraderName {
+    pub const NAMES: [&'static str; 3] = ["paper", "strict", "math_verify"];
 }
 
 impl Default for EvalParams {
@@ -215,6 +234,7 @@ impl Default for EvalParams {
             max_tokens: 3072,
             at: EvalAt::Every,
             seed: 0,
+            grader: GraderName::Paper,
         }
     }
 }

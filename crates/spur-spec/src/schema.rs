@@ -132,7 +132,7 @@ pub struct RewardDef {
     pub command: Option<String>,
     /// Answer extraction: `default`, `r1` or `box_only`.
     pub style: Option<String>,
-    /// `paper` (default) or `strict`.
+    /// `paper` (default), `strict` or `math_verify`.
     pub grader: Option<String>,
     /// Model whose majority vote makes the labels (default: the run's model).
     pub label_model: Option<String>,

@@ -1,11 +1,13 @@
 //! The `eval` stage: a benchmark at one step (MATH-500 greedy pass@1,
-//! AIME/AMC avg@k), graded with the paper's grader.
+//! AIME/AMC avg@k). Every response is graded by all of spur's graders in one
+//! pass; `eval.grader` picks the one behind the headline `accuracy`, and the
+//! metrics say how often the others disagree with it.
 
 use std::io::Write;
 
 use serde_json::{json, Value};
 use spur_lm::{GenerationRequest, PromptTemplate, SamplingParams};
-use spur_math::{EvalRecord, ExtractStyle, Grader};
+use spur_math::{EvalRecord, ExtractStyle, Grader, GraderComparison};
 use spur_plan::StageKind;
 
 use crate::data;
@@ -17,6 +19,9 @@ pub const RECORDS_FILE: &str = "eval.jsonl";
 
 pub struct EvalStage;
 
+/// Every grader an evaluation records a verdict of.
+const GRADERS: [Grader; 3] = [Grader::Paper, Grader::Strict, Grader::MathVerify];
+
 impl Stage for EvalStage {
     fn kind(&self) -> StageKind {
         StageKind::Eval
@@ -24,7 +29,8 @@ impl Stage for EvalStage {
 
     fn version(&self) -> u32 {
         // Samples through spur-lm's decode path: numerics changes are spur_lm::NUMERICS_VERSION.
-        crate::numerics_stage_version(1, spur_lm::NUMERICS_VERSION)
+        // 2: all graders' verdicts per response, `eval.grader` picks the headline.
+        crate::numerics_stage_version(2, spur_lm::NUMERICS_VERSION)
     }
 
     fn resource(&self, _node: &spur_plan::Node) -> Resource {
@@ -49,6 +55,11 @@ impl Stage for EvalStage {
             seed: 0,
         };
         let engine_name = p.str("model.engine")?;
+        let headline: Grader = p.str("eval.grader")?.parse().map_err(failed)?;
+        // The headline grader first: its verdict is the record's `correct`.
+        let graders: Vec<Grader> = std::iter::once(headline)
+            .chain(GRADERS.into_iter().filter(|g| *g != headline))
+            .collect();
         let problems = data::load(&model::dataset_path(ctx)?, &params["dataset"])?;
         let template = model::template(&p)?;
         let style = if template == PromptTemplate::R1 {
@@ -79,9 +90,21 @@ impl Stage for EvalStage {
         let mut records = Vec::with_capacity(completions.len());
         let mut file = std::io::BufWriter::new(std::fs::File::create(out.join(RECORDS_FILE))?);
         let (mut boxed, mut tokens) = (0usize, 0usize);
-        for c in &completions {
+        let mut comparison = GraderComparison::new(&graders);
+        for (line, c) in completions.iter().enumerate() {
             let p = &problems[c.prompt_index];
-            let verdict = Grader::Paper.grade(&c.text, &p.answer, style);
+            let mut verdicts: Vec<_> = graders
+                .iter()
+                .map(|g| g.grade(&c.text, &p.answer, style))
+                .collect();
+            let correct: Vec<bool> = verdicts.iter().map(|v| v.correct).collect();
+            comparison.add(line + 1, &graders, &correct);
+            let by_grader: serde_json::Map<String, Value> = graders
+                .iter()
+                .zip(&verdicts)
+                .map(|(g, v)| (g.name().to_string(), json!(v)))
+                .collect();
+            let verdict = verdicts.swap_remove(0);
             boxed +=
                 usize::from(!spur_math::extract_answer(&c.text, ExtractStyle::BoxOnly).is_empty());
             tokens += c.token_ids.len();
@@ -99,6 +122,7 @@ impl Stage for EvalStage {
                 "gold": p.answer,
                 "finish_reason": c.finish_reason,
                 "record": record,
+                "verdicts": by_grader,
             });
             serde_json::to_writer(&mut file, &line).map_err(failed)?;
             file.write_all(b"\n")?;
@@ -106,9 +130,11 @@ impl Stage for EvalStage {
         }
         file.flush()?;
         let total = completions.len().max(1) as f64;
-        let mut metrics =
-            serde_json::to_value(spur_math::eval_metrics(&records)).map_err(failed)?;
-        metrics["accuracy"] = json!(spur_math::eval_metrics(&records).overall.accuracy);
+        let summary = spur_math::eval_metrics(&records);
+        let mut metrics = serde_json::to_value(&summary).map_err(failed)?;
+        metrics["accuracy"] = json!(summary.overall.accuracy);
+        metrics["grader"] = json!(headline.name());
+        metrics["graders"] = serde_json::to_value(&comparison).map_err(failed)?;
         metrics["boxed_rate"] = json!(boxed as f64 / total);
         metrics["mean_length"] = json!(tokens as f64 / total);
         if n > 1 {

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use spur_plan::Hash;
+use spur_core::Hash;
 
 pub fn hash_reader(mut r: impl Read) -> io::Result<Hash> {
     let mut h = Sha256::new();

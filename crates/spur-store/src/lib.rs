@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use spur_plan::Hash;
+use spur_core::Hash;
 
 pub use hashing::{hash_file, hash_reader};
 pub use manifest::{Artifact, NodeManifest};

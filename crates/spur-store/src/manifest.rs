@@ -77,7 +77,7 @@ pub(crate) fn hash_tree(out: &Path) -> Result<BTreeMap<String, Artifact>> {
 
 /// The file's sha256, after its data is on disk: a published node must
 /// survive a crash, not only a killed process.
-fn hash_and_sync(path: &Path) -> std::io::Result<spur_plan::Hash> {
+fn hash_and_sync(path: &Path) -> std::io::Result<spur_core::Hash> {
     let file = std::fs::File::open(path)?;
     let hash = hash_reader(&file)?;
     file.sync_all()?;

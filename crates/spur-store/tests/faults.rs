@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::Path;
 
-use spur_plan::Hash;
+use spur_core::Hash;
 use spur_store::{NodeManifest, Store, StoreError};
 
 fn id(n: u8) -> Hash {

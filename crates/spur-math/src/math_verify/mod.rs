@@ -8,7 +8,7 @@
 //!
 //! sympy's symbolic work is replaced by bounded evaluation (exact rationals,
 //! or complex floating point at fixed random points), so each answer takes
-//! bounded time and no timeout is needed. docs/grading-math-verify.md lists
+//! bounded time and no timeout is needed. docs/grading.md lists
 //! where the verdicts can differ from the Python library.
 
 mod compare;
