@@ -6,6 +6,8 @@
 //!   weights (or quantised GGUF weights for fast sampling) and a KV cache; f32 or bf16
 //!   compute, optional activation checkpointing.
 //! - [`token_logprobs`]: the sampled token's log-prob as one op with its own backward pass.
+//! - [`train_ops`]: the training passes' RMS norm, rotary embedding and SwiGLU gating, each
+//!   one op with its own backward pass.
 //! - [`memory`]: peak-memory estimates from a model's shapes, and measured peaks.
 //! - [`tokenizer`], [`template`]: tokenizers and prompt templates.
 //! - [`engine`]: the generation trait and the candle implementation.
@@ -23,6 +25,7 @@ pub mod source;
 pub mod template;
 pub mod token_logprobs;
 pub mod tokenizer;
+pub mod train_ops;
 pub mod weights;
 
 use std::path::PathBuf;
@@ -46,7 +49,8 @@ pub use tokenizer::Tokenizer;
 /// 2: prefill matmuls in the x·Wᵀ form. 3: decode attention as one fused CPU op.
 /// 4: decode matmuls with spur's f32 kernel, vectorised attention sums.
 /// 5: candle's fused RMS norm in CPU KV-cache passes.
-pub const NUMERICS_VERSION: u32 = 5;
+/// 6: spur's fused RMS norm, rotary embedding and SwiGLU in passes without a cache (scoring).
+pub const NUMERICS_VERSION: u32 = 6;
 
 /// The device a spec names: `cpu`, `cuda` (device 0), `cuda:N`, or `auto` (CUDA device 0
 /// when this build has CUDA and the machine a GPU, else the CPU).

@@ -1,6 +1,8 @@
-//! One decoder-only transformer for Llama, Qwen2 and OLMo2, written with differentiable candle
-//! ops only (composite softmax, hand-written RMS norm and rotary embedding), so that the model
-//! that samples rollouts is also the policy the trainer differentiates.
+//! One decoder-only transformer for Llama, Qwen2 and OLMo2, written with differentiable ops only
+//! (candle's composite softmax; spur's RMS norm, rotary embedding and SwiGLU from
+//! [`crate::train_ops`], each with its own backward pass), so that the model that samples
+//! rollouts is also the policy the trainer differentiates. Passes without a gradient (KV-cache
+//! decoding) use candle's and spur's fused kernels without a backward pass instead.
 //!
 //! Weights are either trainable f32 [`Var`]s held in a [`VarMap`] (loaded from safetensors or a
 //! dequantised GGUF) or, for fast evaluation, the quantised GGUF tensors behind [`QMatMul`].
@@ -25,16 +27,7 @@ use crate::decode_matmul::DecodeMatmul;
 use crate::decode_silu::SiluMul;
 use crate::error::{Error, Result};
 use crate::quant::QuantMatrix;
-
-/// How rotary embeddings pair up head dimensions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RopeStyle {
-    /// Hugging Face layout: dimension i pairs with i + head_dim/2.
-    Half,
-    /// llama.cpp layout: dimension 2i pairs with 2i+1. GGUF files of Llama models store the
-    /// q/k rows permuted for this; the quantised path keeps them permuted and uses this style.
-    Interleaved,
-}
+use crate::train_ops::{self, RopeStyle};
 
 /// Up to this many rows a decoding pass's dense matmul on the CPU uses spur's decode kernel
 /// ([`crate::decode_matmul`]); above, `gemm`'s packed micro-kernel is faster.
@@ -420,18 +413,10 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, decoding: bool) -> Result<Ten
             eps as f32,
         )?);
     }
-    // Written out so that the weight gets a gradient; in f32 whatever the pass's dtype (a
-    // bf16 mean of squares over thousands of features loses most of its digits).
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?;
-    Ok(normed
-        .broadcast_mul(&weight.to_dtype(DType::F32)?)?
-        .to_dtype(dtype)?)
+    train_ops::rms_norm(x, weight, eps)
 }
 
-/// Rotary embedding of `x` ([b, heads, t, d]) with `cos`/`sin` of shape [b, 1, t, d/2].
+/// Rotary embedding of `x` ([b, heads, t, d]) with `cos`/`sin` of shape [b, t, d/2].
 /// `decoding`: no gradient will be taken.
 fn rope(
     x: &Tensor,
@@ -440,36 +425,15 @@ fn rope(
     style: RopeStyle,
     decoding: bool,
 ) -> Result<Tensor> {
-    let (b, h, t, d) = x.dims4()?;
-    let half = d / 2;
     if fused(decoding) {
-        // candle's kernels (same products and sums as below).
-        let (cos, sin) = (cos.reshape((b, t, half))?, sin.reshape((b, t, half))?);
+        // candle's kernels (same products and sums as spur's, without a backward pass).
         let x = x.contiguous()?;
         return Ok(match style {
-            RopeStyle::Half => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
+            RopeStyle::Half => candle_nn::rotary_emb::rope(&x, cos, sin)?,
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
         });
     }
-    match style {
-        RopeStyle::Half => {
-            let x1 = x.narrow(D::Minus1, 0, half)?;
-            let x2 = x.narrow(D::Minus1, half, half)?;
-            let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-            let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-            Ok(Tensor::cat(&[a, b], D::Minus1)?)
-        }
-        RopeStyle::Interleaved => {
-            let pairs = x.reshape((b, h, t, half, 2))?;
-            let even = pairs.narrow(D::Minus1, 0, 1)?;
-            let odd = pairs.narrow(D::Minus1, 1, 1)?;
-            let cos = cos.unsqueeze(D::Minus1)?;
-            let sin = sin.unsqueeze(D::Minus1)?;
-            let a = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
-            let b2 = (odd.broadcast_mul(&cos)? + even.broadcast_mul(&sin)?)?;
-            Ok(Tensor::cat(&[a, b2], D::Minus1)?.reshape((b, h, t, d))?)
-        }
-    }
+    train_ops::rope(x, cos, sin, style)
 }
 
 impl Transformer {
@@ -698,7 +662,7 @@ impl Transformer {
         self.compute
     }
 
-    /// With checkpointing, [`Transformer::forward_checkpointed`] keeps one tensor per decoder
+    /// With checkpointing, [`Transformer::forward_for_gradient`] keeps one tensor per decoder
     /// layer instead of the layer's whole graph; the backward pass recomputes each layer.
     pub fn set_activation_checkpointing(&mut self, on: bool) {
         self.checkpoint_activations = on;
@@ -754,7 +718,7 @@ impl Transformer {
         vars
     }
 
-    /// cos and sin of shape [b, 1, t, d/2] for per-row positions `positions[row][j]`.
+    /// cos and sin of shape [b, t, d/2] for per-row positions `positions[row][j]`.
     fn rope_tables(&self, positions: &[Vec<usize>]) -> Result<(Tensor, Tensor)> {
         let b = positions.len();
         let t = positions.first().map_or(0, |p| p.len());
@@ -770,8 +734,8 @@ impl Transformer {
                 }
             }
         }
-        let cos = Tensor::from_vec(cos, (b, 1, t, half), &self.device)?.to_dtype(self.compute)?;
-        let sin = Tensor::from_vec(sin, (b, 1, t, half), &self.device)?.to_dtype(self.compute)?;
+        let cos = Tensor::from_vec(cos, (b, t, half), &self.device)?.to_dtype(self.compute)?;
+        let sin = Tensor::from_vec(sin, (b, t, half), &self.device)?.to_dtype(self.compute)?;
         Ok((cos, sin))
     }
 
@@ -855,8 +819,11 @@ impl Transformer {
         let h = if cpu_kernels(decoding, &gate) {
             gate.contiguous()?
                 .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)?
-        } else {
+        } else if decoding {
+            // Where spur's decode kernel does not serve (bf16, CUDA): candle's ops, as before.
             (gate.silu()? * up)?
+        } else {
+            train_ops::swiglu(&gate, &up)?
         };
         layer.down.forward(&h, decoding)
     }

@@ -83,12 +83,15 @@ impl Policy for Tempered<'_> {
     }
 }
 
+/// A policy's own backward pass: the gradients of the loss it is given.
+pub type StagedBackward<'a> = Box<dyn FnOnce(&Tensor) -> Result<GradStore> + 'a>;
+
 /// How to get the gradients of a loss computed from a training pass's logits.
 pub enum Backprop<'a> {
     /// The logits hold the whole graph: `loss.backward()`.
     Graph,
     /// The policy's own backward pass, given the loss.
-    Staged(Box<dyn FnOnce(&Tensor) -> Result<GradStore> + 'a>),
+    Staged(StagedBackward<'a>),
 }
 
 impl Backprop<'_> {
