@@ -1,6 +1,7 @@
 //! Times one training forward + backward pass of a 4-layer Qwen2-shaped model with random
-//! weights on 4 sequences of 256 tokens, in f32 and bf16, with and without activation
-//! checkpointing, and prints each one's step time and peak memory.
+//! weights on 4 sequences of 256 tokens (packed, logits where each predicts its next token), in
+//! f32 and bf16, with and without activation checkpointing, and prints each one's step time and
+//! peak memory.
 //!
 //! `MALLOC_MMAP_THRESHOLD_=65536 cargo run -p spur-lm --example train_step` (the dev profile
 //! optimises every crate; the threshold returns freed activations to the system, so the peak
@@ -13,7 +14,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use spur_lm::memory::PeakMemory;
 use spur_lm::model::parameter_shapes;
-use spur_lm::{Architecture, ModelConfig, Transformer};
+use spur_lm::{Architecture, ModelConfig, PackedSequences, Transformer};
 
 const ROWS: usize = 4;
 const TOKENS: usize = 256;
@@ -65,12 +66,9 @@ fn model() -> spur_lm::Result<Transformer> {
 }
 
 /// One forward + backward pass: mean log-prob of each next token.
-fn step(model: &Transformer, tokens: &Tensor) -> spur_lm::Result<()> {
-    let (logits, tape) = model.forward_for_gradient(tokens, 0)?;
-    let vocab = logits.dim(2)?;
-    let rows = logits.reshape((ROWS * TOKENS, vocab))?;
-    let targets = tokens.flatten_all()?;
-    let loss = spur_lm::token_logprobs::token_logprobs(&rows, &targets)?.mean_all()?;
+fn step(model: &Transformer, batch: &PackedSequences, targets: &Tensor) -> spur_lm::Result<()> {
+    let (logits, tape) = model.forward_for_gradient(batch)?;
+    let loss = spur_lm::token_logprobs::token_logprobs(&logits, targets)?.mean_all()?;
     let grads = match tape {
         Some(tape) => tape.backward(&loss)?,
         None => loss.backward()?,
@@ -84,7 +82,10 @@ fn main() -> spur_lm::Result<()> {
     let ids: Vec<u32> = (0..ROWS * TOKENS)
         .map(|i| (i * 7919 % 8191) as u32 + 1)
         .collect();
-    let tokens = Tensor::from_vec(ids, (ROWS, TOKENS), &Device::Cpu)?;
+    let sequences: Vec<&[u32]> = ids.chunks(TOKENS).collect();
+    let batch = PackedSequences::new(&sequences, &vec![0..TOKENS - 1; ROWS], &Device::Cpu)?;
+    let targets: Vec<u32> = sequences.iter().flat_map(|s| s[1..].to_vec()).collect();
+    let targets = Tensor::new(targets, &Device::Cpu)?;
     println!(
         "{ROWS}×{TOKENS} tokens, {} threads; median of {STEPS} steps",
         spur_lm::cpu_threads()
@@ -93,13 +94,13 @@ fn main() -> spur_lm::Result<()> {
         for checkpointing in [false, true] {
             model.set_compute_dtype(dtype)?;
             model.set_activation_checkpointing(checkpointing);
-            step(&model, &tokens)?; // warm-up
+            step(&model, &batch, &targets)?; // warm-up
             let mut times = Vec::new();
             let mut peak = 0;
             for _ in 0..STEPS {
                 let memory = PeakMemory::start(&Device::Cpu);
                 let start = Instant::now();
-                step(&model, &tokens)?;
+                step(&model, &batch, &targets)?;
                 times.push(start.elapsed().as_secs_f64());
                 peak = peak.max(memory.finish().unwrap_or(0));
             }

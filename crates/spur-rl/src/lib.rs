@@ -35,6 +35,8 @@ pub use policy::{
     scoring_logprobs, sequence_logprobs, training_logprobs, Backprop, Policy, SeqLogprobs, Tempered,
 };
 pub use rng::{splitmix64, Rng};
+/// The input of a [`Policy`]'s passes.
+pub use spur_lm::PackedSequences;
 pub use trainer::{
     Rollout, RolloutGroup, RolloutSample, StepMetrics, StepTimings, TrainConfig, Trainer,
 };

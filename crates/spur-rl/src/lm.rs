@@ -2,6 +2,7 @@
 //! optimizer update is what the next rollout samples from.
 
 use candle_core::{Device, Tensor, Var};
+use spur_lm::PackedSequences;
 use spur_lm::Transformer;
 
 use crate::policy::{Backprop, Policy};
@@ -12,19 +13,19 @@ impl Policy for Transformer {
         Transformer::named_vars(self)
     }
 
-    fn forward_logits(&self, input_ids: &Tensor, start: usize) -> Result<Tensor> {
-        self.forward_from(input_ids, start)
+    fn forward_logits(&self, batch: &PackedSequences) -> Result<Tensor> {
+        self.forward_packed(batch)
             .map_err(|e| Error::Policy(Box::new(e)))
     }
 
-    fn scoring_logits(&self, input_ids: &Tensor, start: usize) -> Result<Tensor> {
-        self.forward_no_grad(input_ids, start)
+    fn scoring_logits(&self, batch: &PackedSequences) -> Result<Tensor> {
+        self.forward_no_grad(batch)
             .map_err(|e| Error::Policy(Box::new(e)))
     }
 
-    fn training_logits(&self, input_ids: &Tensor, start: usize) -> Result<(Tensor, Backprop<'_>)> {
+    fn training_logits(&self, batch: &PackedSequences) -> Result<(Tensor, Backprop<'_>)> {
         let (logits, tape) = self
-            .forward_for_gradient(input_ids, start)
+            .forward_for_gradient(batch)
             .map_err(|e| Error::Policy(Box::new(e)))?;
         let backprop = match tape {
             None => Backprop::Graph,

@@ -1,7 +1,12 @@
 //! What the trainer needs from a model, and per-token log-probs of completions from its logits.
+//!
+//! A batch of (prompt, completion) pairs is scored as [`PackedSequences`]: the pairs back to
+//! back in one row, without padding, each attending only to itself, with logits only at the
+//! positions that predict completion tokens.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
+use spur_lm::PackedSequences;
 
 use crate::{Error, Result};
 
@@ -11,24 +16,23 @@ pub trait Policy: Sync {
     /// The trainable weights with unique, stable names (the checkpoint keys), in a fixed order.
     fn named_vars(&self) -> Vec<(String, Var)>;
 
-    /// Logits at positions `start..len`: `input_ids` u32 `[batch, len]`, right-padded, to
-    /// `[batch, len - start, vocab]`, where position j predicts token j + 1. Must be
-    /// differentiable with respect to every var (see STACK-NOTES: fused candle ops cut
-    /// gradients silently).
-    fn forward_logits(&self, input_ids: &Tensor, start: usize) -> Result<Tensor>;
+    /// Logits at the positions `batch` asks for, `[n, vocab]` in its order, where position j of
+    /// a sequence predicts its token j + 1. Must be differentiable with respect to every var
+    /// (see STACK-NOTES: fused candle ops cut gradients silently).
+    fn forward_logits(&self, batch: &PackedSequences) -> Result<Tensor>;
 
     /// [`Policy::forward_logits`] for a pass whose gradient will not be taken (π_old and
     /// reference log-probs), detached. A policy may keep less memory for it than for a
     /// differentiable pass.
-    fn scoring_logits(&self, input_ids: &Tensor, start: usize) -> Result<Tensor> {
-        Ok(self.forward_logits(input_ids, start)?.detach())
+    fn scoring_logits(&self, batch: &PackedSequences) -> Result<Tensor> {
+        Ok(self.forward_logits(batch)?.detach())
     }
 
     /// [`Policy::forward_logits`] for a pass whose gradient will be taken, with how to take it.
     /// A policy that keeps less than the whole graph (activation checkpointing) returns a
     /// [`Backprop::Staged`] that recomputes what it dropped.
-    fn training_logits(&self, input_ids: &Tensor, start: usize) -> Result<(Tensor, Backprop<'_>)> {
-        Ok((self.forward_logits(input_ids, start)?, Backprop::Graph))
+    fn training_logits(&self, batch: &PackedSequences) -> Result<(Tensor, Backprop<'_>)> {
+        Ok((self.forward_logits(batch)?, Backprop::Graph))
     }
 
     fn device(&self) -> Device;
@@ -63,18 +67,18 @@ impl Policy for Tempered<'_> {
         self.policy.named_vars()
     }
 
-    fn forward_logits(&self, input_ids: &Tensor, start: usize) -> Result<Tensor> {
-        self.scale(self.policy.forward_logits(input_ids, start)?)
+    fn forward_logits(&self, batch: &PackedSequences) -> Result<Tensor> {
+        self.scale(self.policy.forward_logits(batch)?)
     }
 
-    fn scoring_logits(&self, input_ids: &Tensor, start: usize) -> Result<Tensor> {
-        self.scale(self.policy.scoring_logits(input_ids, start)?)
+    fn scoring_logits(&self, batch: &PackedSequences) -> Result<Tensor> {
+        self.scale(self.policy.scoring_logits(batch)?)
     }
 
-    fn training_logits(&self, input_ids: &Tensor, start: usize) -> Result<(Tensor, Backprop<'_>)> {
+    fn training_logits(&self, batch: &PackedSequences) -> Result<(Tensor, Backprop<'_>)> {
         // The scaling is part of the graph between the policy's logits and the loss, so a
         // staged backward pass (which starts from the loss) goes through it.
-        let (logits, backprop) = self.policy.training_logits(input_ids, start)?;
+        let (logits, backprop) = self.policy.training_logits(batch)?;
         Ok((self.scale(logits)?, backprop))
     }
 
@@ -123,21 +127,19 @@ pub struct SeqLogprobs {
 }
 
 /// log π(completion token k | prompt, completion[..k]) for each `(prompt, completion)` pair,
-/// with one forward pass over the right-padded concatenations. Neither part may be empty.
+/// with one forward pass over the packed concatenations. Neither part may be empty.
 pub fn sequence_logprobs(
     policy: &dyn Policy,
     seqs: &[(&[u32], &[u32])],
     entropy: Entropy,
 ) -> Result<SeqLogprobs> {
-    scored(policy, seqs, entropy, |ids, start| {
-        policy.forward_logits(ids, start)
-    })
+    scored(policy, seqs, entropy, |batch| policy.forward_logits(batch))
 }
 
 /// [`sequence_logprobs`] without a gradient (detached), through [`Policy::scoring_logits`].
 pub fn scoring_logprobs(policy: &dyn Policy, seqs: &[(&[u32], &[u32])]) -> Result<Tensor> {
-    let scored = scored(policy, seqs, Entropy::Skip, |ids, start| {
-        policy.scoring_logits(ids, start)
+    let scored = scored(policy, seqs, Entropy::Skip, |batch| {
+        policy.scoring_logits(batch)
     })?;
     Ok(scored.logprobs)
 }
@@ -149,8 +151,8 @@ pub fn training_logprobs<'p>(
     entropy: Entropy,
 ) -> Result<(SeqLogprobs, Backprop<'p>)> {
     let mut backprop = Backprop::Graph;
-    let logprobs = scored(policy, seqs, entropy, |ids, start| {
-        let (logits, how) = policy.training_logits(ids, start)?;
+    let logprobs = scored(policy, seqs, entropy, |batch| {
+        let (logits, how) = policy.training_logits(batch)?;
         backprop = how;
         Ok(logits)
     })?;
@@ -161,7 +163,7 @@ fn scored(
     policy: &dyn Policy,
     seqs: &[(&[u32], &[u32])],
     entropy: Entropy,
-    logits_from: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
+    logits_from: impl FnOnce(&PackedSequences) -> Result<Tensor>,
 ) -> Result<SeqLogprobs> {
     if seqs.is_empty() {
         return Err(Error::Rollout("no sequences to score".into()));
@@ -174,46 +176,37 @@ fn scored(
     }
     let device = policy.device();
     let b = seqs.len();
-    let len = seqs
-        .iter()
-        .map(|(p, c)| p.len() + c.len())
-        .max()
-        .unwrap_or(0);
-    let width_out = seqs.iter().map(|(_, c)| c.len()).max().unwrap_or(1);
-    // Only the logits from the earliest position that predicts a completion token onwards are
-    // needed: the policy skips the vocabulary projection and log-softmax before it.
-    let start = seqs.iter().map(|(p, _)| p.len()).min().unwrap_or(1) - 1;
-    let width = len - 1 - start;
+    let width = seqs.iter().map(|(_, c)| c.len()).max().unwrap_or(1);
 
-    let mut ids = Vec::with_capacity(b * len);
-    let mut index = Vec::with_capacity(b * width_out);
-    let mut mask = Vec::with_capacity(b * width_out);
-    for (prompt, completion) in seqs {
-        ids.extend_from_slice(prompt);
-        ids.extend_from_slice(completion);
-        ids.resize(ids.len() + len - prompt.len() - completion.len(), 0);
-        for k in 0..width_out {
+    // Logits only at the positions that predict a completion token: from the prompt's last
+    // token to the completion's second to last.
+    let sequences: Vec<Vec<u32>> = seqs.iter().map(|(p, c)| [*p, *c].concat()).collect();
+    let sequences: Vec<&[u32]> = sequences.iter().map(Vec::as_slice).collect();
+    let wanted: Vec<_> = seqs
+        .iter()
+        .map(|(p, c)| p.len() - 1..p.len() + c.len() - 1)
+        .collect();
+    let batch = PackedSequences::new(&sequences, &wanted, &device)
+        .map_err(|e| Error::Policy(Box::new(e)))?;
+    let targets: Vec<u32> = seqs.iter().flat_map(|(_, c)| c.iter().copied()).collect();
+    let n = targets.len();
+    // The completions' log-probs left-aligned in rows of `width`: padding reads entry n, a zero.
+    let mut index = Vec::with_capacity(b * width);
+    let mut mask = Vec::with_capacity(b * width);
+    let mut first = 0;
+    for (_, completion) in seqs {
+        for k in 0..width {
             let inside = k < completion.len();
-            index.push(if inside {
-                (prompt.len() - 1 - start + k) as u32
-            } else {
-                0
-            });
+            index.push(if inside { first + k } else { n } as u32);
             mask.push(inside as u8 as f32);
         }
+        first += completion.len();
     }
-    // Position j predicts token j + 1; the last position predicts nothing, so its target is a
-    // placeholder (0) whose log-prob is dropped.
-    let targets: Vec<u32> = ids
-        .chunks(len)
-        .flat_map(|row| row[start + 1..].iter().copied().chain([0]))
-        .collect();
-    let ids = Tensor::from_vec(ids, (b, len), &device)?;
-    let index = Tensor::from_vec(index, (b, width_out), &device)?;
-    let mask = Tensor::from_vec(mask, (b, width_out), &device)?;
+    let index = Tensor::from_vec(index, b * width, &device)?;
+    let mask = Tensor::from_vec(mask, (b, width), &device)?;
+    let targets = Tensor::from_vec(targets, n, &device)?;
 
-    let logits = logits_from(&ids, start)?;
-    let vocab = logits.dim(D::Minus1)?;
+    let logits = logits_from(&batch)?;
     let fused = matches!(logits.dtype(), DType::F32 | DType::BF16);
     let (token_logp, entropy) = if entropy == Entropy::Trainable || !fused {
         // The entropy bonus differentiates the whole distribution, and the fused op reads
@@ -223,8 +216,7 @@ fn scored(
             _ => logits,
         };
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let targets = Tensor::from_vec(targets, (b, width + 1, 1), &device)?;
-        let token_logp = logp.gather(&targets, 2)?.squeeze(2)?;
+        let token_logp = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
         let h = match entropy {
             Entropy::Skip => None,
             Entropy::Metric => Some(logp.detach()),
@@ -235,32 +227,26 @@ fn scored(
         (token_logp, h)
     } else {
         // One fused op: no vocabulary-sized tensor besides the logits is kept.
-        let rows = logits.reshape((b * (width + 1), vocab))?;
-        let targets = Tensor::from_vec(targets, b * (width + 1), &device)?;
-        let token_logp = spur_lm::token_logprobs::token_logprobs(&rows, &targets)
-            .map_err(|e| Error::Policy(Box::new(e)))?
-            .reshape((b, width + 1))?;
+        let token_logp = spur_lm::token_logprobs::token_logprobs(&logits, &targets)
+            .map_err(|e| Error::Policy(Box::new(e)))?;
         let h = match entropy {
             Entropy::Metric => Some(
-                spur_lm::token_logprobs::entropies(&rows.detach())
-                    .map_err(|e| Error::Policy(Box::new(e)))?
-                    .reshape((b, width + 1))?,
+                spur_lm::token_logprobs::entropies(&logits.detach())
+                    .map_err(|e| Error::Policy(Box::new(e)))?,
             ),
             _ => None,
         };
         (token_logp, h)
     };
-    let logprobs = token_logp
-        .narrow(1, 0, width)?
-        .contiguous()?
-        .gather(&index, 1)?;
-    let entropy = match entropy {
-        Some(h) => Some(h.narrow(1, 0, width)?.contiguous()?.gather(&index, 1)?),
-        None => None,
+    let padded = |per_token: Tensor| -> Result<Tensor> {
+        let zero = Tensor::zeros(1, per_token.dtype(), &device)?;
+        Ok(Tensor::cat(&[per_token, zero], 0)?
+            .index_select(&index, 0)?
+            .reshape((b, width))?)
     };
     Ok(SeqLogprobs {
-        logprobs,
-        entropy,
+        logprobs: padded(token_logp)?,
+        entropy: entropy.map(padded).transpose()?,
         mask,
     })
 }

@@ -449,3 +449,120 @@ fn the_trainer_scores_at_the_rollouts_temperature() {
     // Scored at T = 1, the same rollout's ratios are not 1.
     assert!(step(1.0).approx_kl > 1e-4);
 }
+
+/// The completions' log-probs of `SEQS` from one right-padded batch through
+/// [`Transformer::forward`] (logits at every position), `[3, width]` with zeros past each
+/// completion: the padded reference for packed passes. Differentiable.
+fn padded_logprobs(model: &Transformer) -> Tensor {
+    let len = SEQS.iter().map(|(p, c)| p.len() + c.len()).max().unwrap();
+    let width = SEQS.iter().map(|(_, c)| c.len()).max().unwrap();
+    let (mut ids, mut rows, mut targets, mut mask) = (vec![], vec![], vec![], vec![]);
+    for (i, (prompt, completion)) in SEQS.iter().enumerate() {
+        ids.extend_from_slice(prompt);
+        ids.extend_from_slice(completion);
+        ids.resize((i + 1) * len, 0);
+        for k in 0..width {
+            let inside = k < completion.len();
+            rows.push(if inside {
+                (i * len + prompt.len() - 1 + k) as u32
+            } else {
+                0
+            });
+            targets.push(if inside { completion[k] } else { 0 });
+            mask.push(inside as u8 as f32);
+        }
+    }
+    let device = &Device::Cpu;
+    let logits = model
+        .forward(&Tensor::from_vec(ids, (SEQS.len(), len), device).unwrap())
+        .unwrap();
+    let vocab = logits.dim(2).unwrap();
+    let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).unwrap();
+    let picked = logp
+        .reshape((SEQS.len() * len, vocab))
+        .unwrap()
+        .index_select(&Tensor::new(rows, device).unwrap(), 0)
+        .unwrap()
+        .gather(
+            &Tensor::new(targets, device).unwrap().unsqueeze(1).unwrap(),
+            1,
+        )
+        .unwrap()
+        .reshape((SEQS.len(), width))
+        .unwrap();
+    (picked * Tensor::from_vec(mask, (SEQS.len(), width), device).unwrap()).unwrap()
+}
+
+fn max_abs_gap(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn packed_sequences_score_and_train_like_padded_ones() {
+    // Fixed weights per completion token, so that every token's gradient counts differently.
+    let weights = Tensor::new(
+        &[
+            [0.3f32, -1.0, 0.5, 0.8],
+            [1.2, -0.4, 0.0, 0.0],
+            [-0.7, 0.2, 0.9, 0.0],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (arch, tie) in [
+        (Architecture::Llama, true),
+        (Architecture::Qwen2, false),
+        (Architecture::Olmo2, false),
+    ] {
+        let mut model = tiny(arch, tie, 31);
+        let padded = padded_logprobs(&model);
+        let padded_grads = (&padded * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for checkpointing in [false, true] {
+            model.set_activation_checkpointing(checkpointing);
+            let case = format!("{arch:?}, checkpointing {checkpointing}");
+            let scoring = spur_rl::scoring_logprobs(&model, &SEQS).unwrap();
+            let gap = max_abs_gap(&scoring, &padded);
+            assert!(gap <= 1e-5, "{case}: scoring log-probs differ by {gap}");
+            let (scored, backprop) = training_logprobs(&model, &SEQS, Entropy::Skip).unwrap();
+            let gap = max_abs_gap(&scored.logprobs, &padded);
+            assert!(gap <= 1e-5, "{case}: training log-probs differ by {gap}");
+            let loss = (&scored.logprobs * &weights).unwrap().sum_all().unwrap();
+            let grads = backprop.backward(&loss).unwrap();
+            for (name, var) in Policy::named_vars(&model) {
+                let expected = padded_grads.get(var.as_tensor()).unwrap();
+                let got = grads.get(var.as_tensor()).unwrap();
+                let gap = relative_gap(expected, got);
+                assert!(
+                    gap <= 1e-5,
+                    "{case}: {name}: gradients differ by {gap} (relative)"
+                );
+            }
+        }
+        // The comparison can fail: the second completion after the first sequence in one
+        // sequence (no boundary between them) has other log-probs than after its own prompt.
+        let joined = [SEQS[0].0, SEQS[0].1, SEQS[1].0].concat();
+        let unbounded = sequence_logprobs(&model, &[(&joined, SEQS[1].1)], Entropy::Skip).unwrap();
+        let own = padded
+            .get(1)
+            .unwrap()
+            .narrow(0, 0, SEQS[1].1.len())
+            .unwrap();
+        let gap = max_abs_gap(&unbounded.logprobs.get(0).unwrap(), &own);
+        assert!(
+            gap > 1e-3,
+            "{arch:?}: the context does not change log-probs ({gap})"
+        );
+    }
+}

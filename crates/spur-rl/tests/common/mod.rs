@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use spur_rl::{Policy, Rng};
+use spur_rl::{PackedSequences, Policy, Rng};
 
 pub struct ToyLm {
     pub embed: Var,
@@ -52,9 +52,9 @@ impl ToyLm {
 
     /// Next-token probabilities after `prefix` (f64, for sampling and measuring in tests).
     pub fn next_probs(&self, prefix: &[u32]) -> Vec<f64> {
-        let ids = Tensor::from_vec(prefix.to_vec(), (1, prefix.len()), &Device::Cpu).unwrap();
-        let logits = self.forward_logits(&ids, 0).unwrap();
-        let last = logits.get(0).unwrap().get(prefix.len() - 1).unwrap();
+        let last_position = prefix.len() - 1..prefix.len();
+        let batch = PackedSequences::new(&[prefix], &[last_position], &Device::Cpu).unwrap();
+        let last = self.forward_logits(&batch).unwrap().get(0).unwrap();
         let p = candle_nn::ops::softmax(&last.to_dtype(DType::F64).unwrap(), D::Minus1).unwrap();
         p.to_vec1::<f64>().unwrap()
     }
@@ -90,28 +90,34 @@ impl Policy for ToyLm {
         ]
     }
 
-    fn forward_logits(&self, ids: &Tensor, start: usize) -> spur_rl::Result<Tensor> {
-        let (b, len) = ids.dims2()?;
+    fn forward_logits(&self, batch: &PackedSequences) -> spur_rl::Result<Tensor> {
+        let ids = batch.tokens();
+        let len = ids.dim(1)?;
         let dtype = self.embed.dtype();
         let x = self
             .embed
             .as_tensor()
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, len, ()))?;
-        // Causal running mean: row j of `avg` averages positions 0..=j.
+            .index_select(&ids.flatten_all()?, 0)?;
+        // Causal running mean within each sequence: row j averages its sequence's positions up
+        // to j.
         let mut avg = vec![0f64; len * len];
-        for j in 0..len {
-            for i in 0..=j {
-                avg[j * len + i] = 1.0 / (j + 1) as f64;
+        let mut start = 0;
+        for &n in batch.lengths() {
+            for j in 0..n {
+                for i in 0..=j {
+                    avg[(start + j) * len + start + i] = 1.0 / (j + 1) as f64;
+                }
             }
+            start += n;
         }
-        let avg = Tensor::from_vec(avg, (1, len, len), &Device::Cpu)?.to_dtype(dtype)?;
-        let context = avg.broadcast_as((b, len, len))?.contiguous()?.matmul(&x)?;
-        let mix = self.mix.as_tensor().broadcast_left(b)?;
-        let h = (x + context.matmul(&mix)?)?.tanh()?;
-        let out = self.out.as_tensor().t()?.broadcast_left(b)?;
-        let logits = h.matmul(&out)?.broadcast_add(self.bias.as_tensor())?;
-        Ok(logits.narrow(1, start, len - start)?)
+        let avg = Tensor::from_vec(avg, (len, len), &Device::Cpu)?.to_dtype(dtype)?;
+        let context = avg.matmul(&x)?;
+        let h = (x + context.matmul(self.mix.as_tensor())?)?.tanh()?;
+        let h = h.index_select(batch.logit_rows(), 0)?;
+        let logits = h
+            .matmul(&self.out.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())?;
+        Ok(logits)
     }
 
     fn device(&self) -> Device {
