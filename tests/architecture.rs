@@ -11,7 +11,7 @@ use std::process::Command;
 /// exec, the binary on top.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("spur-core", &[]),
-    ("spur-spec", &[]),
+    ("spur-spec", &["spur-core"]),
     ("spur-math", &[]),
     ("spur-slurm", &[]),
     ("spur-lm", &[]),
@@ -43,13 +43,6 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// Edges that break the layering and are still to be removed (issue 17: the
-/// plan is to carry the run labels, checkpoint policy and executor settings
-/// that execution now reads from the experiment). Remove an entry when its
-/// edge goes; the second test fails until then.
-const KNOWN_REACH_AROUNDS: &[(&str, &str)] =
-    &[("spur-exec", "spur-spec"), ("spur-stages", "spur-spec")];
-
 /// The ML crates know nothing of orchestration.
 const ML_CRATES: &[&str] = &["spur-math", "spur-lm", "spur-rl", "spur-mistralrs"];
 const ORCHESTRATION: &[&str] = &[
@@ -65,7 +58,13 @@ const ORCHESTRATION: &[&str] = &[
 /// Workspace crate → the workspace crates it depends on (normal and build).
 fn workspace_edges() -> BTreeMap<String, BTreeSet<String>> {
     let out = Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata runs");
@@ -113,8 +112,7 @@ fn workspace_crates_depend_only_as_architecture_md_draws() {
             continue;
         };
         for dep in deps {
-            let known = KNOWN_REACH_AROUNDS.contains(&(krate.as_str(), dep.as_str()));
-            if !may.contains(&dep.as_str()) && !known {
+            if !may.contains(&dep.as_str()) {
                 problems.push(format!("{krate} depends on {dep}"));
             }
         }
@@ -122,21 +120,11 @@ fn workspace_crates_depend_only_as_architecture_md_draws() {
     for ml in ML_CRATES {
         for dep in edges.get(*ml).into_iter().flatten() {
             if ORCHESTRATION.contains(&dep.as_str()) {
-                problems.push(format!("ML crate {ml} depends on orchestration crate {dep}"));
+                problems.push(format!(
+                    "ML crate {ml} depends on orchestration crate {dep}"
+                ));
             }
         }
     }
     assert!(problems.is_empty(), "crate graph: {problems:#?}");
-}
-
-#[test]
-fn known_reach_arounds_are_listed_only_while_they_exist() {
-    let edges = workspace_edges();
-    for (krate, dep) in KNOWN_REACH_AROUNDS {
-        assert!(
-            edges[*krate].contains(*dep),
-            "{krate} no longer depends on {dep}: remove the edge from KNOWN_REACH_AROUNDS \
-             and from ARCHITECTURE.md's list"
-        );
-    }
 }

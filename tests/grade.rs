@@ -5,12 +5,12 @@ mod common;
 use common::Workspace;
 use serde_json::Value;
 
-/// Line 2 is an interval answered as an inequality: math_verify accepts it,
-/// the paper's grader does not. Line 4 is not JSON.
+/// Line 2 gives the roots in another order: `strict` and `math_verify` accept
+/// it, the paper's grader (position by position) does not. Line 4 is not JSON.
 const RESPONSES: &str = concat!(
     r#"{"id":"a","gold":"0.5","response":"So \\boxed{\\frac{1}{2}}"}"#,
     "\n",
-    r#"{"id":"b","gold":"(-\\infty, 3)","response":"The answer is \\boxed{x < 3}"}"#,
+    r#"{"id":"b","gold":"1,-2","response":"The roots are \\boxed{-2,1}"}"#,
     "\n",
     r#"{"id":"c","gold":"7","response":"\\boxed{8}"}"#,
     "\n",
@@ -37,7 +37,10 @@ fn compare_prints_each_graders_accuracy_and_where_they_disagree() {
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8(out.stdout).unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(stderr.contains("responses.jsonl:4: not a JSON object"), "{stderr}");
+    assert!(
+        stderr.contains("responses.jsonl:4: not a JSON object"),
+        "{stderr}"
+    );
     assert!(stdout.contains("3 responses graded"), "{stdout}");
     let row = |name: &str| {
         stdout
@@ -49,6 +52,7 @@ fn compare_prints_each_graders_accuracy_and_where_they_disagree() {
             .collect::<Vec<_>>()
     };
     assert_eq!(row("paper")[1..], ["1", "33.33%"]);
+    assert_eq!(row("strict")[1..], ["2", "66.67%"]);
     assert_eq!(row("math_verify")[1..], ["2", "66.67%"]);
     assert!(
         stdout.contains("1 of 3 responses get differing verdicts; lines: 2"),
@@ -59,6 +63,11 @@ fn compare_prints_each_graders_accuracy_and_where_they_disagree() {
         .find(|l| l.starts_with("paper vs math_verify"))
         .unwrap();
     assert_eq!(pair.split_whitespace().collect::<Vec<_>>()[3..], ["0", "1"]);
+    let pair = stdout
+        .lines()
+        .find(|l| l.starts_with("strict vs math_verify"))
+        .unwrap();
+    assert_eq!(pair.split_whitespace().collect::<Vec<_>>()[3..], ["0", "0"]);
 }
 
 #[test]
@@ -116,7 +125,10 @@ fn one_grader_writes_extracted_and_correct() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let correct: Vec<&Value> = lines.iter().map(|l| &l["correct"]).collect();
-    assert_eq!(correct, [&Value::Bool(true), &Value::Bool(true), &Value::Bool(false)]);
+    assert_eq!(
+        correct,
+        [&Value::Bool(true), &Value::Bool(true), &Value::Bool(false)]
+    );
     assert!(lines.iter().all(|l| l["extracted"].is_string()));
 }
 
@@ -125,7 +137,10 @@ fn bad_grader_lists_are_refused_before_grading() {
     let ws = workspace();
     for (args, expected) in [
         (vec!["--compare", "paper,paper"], "names `paper` twice"),
-        (vec!["--compare", "paper,math-verify"], "unknown grader 'math-verify'"),
+        (
+            vec!["--compare", "paper,math-verify"],
+            "unknown grader 'math-verify'",
+        ),
         (vec!["--compare", "strict"], "at least two graders"),
         (
             vec!["--grader", "strict", "--compare", "paper,strict"],
@@ -133,10 +148,19 @@ fn bad_grader_lists_are_refused_before_grading() {
         ),
         (vec!["--json"], "--compare"),
     ] {
-        let mut all = vec!["grade", "--input", "responses.jsonl", "--output", "out.jsonl"];
+        let mut all = vec![
+            "grade",
+            "--input",
+            "responses.jsonl",
+            "--output",
+            "out.jsonl",
+        ];
         all.extend(args.iter().copied());
         let err = ws.fails(&all);
-        assert!(err.contains(expected), "{args:?}: expected {expected:?} in:\n{err}");
+        assert!(
+            err.contains(expected),
+            "{args:?}: expected {expected:?} in:\n{err}"
+        );
         assert!(!ws.path("out.jsonl").exists(), "{args:?} wrote output");
     }
 }

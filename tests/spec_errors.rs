@@ -364,8 +364,8 @@ fn graders_are_checked_where_they_are_named() {
         &err,
         &[
             "unknown value `math-verify`",
-            "exp.yaml:24:",
-            "evals.math500.grader",
+            "exp.yaml:18:41",
+            "defaults.evals.math500.grader",
             "did you mean `math_verify`?",
         ],
     );
@@ -387,7 +387,11 @@ fn graders_are_checked_where_they_are_named() {
     ws.write(
         "exp.yaml",
         &GOOD
-            .replacen("{dataset: math500}", "{dataset: math500, grader: math_verify}", 1)
+            .replacen(
+                "{dataset: math500}",
+                "{dataset: math500, grader: math_verify}",
+                1,
+            )
             .replacen(
                 "ground_truth: {kind: ground_truth}",
                 "ground_truth: {kind: ground_truth, grader: math_verify}",

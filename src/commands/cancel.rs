@@ -23,7 +23,7 @@ pub struct CancelArgs {
 pub fn run(args: CancelArgs, cache: &Path) -> Result<ExitCode> {
     let loaded = workspace::load(&args.file, cache)?;
     let (exp, plan, store) = (&loaded.experiment, &loaded.plan, &loaded.store);
-    let book = JobBook::load(&slurm_dir(store.root(), exp))?;
+    let book = JobBook::load(&slurm_dir(store.root(), &plan.experiment))?;
     if book.jobs.is_empty() {
         println!(
             "no Slurm jobs were submitted for {} (with this cache)",

@@ -118,7 +118,6 @@ pub fn run(args: ExecNodeArgs, cache: &Path) -> Result<ExitCode> {
     };
     let job = Job {
         plan,
-        experiment: exp,
         store,
         registry: &loaded.registry,
         runs,

@@ -63,7 +63,11 @@ pub fn run(args: GradeArgs) -> anyhow::Result<ExitCode> {
             let json = comparison_json(&args, &summary, style);
             writeln!(out, "{}", serde_json::to_string_pretty(&json)?)?;
         } else {
-            write!(out, "{}", comparison_table(&args, &summary, &graders, style))?;
+            write!(
+                out,
+                "{}",
+                comparison_table(&args, &summary, &graders, style)
+            )?;
         }
     } else {
         writeln!(
@@ -92,7 +96,10 @@ fn compared_graders(names: &[String]) -> anyhow::Result<Vec<Grader>> {
             .parse()
             .with_context(|| format!("--compare {}", names.join(",")))?;
         if graders.contains(&grader) {
-            bail!("--compare names `{}` twice; name each grader once", grader.name());
+            bail!(
+                "--compare names `{}` twice; name each grader once",
+                grader.name()
+            );
         }
         graders.push(grader);
     }
@@ -133,8 +140,14 @@ fn comparison_table(
         style.name(),
         summary.errors.len()
     );
-    let width = graders.iter().map(|g| g.name().len()).fold("grader".len(), usize::max);
-    out.push_str(&format!("{:width$}  {:>8}  {:>8}\n", "grader", "correct", "accuracy"));
+    let width = graders
+        .iter()
+        .map(|g| g.name().len())
+        .fold("grader".len(), usize::max);
+    out.push_str(&format!(
+        "{:width$}  {:>8}  {:>8}\n",
+        "grader", "correct", "accuracy"
+    ));
     for g in graders {
         let group = &c.by_grader[g.name()];
         out.push_str(&format!(

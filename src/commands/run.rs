@@ -125,7 +125,6 @@ pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
     };
     let job = Job {
         plan,
-        experiment: exp,
         store,
         registry: &loaded.registry,
         runs: runs.clone(),
@@ -228,12 +227,11 @@ fn submit_to_slurm(
     started: Instant,
 ) -> Result<ExitCode> {
     let (exp, plan, store) = (&loaded.experiment, &loaded.plan, &loaded.store);
-    let settings = slurm::settings(exp)?;
+    let settings = slurm::settings(&plan.experiment)?;
     let spur =
         std::env::current_exe().context("cannot find the spur binary for the jobs to run")?;
     let job = Job {
         plan,
-        experiment: exp,
         store,
         registry: &loaded.registry,
         runs,

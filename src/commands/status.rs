@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use spur_exec::slurm::{job_states, slurm_dir, JobBook, JobRecord, Work};
 use spur_exec::spur_slurm::{JobId, JobInfo, JobState, Slurm};
-use spur_plan::Plan;
+use spur_plan::{Plan, PlanExperiment};
 
 use crate::workspace;
 
@@ -37,7 +37,7 @@ pub fn run(args: StatusArgs, cache: &Path) -> Result<ExitCode> {
             }
         }
     }
-    let slurm = SlurmView::load(store, exp)?;
+    let slurm = SlurmView::load(store, &plan.experiment)?;
     println!(
         "{:<16}  {:>13}  {:>5}  {:<9}  cell",
         "run", "nodes", "step", "state"
@@ -138,7 +138,7 @@ struct SlurmView {
 }
 
 impl SlurmView {
-    fn load(store: &spur_store::Store, exp: &spur_spec::Experiment) -> Result<Option<SlurmView>> {
+    fn load(store: &spur_store::Store, exp: &PlanExperiment) -> Result<Option<SlurmView>> {
         let book = JobBook::load(&slurm_dir(store.root(), exp))?;
         if book.jobs.is_empty() {
             return Ok(None);

@@ -1,7 +1,7 @@
-//! The vocabulary every layer of spur shares: content hashes, stage kinds
-//! and the roles a node's inputs play. A leaf crate, so that the cache
-//! (spur-store), the planner and the stages can all name a node without
-//! depending on one another.
+//! The vocabulary every layer of spur shares: content hashes, stage kinds,
+//! the roles a node's inputs play, and how a parameter value reads as text.
+//! A leaf crate, so that the cache (spur-store), the planner and the stages
+//! can all name a node without depending on one another.
 
 use std::fmt;
 
@@ -109,5 +109,15 @@ impl Role {
                 [6, a, b]
             }
         }
+    }
+}
+
+/// A parameter value as a user wrote it: a string without quotes, anything
+/// else as JSON (`0.5`, `true`). Labels, `${…}` substitution and the values a
+/// command stage hands to its shell all read values this way.
+pub fn scalar_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }

@@ -31,7 +31,6 @@ pub enum ExecError {
 /// What to execute: the selected runs of a plan.
 pub struct Job<'a> {
     pub plan: &'a Plan,
-    pub experiment: &'a spur_spec::Experiment,
     pub store: &'a Store,
     pub registry: &'a Registry,
     /// Indices of the selected runs.

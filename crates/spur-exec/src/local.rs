@@ -332,7 +332,7 @@ impl<'a> State<'a> {
         let label = node
             .runs
             .first()
-            .map(|&r| spur_spec_label(self.job, r as usize))
+            .map(|&r| self.job.plan.runs[r as usize].label.clone())
             .unwrap_or_default();
         self.progress
             .worker(format!("{label}: {} step {}", node.kind, node.step));
@@ -469,12 +469,7 @@ impl<'a> State<'a> {
         let every = node
             .runs
             .first()
-            .map(|&r| {
-                self.job.experiment.runs[r as usize]
-                    .params
-                    .materialize
-                    .checkpoint_every
-            })
+            .map(|&r| self.job.plan.runs[r as usize].checkpoint_every)
             .unwrap_or(0);
         if every > 0 && prev.step % every == 0 {
             return Ok(());
@@ -485,12 +480,4 @@ impl<'a> State<'a> {
             .prune(&prev.id, &names)
             .map_err(|e| e.to_string())
     }
-}
-
-fn spur_spec_label(job: &Job, run: usize) -> String {
-    job.experiment
-        .runs
-        .get(run)
-        .map(|r| r.label())
-        .unwrap_or_default()
 }

@@ -18,9 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use spur_plan::{Hash, Plan};
+use spur_plan::{Hash, Plan, PlanExperiment};
 use spur_slurm::{After, JobId, JobInfo, JobSpec, JobState, Slurm, SlurmError, SlurmSettings};
-use spur_spec::Experiment;
 use spur_stages::{Registry, Resource};
 
 use crate::{units, Job, Unit};
@@ -168,7 +167,7 @@ impl From<Work> for String {
 }
 
 /// The `executor: {slurm: {…}}` block of an experiment; defaults without one.
-pub fn settings(exp: &Experiment) -> Result<SlurmSettings, SlurmExecError> {
+pub fn settings(exp: &PlanExperiment) -> Result<SlurmSettings, SlurmExecError> {
     let block = exp
         .executor
         .as_ref()
@@ -188,7 +187,7 @@ pub fn settings(exp: &Experiment) -> Result<SlurmSettings, SlurmExecError> {
 }
 
 /// Where an experiment's scripts, logs and job list live, under the cache root.
-pub fn slurm_dir(cache: &Path, exp: &Experiment) -> PathBuf {
+pub fn slurm_dir(cache: &Path, exp: &PlanExperiment) -> PathBuf {
     let name: String = exp
         .name
         .chars()
@@ -318,8 +317,9 @@ pub fn submit(slurm: &Slurm, request: &SubmitRequest) -> Result<Submission, Slur
     let job = request.job;
     let (plan, store) = (job.plan, job.store);
     let cache = std::fs::canonicalize(store.root()).map_err(io_err(store.root()))?;
-    let file = std::fs::canonicalize(&job.experiment.path).map_err(io_err(&job.experiment.path))?;
-    let dir = slurm_dir(&cache, job.experiment);
+    let exp = &plan.experiment;
+    let file = std::fs::canonicalize(&exp.path).map_err(io_err(&exp.path))?;
+    let dir = slurm_dir(&cache, exp);
 
     // One submitter at a time per experiment: from reading the job list to
     // recording what was submitted.
@@ -371,7 +371,7 @@ pub fn submit(slurm: &Slurm, request: &SubmitRequest) -> Result<Submission, Slur
     }
 
     let sub = new_submission_dir(&dir)?;
-    let exp_name = &job.experiment.name;
+    let exp_name = &exp.name;
     let mut specs = Vec::with_capacity(planned.len());
     for &u in &planned {
         let unit = &units[u];
@@ -379,7 +379,7 @@ pub fn submit(slurm: &Slurm, request: &SubmitRequest) -> Result<Submission, Slur
             Work::Run(id) => {
                 let r = unit.run.expect("a chain's work names its run");
                 (
-                    format!("{exp_name}/{}", job.experiment.runs[r].label()),
+                    format!("{exp_name}/{}", plan.runs[r].label),
                     format!("run-{id}"),
                 )
             }

@@ -58,7 +58,6 @@ impl Stage for StandIn {
 
 struct Setup {
     _dir: tempfile::TempDir,
-    experiment: spur_spec::Experiment,
     plan: Plan,
     store: Store,
     registry: Registry,
@@ -99,7 +98,6 @@ fn setup(steps: u32, checkpoint_every: u32) -> Setup {
     .unwrap();
     Setup {
         _dir: dir,
-        experiment,
         plan,
         store,
         registry,
@@ -118,7 +116,6 @@ impl Setup {
         let store = self.fresh();
         let job = Job {
             plan: &self.plan,
-            experiment: &self.experiment,
             store: &store,
             registry: &self.registry,
             runs: vec![0],

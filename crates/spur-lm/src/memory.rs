@@ -84,13 +84,16 @@ fn size(dtype: DType) -> u64 {
 /// intermediate `model.rs` creates (views are free; casts to the same dtype are free).
 ///
 /// `emulated`: bf16 on the CPU, whose products keep f32 copies of both operands and of the
-/// result (`model.rs`'s `matmul`).
+/// result (`model.rs`'s `matmul`). `fused`: the CPU, where `train_ops`' RMS norm, rotary
+/// embedding and SwiGLU keep only their inputs and write one output each, and the micro-batch
+/// is packed (each sequence's q, k and v sliced out for its attention, the outputs joined).
 fn layer_activation_bytes(
     c: &ModelConfig,
     batch: u64,
     tokens: u64,
     compute: DType,
     emulated: bool,
+    fused: bool,
 ) -> u64 {
     let cs = size(compute);
     let f32s = 4;
@@ -106,8 +109,15 @@ fn layer_activation_bytes(
     let bias = c.architecture == Architecture::Qwen2;
     let olmo = c.architecture == Architecture::Olmo2;
 
-    // RMS norm over `width` features: f32 cast, square, normalised, scaled (f32), cast back.
-    let norm = |width: u64| rows * width * (3 * f32s + if bf16 { f32s + cs } else { 0 });
+    // RMS norm over `width` features. Fused: its output. Composite: f32 cast, square,
+    // normalised, scaled (f32), cast back.
+    let norm = |width: u64| {
+        if fused {
+            rows * width * cs
+        } else {
+            rows * width * (3 * f32s + if bf16 { f32s + cs } else { 0 })
+        }
+    };
     // A projection: its output, a bias add, and in bf16 the cast of its f32 master weight.
     let linear = |out: u64, inp: u64, with_bias: bool| {
         rows * out * cs * (1 + with_bias as u64)
@@ -126,9 +136,15 @@ fn layer_activation_bytes(
         2 * norm(d)
     };
     bytes += linear(q, d, bias) + 2 * linear(kv, d, bias) + linear(d, q, false);
-    // q and k: contiguous copy, rotary (four products and sums, one concatenation), and k's
-    // second contiguous copy; v: one contiguous copy.
-    bytes += rows * cs * (5 * q + 6 * kv + kv);
+    bytes += if fused {
+        // q, k, v: contiguous copies; q and k rotated; each sequence's slices of q, k and v,
+        // and the joined attention output.
+        rows * cs * (q + 2 * kv + q + kv + q + 2 * kv + q)
+    } else {
+        // q and k: contiguous copy, rotary (four products and sums, one concatenation), and
+        // k's second contiguous copy; v: one contiguous copy.
+        rows * cs * (5 * q + 6 * kv + kv)
+    };
     // Scores: product, (f32 cast), scale, mask, softmax's shift, exp and division, (cast back).
     bytes += scores * (cs + 5 * f32s + if bf16 { f32s + cs } else { 0 });
     if emulated {
@@ -137,8 +153,9 @@ fn layer_activation_bytes(
     }
     // The attention output's transposed copy, the residual sums.
     bytes += rows * cs * (q + 2 * d);
-    // MLP: gate, up, silu, product, down.
-    bytes += linear(inter, d, false) * 2 + rows * inter * cs * 2 + linear(d, inter, false);
+    // MLP: gate, up, the gating (fused: one output; composite: silu and the product), down.
+    let gating = if fused { 1 } else { 2 };
+    bytes += linear(inter, d, false) * 2 + rows * inter * cs * gating + linear(d, inter, false);
     bytes
 }
 
@@ -158,10 +175,14 @@ pub fn update_bytes(config: &ModelConfig, shape: &UpdateShape, device: &Device) 
     let optimizer = 2 * size(shape.moments) * params;
 
     let emulated = bf16 && device.is_cpu();
-    let layer = layer_activation_bytes(config, b, t, shape.compute, emulated);
+    let fused = device.is_cpu();
+    let layer = layer_activation_bytes(config, b, t, shape.compute, emulated, fused);
     // The backward pass adds the gradients of the activations it walks: candle creates each as
-    // zeros plus a sum and frees it once consumed. A quarter of the activations at the peak,
-    // as measured (SmolLM2-135M on the CPU, docs/performance.md).
+    // zeros plus a sum and frees it once consumed. With candle's composite ops that is a
+    // quarter of the activations at the peak; the fused ops' backward passes write their
+    // gradients directly, and the peak is the forward pass's activations (both measured on
+    // SmolLM2-135M on the CPU, docs/performance.md).
+    let backward_extra = |bytes: u64| if fused { bytes } else { bytes * 5 / 4 };
     // One layer is differentiated at a time; its softmax's backward pass holds about eight f32
     // tensors of the attention scores' size (each op's gradient, its zeros and sum; measured on
     // the tiny test models, where attention dominates).
@@ -170,9 +191,9 @@ pub fn update_bytes(config: &ModelConfig, shape: &UpdateShape, device: &Device) 
     let layer_stack = attention_backward
         + if shape.checkpoint_activations {
             // Each layer's input, the top leaf, and one layer's graph while it is recomputed.
-            (layers + 1) * b * t * d * cs + layer * 5 / 4
+            (layers + 1) * b * t * d * cs + backward_extra(layer)
         } else {
-            layers * layer * 5 / 4
+            backward_extra(layers * layer)
         };
     // Embedding rows (f32 gather, cast), final norm over the logit positions.
     let logit_rows = b * shape.logit_positions as u64;

@@ -13,6 +13,7 @@ mod external;
 mod node;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -42,12 +43,29 @@ pub struct PlanRun {
     /// First 16 hex digits of sha256 over the run's node ids.
     pub id: String,
     pub index: usize,
+    /// `axis=value,…`, for progress lines and job names.
+    pub label: String,
+    /// Keep the policy checkpoint of every Nth step (`materialize.checkpoint_every`);
+    /// the others are pruned once the next step's exists.
+    pub checkpoint_every: u32,
     /// Indices into [`Plan::nodes`], in execution order.
     pub nodes: Vec<u32>,
 }
 
+/// What execution needs of the experiment besides its nodes, so that an
+/// executor reads the plan alone.
+#[derive(Debug, Clone)]
+pub struct PlanExperiment {
+    pub name: String,
+    /// The file as given on the command line.
+    pub path: PathBuf,
+    /// The `executor:` block, as written, for the executor to read.
+    pub executor: Option<Value>,
+}
+
 #[derive(Debug)]
 pub struct Plan {
+    pub experiment: PlanExperiment,
     pub runs: Vec<PlanRun>,
     pub nodes: Vec<Node>,
     pub externals: Vec<External>,
@@ -127,10 +145,17 @@ pub fn plan(
         runs.push(PlanRun {
             id: hex::encode(&run_hasher.finalize()[..8]),
             index: r,
+            label: exp.runs[r].label(),
+            checkpoint_every: exp.runs[r].params.materialize.checkpoint_every,
             nodes: order,
         });
     }
     Ok(Plan {
+        experiment: PlanExperiment {
+            name: exp.name.clone(),
+            path: exp.path.clone(),
+            executor: exp.executor.clone(),
+        },
         runs,
         nodes,
         externals,

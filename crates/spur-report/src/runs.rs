@@ -159,9 +159,10 @@ impl RunView {
                         continue;
                     };
                     let graders = match metrics.and_then(|m| m.get("graders")) {
-                        Some(g) => Some(serde_json::from_value(g.clone()).map_err(|e| {
-                            bad(format!("nodes[{i}].metrics.graders: {e}"))
-                        })?),
+                        Some(g) => Some(
+                            serde_json::from_value(g.clone())
+                                .map_err(|e| bad(format!("nodes[{i}].metrics.graders: {e}")))?,
+                        ),
                         None => None,
                     };
                     view.evals.push(EvalNode {

@@ -59,7 +59,8 @@ fn eval_metrics(model: &str, reward: &str, seed: u64, eval: &str, step: u64) -> 
 /// What the eval stage records of its graders: `strict` a point above
 /// `paper` at every step, `math_verify` gaining a point more per step.
 pub fn graders(paper: f64, step: u64) -> Value {
-    let group = |acc: f64| json!({"n": 500, "correct": (acc * 500.0).round(), "accuracy": acc});
+    let group =
+        |acc: f64| json!({"n": 500, "correct": (acc * 500.0).round() as u64, "accuracy": acc});
     json!({
         "n": 500,
         "by_grader": {

@@ -21,12 +21,13 @@ use serde_json::Value;
 pub use error::{did_you_mean, one_of, SpecError, SpecErrors};
 pub use locate::{Locations, Pos};
 pub use params::{
-    param_paths, Advantage, Aggregation, EvalAt, EvalParams, GraderName, KlEstimator, LrSchedule, Materialize,
-    Precision, RolloutParams, RunParams, UpdateParams,
+    param_paths, Advantage, Aggregation, EvalAt, EvalParams, GraderName, KlEstimator, LrSchedule,
+    Materialize, Precision, RolloutParams, RunParams, UpdateParams,
 };
 pub use schema::{
     CommandDef, DatasetDef, Engine, ModelDef, OneShotExample, RewardDef, Source, TemplateKind,
 };
+pub use spur_core::scalar_text;
 pub use subst::{references, substitute_str};
 
 use schema::ExperimentFile;
@@ -108,14 +109,6 @@ impl Run {
             .map(|(k, v)| format!("{k}={}", scalar_text(v)))
             .collect::<Vec<_>>()
             .join(",")
-    }
-}
-
-/// A value as it would be written in `--only` or `${...}`.
-pub fn scalar_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
     }
 }
 

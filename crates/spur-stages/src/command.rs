@@ -91,7 +91,7 @@ impl Stage for CommandStage {
                         return ctx.input(Role::Need(i as u16)).and_then(|d| path(&d.out));
                     }
                     // Grid values and parameters, as the plan resolved them.
-                    vars?.get(name).map(|v| spur_spec::scalar_text(v).into())
+                    vars?.get(name).map(|v| spur_core::scalar_text(v).into())
                 }
             }
         };

@@ -53,7 +53,7 @@ fn command_rewards(
         }
     }
     let script = shell::render(template, &mut |name| {
-        vars.get(name).map(|v| spur_spec::scalar_text(v).into())
+        vars.get(name).map(|v| spur_core::scalar_text(v).into())
     })
     .map_err(|e| match e {
         ScriptError::Unknown(name) => failed(format!(
