@@ -43,8 +43,13 @@ fn record(reward: &str, seed: u64, done_through: u32) -> Value {
     };
     let eval = |step: u32| {
         let acc = 0.25 + 0.05 * f64::from(step) * if reward == "random" { 0.5 } else { 1.0 };
+        let group =
+            |correct: u64| json!({"n": 8, "correct": correct, "accuracy": correct as f64 / 8.0});
         json!({"accuracy": acc, "overall": {"n": 8, "correct": 2, "accuracy": acc},
-               "code_frequency": 0.125 * f64::from(step), "boxed_rate": 0.5, "mean_length": 60.0})
+               "code_frequency": 0.125 * f64::from(step), "boxed_rate": 0.5, "mean_length": 60.0,
+               "grader": "paper",
+               "graders": {"n": 8, "by_grader": {"paper": group(2), "strict": group(3), "math_verify": group(3 + u64::from(step))},
+                           "pairs": [], "disagree": 1 + step, "disagree_lines": [1]}})
     };
     push("e0".into(), "eval", 0, eval(0));
     for step in 1..=2u32 {
@@ -339,6 +344,8 @@ fn index_html_renders_in_chromium() {
         const imgs = Array.from(document.querySelectorAll('img'));
         return {
             rows: document.querySelectorAll('#results tbody tr').length,
+            grader_rows: document.querySelectorAll('#graders tbody tr').length,
+            grader_header: Array.from(document.querySelectorAll('#graders th')).map(h => h.textContent),
             partial: document.querySelectorAll('#results tbody tr.partial').length,
             imgs: imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight]),
             scripts: document.scripts.length,
@@ -354,6 +361,19 @@ fn index_html_renders_in_chromium() {
     );
 
     assert_eq!(page["rows"], 2, "one row per reward: {page}");
+    assert_eq!(page["grader_rows"], 2, "the by-grader table too: {page}");
+    assert_eq!(
+        page["grader_header"],
+        json!([
+            "model",
+            "reward",
+            "eval",
+            "paper: final (Δ)",
+            "strict: final (Δ)",
+            "math_verify: final (Δ)",
+            "disagree"
+        ])
+    );
     assert_eq!(page["partial"], 1, "random has an unfinished seed");
     assert_eq!(page["unfinished"], 1);
     let imgs = page["imgs"].as_array().unwrap();
