@@ -120,6 +120,15 @@ fn rerun_executes_nothing_and_records_runs() {
         stdout.contains("computed 14 nodes, 0 finished by another process"),
         "{stdout}"
     );
+    // Piped output gets one line per finished node, counted, naming stage and run.
+    let node_lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('[')).collect();
+    assert_eq!(node_lines.len(), 14, "{stdout}");
+    assert!(
+        node_lines[0].starts_with("[1/14] command step "),
+        "{stdout}"
+    );
+    assert!(node_lines[13].starts_with("[14/14] "), "{stdout}");
+    assert!(node_lines.iter().all(|l| l.ends_with("s)")), "{stdout}");
     let again = ws
         .spur()
         .args(["run", "exp.yaml"])

@@ -2,7 +2,7 @@
 //! per device, failures confined to the runs they belong to.
 
 use std::collections::HashSet;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Instant, SystemTime};
@@ -16,21 +16,24 @@ use crate::{units, ExecError, Executor, Job, Options, Outcome, RunFailure, Unit}
 
 pub struct LocalExecutor;
 
-/// The terminal display: overall bar with ETA plus one line per worker.
+/// Progress: on a terminal, an overall bar with ETA plus one line per
+/// worker; piped or logged (a file, a Slurm log), one line per finished node.
 pub struct Progress {
     _multi: MultiProgress,
     total: ProgressBar,
     workers: Vec<ProgressBar>,
+    /// Print a line per finished node (progress wanted, stdout not a terminal).
+    lines: bool,
 }
 
 impl Progress {
     fn new(enabled: bool, nodes: u64, workers: usize) -> Progress {
-        let multi =
-            MultiProgress::with_draw_target(if enabled && std::io::stdout().is_terminal() {
-                ProgressDrawTarget::stdout()
-            } else {
-                ProgressDrawTarget::hidden()
-            });
+        let terminal = std::io::stdout().is_terminal();
+        let multi = MultiProgress::with_draw_target(if enabled && terminal {
+            ProgressDrawTarget::stdout()
+        } else {
+            ProgressDrawTarget::hidden()
+        });
         let total = multi.add(ProgressBar::new(nodes));
         total.set_style(
             ProgressStyle::with_template(
@@ -51,6 +54,23 @@ impl Progress {
             _multi: multi,
             total,
             workers,
+            lines: enabled && !terminal,
+        }
+    }
+
+    /// Counts a finished node and, when logging, prints
+    /// `[done/total] kind step N: label (Ts)`.
+    fn node_done(&self, what: impl FnOnce() -> String) {
+        self.total.inc(1);
+        if self.lines {
+            let line = format!(
+                "[{}/{}] {}",
+                self.total.position(),
+                self.total.length().unwrap_or(0),
+                what()
+            );
+            // One write per line, so workers' lines never interleave.
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
         }
     }
 
@@ -300,7 +320,12 @@ impl<'a> State<'a> {
         let reused = || {
             // Another process finished it while this one waited.
             self.outcome.lock().expect("outcome lock").reused += 1;
-            self.progress.total.inc(1);
+            self.progress.node_done(|| {
+                format!(
+                    "{} step {}: computed by another process",
+                    node.kind, node.step
+                )
+            });
             Ok(())
         };
         if store.is_cached(&node.id) {
@@ -401,9 +426,23 @@ impl<'a> State<'a> {
             .publish(staging, manifest, &stage.declared_outputs(node))
             .map_err(|e| format!("{} step {}: {e}", node.kind, node.step))?;
         self.apply_materialisation(n, stage.prunable())?;
-        let mut outcome = self.outcome.lock().expect("outcome lock");
-        outcome.computed.push(node.id);
-        self.progress.total.inc(1);
+        self.outcome
+            .lock()
+            .expect("outcome lock")
+            .computed
+            .push(node.id);
+        self.progress.node_done(|| {
+            let shared = match node.runs.len() {
+                0 | 1 => String::new(),
+                n => format!(", shared by {n} runs"),
+            };
+            format!(
+                "{} step {}: {label}{shared} ({:.1}s)",
+                node.kind,
+                node.step,
+                started.elapsed().as_secs_f64()
+            )
+        });
         Ok(())
     }
 
