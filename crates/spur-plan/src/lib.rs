@@ -52,6 +52,16 @@ pub struct PlanRun {
     pub nodes: Vec<u32>,
 }
 
+/// One evaluation of a run, before its nodes are placed: the eval node's
+/// parameters and their digest, its dataset (an index into the externals)
+/// and the steps it runs at.
+struct PlannedEval {
+    params: Arc<Value>,
+    digest: Hash,
+    dataset: u32,
+    steps: Vec<u32>,
+}
+
 /// What execution needs of the experiment besides its nodes, so that an
 /// executor reads the plan alone.
 #[derive(Debug, Clone)]
@@ -257,7 +267,7 @@ impl RunCtx<'_> {
         let mut eval_model_view = model_view.clone();
         eval_model_view["engine"] = json!(model_def.engine);
 
-        let mut evals: Vec<(String, Arc<Value>, Hash, u32, Vec<u32>)> = Vec::new();
+        let mut evals: Vec<PlannedEval> = Vec::new();
         if self.exp.evaluates {
             for (name, e) in &p.evals {
                 let ds = e.dataset.as_deref().unwrap_or_default();
@@ -269,19 +279,17 @@ impl RunCtx<'_> {
                     "dataset": dataset_view(self.exp, ds),
                     "model": eval_model_view,
                 }));
-                let d = digest(&params);
-                evals.push((
-                    name.clone(),
+                evals.push(PlannedEval {
+                    digest: digest(&params),
                     params,
-                    d,
-                    self.ext(&format!("datasets.{ds}")),
-                    p.eval_steps(e.at),
-                ));
+                    dataset: self.ext(&format!("datasets.{ds}")),
+                    steps: p.eval_steps(e.at),
+                });
             }
         }
         let eval_at = |chain: &mut Chain, step: u32, policy: Option<u32>| {
-            for (_, params, d, ds_ext, steps) in &evals {
-                if steps.binary_search(&step).is_ok() {
+            for e in &evals {
+                if e.steps.binary_search(&step).is_ok() {
                     let (inputs, mut exts) = match policy {
                         Some(pol) => (
                             vec![Input {
@@ -292,8 +300,8 @@ impl RunCtx<'_> {
                         ),
                         None => (vec![], vec![model_ext]),
                     };
-                    exts.push(*ds_ext);
-                    chain.push(StageKind::Eval, step, params, *d, inputs, exts);
+                    exts.push(e.dataset);
+                    chain.push(StageKind::Eval, step, &e.params, e.digest, inputs, exts);
                 }
             }
         };
