@@ -17,6 +17,12 @@ pub struct Workspace {
     pub dir: tempfile::TempDir,
 }
 
+impl Default for Workspace {
+    fn default() -> Self {
+        Workspace::new()
+    }
+}
+
 impl Workspace {
     pub fn new() -> Workspace {
         Workspace {

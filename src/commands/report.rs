@@ -136,7 +136,7 @@ fn samples(store: &Store, plan: &Plan, r: usize, n: usize) -> Vec<Sample> {
         if node.kind != StageKind::Eval || !store.is_cached(&node.id) {
             continue;
         }
-        let newer = latest.get(name).map_or(true, |(step, _)| node.step > *step);
+        let newer = latest.get(name).is_none_or(|(step, _)| node.step > *step);
         if newer {
             latest.insert(name.to_string(), (node.step, node.id));
         }
