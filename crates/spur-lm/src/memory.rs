@@ -175,7 +175,7 @@ pub fn update_bytes(config: &ModelConfig, shape: &UpdateShape, device: &Device) 
     let optimizer = 2 * size(shape.moments) * params;
 
     let emulated = bf16 && device.is_cpu();
-    let fused = device.is_cpu();
+    let fused = crate::train_ops::has_kernels(device, shape.compute);
     let layer = layer_activation_bytes(config, b, t, shape.compute, emulated, fused);
     // The backward pass adds the gradients of the activations it walks: candle creates each as
     // zeros plus a sum and frees it once consumed. With candle's composite ops that is a

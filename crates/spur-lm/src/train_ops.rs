@@ -13,7 +13,7 @@
 //! for these ops are not written (nor checked on a GPU) yet.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, D};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -67,10 +67,16 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?)
 }
 
-/// Whether spur's kernels serve `x`. On CUDA the training passes keep candle's composite ops:
-/// kernels for these ops are not written and verified on a GPU yet.
+/// Whether spur's kernels serve `x`.
 fn has_cpu_kernel(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    has_kernels(x.device(), x.dtype())
+}
+
+/// Whether these ops run spur's own kernels on `device` in `dtype` (the memory model counts
+/// their activations by this too). On CUDA the training passes keep candle's composite ops:
+/// kernels for these ops are not written and verified on a GPU yet.
+pub(crate) fn has_kernels(device: &Device, dtype: DType) -> bool {
+    device.is_cpu() && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
 }
 
 /// [`rms_norm`] from candle's elementwise ops, in f32 whatever `x`'s dtype (a bf16 mean of

@@ -26,6 +26,9 @@ pub struct GraderComparison {
     pub disagree: usize,
     /// The first [`DISAGREE_LINES_KEPT`] of those, as 1-based line numbers.
     pub disagree_lines: Vec<usize>,
+    /// The graders in the order [`GraderComparison::add`] takes their verdicts.
+    #[serde(skip)]
+    graders: Vec<Grader>,
 }
 
 /// One pair of graders: responses only `a` calls correct, only `b` does.
@@ -51,6 +54,7 @@ impl GraderComparison {
             }
         }
         GraderComparison {
+            graders: graders.to_vec(),
             by_grader: graders
                 .iter()
                 .map(|g| (g.name().to_string(), Group::default()))
@@ -62,10 +66,10 @@ impl GraderComparison {
 
     /// Adds one response: `verdicts[i]` is the verdict of the `i`-th grader
     /// given to [`GraderComparison::new`]; `line` is where it was read.
-    pub fn add(&mut self, line: usize, graders: &[Grader], verdicts: &[bool]) {
-        debug_assert_eq!(graders.len(), verdicts.len());
+    pub fn add(&mut self, line: usize, verdicts: &[bool]) {
+        debug_assert_eq!(self.graders.len(), verdicts.len());
         self.n += 1;
-        for (g, &v) in graders.iter().zip(verdicts) {
+        for (g, &v) in self.graders.iter().zip(verdicts) {
             if let Some(group) = self.by_grader.get_mut(g.name()) {
                 group.add(v);
             }
@@ -101,10 +105,10 @@ mod tests {
     fn counts_each_pair_one_sided() {
         let graders = [Grader::Paper, Grader::Strict, Grader::MathVerify];
         let mut c = GraderComparison::new(&graders);
-        c.add(1, &graders, &[true, true, true]);
-        c.add(2, &graders, &[false, true, true]);
-        c.add(3, &graders, &[false, false, true]);
-        c.add(4, &graders, &[false, false, false]);
+        c.add(1, &[true, true, true]);
+        c.add(2, &[false, true, true]);
+        c.add(3, &[false, false, true]);
+        c.add(4, &[false, false, false]);
         assert_eq!(c.n, 4);
         assert_eq!(c.by_grader["paper"].correct, 1);
         assert_eq!(c.by_grader["math_verify"].accuracy, 0.75);
@@ -125,7 +129,7 @@ mod tests {
         let graders = [Grader::Paper, Grader::Strict];
         let mut c = GraderComparison::new(&graders);
         for line in 1..=100 {
-            c.add(line, &graders, &[line % 2 == 0, false]);
+            c.add(line, &[line % 2 == 0, false]);
         }
         assert_eq!(c.disagree, 50);
         assert_eq!(c.disagree_lines.len(), DISAGREE_LINES_KEPT);

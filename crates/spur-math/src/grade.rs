@@ -25,6 +25,9 @@ pub enum Grader {
 }
 
 impl Grader {
+    /// Every grader, in the order tables show them.
+    pub const ALL: [Grader; 3] = [Grader::Paper, Grader::Strict, Grader::MathVerify];
+
     pub fn name(self) -> &'static str {
         match self {
             Grader::Paper => "paper",

@@ -90,7 +90,7 @@ pub fn grade_jsonl(
             Ok((text, verdicts)) => {
                 writeln!(output, "{text}").map_err(Error::Write)?;
                 summary.graded += 1;
-                summary.comparison.add(number, graders, &verdicts);
+                summary.comparison.add(number, &verdicts);
             }
             Err(message) => summary.errors.push(LineError {
                 line: number,

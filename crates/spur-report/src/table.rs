@@ -4,6 +4,8 @@
 
 use std::collections::BTreeSet;
 
+use spur_math::Grader;
+
 use crate::runs::{RunView, State};
 use crate::ReportInput;
 
@@ -147,25 +149,19 @@ pub struct Table {
     pub graders: Vec<String>,
 }
 
-/// spur's graders, in the order the tables show them.
-const GRADER_ORDER: [&str; 3] = ["paper", "strict", "math_verify"];
-
 fn grader_names(views: &[RunView]) -> Vec<String> {
     let found: BTreeSet<String> = views
         .iter()
         .flat_map(|v| &v.evals)
         .flat_map(|e| e.grader_names())
         .collect();
-    let mut names: Vec<String> = GRADER_ORDER
+    let ours = Grader::ALL.map(Grader::name);
+    let mut names: Vec<String> = ours
         .iter()
         .filter(|g| found.contains(**g))
         .map(|g| g.to_string())
         .collect();
-    names.extend(
-        found
-            .into_iter()
-            .filter(|g| !GRADER_ORDER.contains(&g.as_str())),
-    );
+    names.extend(found.into_iter().filter(|g| !ours.contains(&g.as_str())));
     names
 }
 

@@ -19,9 +19,6 @@ pub const RECORDS_FILE: &str = "eval.jsonl";
 
 pub struct EvalStage;
 
-/// Every grader an evaluation records a verdict of.
-const GRADERS: [Grader; 3] = [Grader::Paper, Grader::Strict, Grader::MathVerify];
-
 impl Stage for EvalStage {
     fn kind(&self) -> StageKind {
         StageKind::Eval
@@ -58,7 +55,7 @@ impl Stage for EvalStage {
         let headline: Grader = p.str("eval.grader")?.parse().map_err(failed)?;
         // The headline grader first: its verdict is the record's `correct`.
         let graders: Vec<Grader> = std::iter::once(headline)
-            .chain(GRADERS.into_iter().filter(|g| *g != headline))
+            .chain(Grader::ALL.into_iter().filter(|g| *g != headline))
             .collect();
         let problems = data::load(&model::dataset_path(ctx)?, &params["dataset"])?;
         let template = model::template(&p)?;
@@ -98,7 +95,7 @@ impl Stage for EvalStage {
                 .map(|g| g.grade(&c.text, &p.answer, style))
                 .collect();
             let correct: Vec<bool> = verdicts.iter().map(|v| v.correct).collect();
-            comparison.add(line + 1, &graders, &correct);
+            comparison.add(line + 1, &correct);
             let by_grader: serde_json::Map<String, Value> = graders
                 .iter()
                 .zip(&verdicts)
