@@ -32,6 +32,7 @@ defaults:
   eval_every: 2
   rollout: {{prompts_per_step: 2, samples_per_prompt: 2, max_response_tokens: 12}}
   update: {{lr: 1.0e-5, mini_batch: 4, micro_batch: 2}}
+  probe: {{dataset: test, prompts: 2, samples: 2, max_tokens: 8, opening_tokens: 3}}
   evals:
     math500: {{dataset: test, max_tokens: 12, grader: strict}}
 grid:
@@ -82,6 +83,10 @@ fn grpo_pipeline_on_the_default_model() {
         .iter()
         .any(|n| n["runs"].as_array().unwrap().len() == 4));
     assert_eq!(nodes(&plan, "label").len(), 1);
+    // One probe (the base model's greedy responses) for every arm.
+    let probes = nodes(&plan, "probe");
+    assert_eq!(probes.len(), 1);
+    assert_eq!(probes[0]["runs"].as_array().unwrap().len(), 5);
 
     ws.ok(&["run", "exp.yaml"]);
     assert!(ws.ok(&["run", "exp.yaml"]).contains("nothing to do"));
@@ -118,6 +123,80 @@ fn grpo_pipeline_on_the_default_model() {
             "update metric {key}: {}",
             update2["metrics"]
         );
+    }
+    // The policy probe after the update, and of the base model.
+    let probe = &update2["metrics"]["probe"];
+    let base = &record["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "probe")
+        .unwrap()["metrics"];
+    for p in [probe, base] {
+        assert_eq!(
+            (p["prompts"].as_u64(), p["samples"].as_u64()),
+            (Some(2), Some(4)),
+            "{p}"
+        );
+        let share = |k: &str| p[k].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&share("opening_repeat")), "{p}");
+        assert!(share("greedy_repeat") <= share("opening_repeat"), "{p}");
+        assert!(
+            share("entropy") > 0.0 && share("greedy_logprob") < 0.0,
+            "{p}"
+        );
+        assert!((1.0..=8.0).contains(&share("response_length")), "{p}");
+    }
+    let probe_id = probes[0]["id"].as_str().unwrap();
+    let reference: Value = serde_json::from_slice(
+        &std::fs::read(
+            ws.cache()
+                .join("nodes")
+                .join(&probe_id[..2])
+                .join(probe_id)
+                .join("out/probe.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let prompts = reference["prompts"].as_array().unwrap();
+    assert_eq!(prompts.len(), 2);
+    for p in prompts {
+        let greedy = p["greedy_ids"].as_array().unwrap().len();
+        assert!((1..=8).contains(&greedy), "{p}");
+    }
+    // The `format` arm never earns a reward in 12 tokens: zero advantages, an update of
+    // exactly zero, so its probe scores the base model's greedy responses exactly as the
+    // base model does.
+    let fmt_run = plan["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cell"]["reward"] == "fmt")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let fmt = manifest(&ws, &fmt_run);
+    let fmt_updates: Vec<&Value> = fmt["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["kind"] == "update")
+        .collect();
+    if fmt_updates
+        .iter()
+        .all(|u| u["metrics"]["zero_advantage_groups"] == 1.0)
+    {
+        for u in fmt_updates {
+            for key in [
+                "greedy_logprob",
+                "greedy_entropy",
+                "greedy_sequence_logprob",
+            ] {
+                assert_eq!(u["metrics"]["probe"][key], base[key], "{key}");
+            }
+        }
     }
     let eval2 = record["nodes"]
         .as_array()
@@ -253,7 +332,7 @@ fn grpo_pipeline_on_the_default_model() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    for prefix in ["accuracy-", "code-", "clip-"] {
+    for prefix in ["accuracy-", "code-", "clip-", "entropy-", "mode-logprob-"] {
         assert!(
             plots
                 .iter()

@@ -401,3 +401,65 @@ fn graders_are_checked_where_they_are_named() {
     let plan = ws.plan_json("exp.yaml");
     assert_eq!(plan["runs"].as_array().unwrap().len(), 4);
 }
+
+#[test]
+fn probe_settings_are_checked_where_they_are_written() {
+    let err = error_for(
+        "  evals:\n",
+        "  probe: {dataset: math50, samples: 4}\n  evals:\n",
+    );
+    assert_has(
+        &err,
+        &[
+            "undefined dataset `math50`",
+            "exp.yaml:17:",
+            "defaults.probe.dataset",
+            "did you mean `math500`?",
+        ],
+    );
+    let err = error_for(
+        "  evals:\n",
+        "  probe: {dataset: math500, samples: 0}\n  evals:\n",
+    );
+    assert_has(
+        &err,
+        &["`probe.samples`", "must be at least 1", "exp.yaml:17:"],
+    );
+    let err = error_for("    lr: 5.0e-7", "    lr: 5.0e-7\n    eps_low: 1.5");
+    assert_has(&err, &["`update.eps_low`", "must be in [0, 1]"]);
+}
+
+/// One probe node per model, shared by every arm and seed; every update reads it.
+#[test]
+fn the_probe_is_planned_once_and_read_by_every_update() {
+    let ws = Workspace::new();
+    ws.write(
+        "exp.yaml",
+        &GOOD.replace("  evals:\n", "  probe: {dataset: math500}\n  evals:\n"),
+    );
+    let plan = ws.plan_json("exp.yaml");
+    let nodes = plan["nodes"].as_array().unwrap();
+    let kind = |k: &'static str| nodes.iter().filter(move |n| n["kind"] == k);
+    let probes: Vec<_> = kind("probe").collect();
+    assert_eq!(probes.len(), 1, "{probes:#?}");
+    assert_eq!(probes[0]["step"], 0);
+    let probe_id = probes[0]["id"].clone();
+    let updates: Vec<_> = kind("update").collect();
+    assert_eq!(updates.len(), 4 * 2);
+    for u in updates {
+        let reads_probe = u["deps"].as_array().unwrap().contains(&probe_id);
+        assert!(reads_probe, "{u:#}");
+    }
+    assert_eq!(probes[0]["runs"].as_array().unwrap().len(), 4);
+    // A model node: it carries a memory estimate (null while the weights are not local).
+    assert!(probes[0].get("memory_bytes").is_some(), "{:#}", probes[0]);
+    // Without a probe, no probe node and no probe input.
+    let ws = Workspace::new();
+    ws.write("exp.yaml", GOOD);
+    let plan = ws.plan_json("exp.yaml");
+    assert!(!plan["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["kind"] == "probe"));
+}

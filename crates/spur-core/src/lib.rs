@@ -41,16 +41,20 @@ pub enum StageKind {
     Eval,
     /// Majority-vote labels for `majority_vote` / `incorrect` rewards.
     Label,
+    /// The base model's greedy responses to a run's probe prompts: the fixed
+    /// reference its updates measure the policy against.
+    Probe,
     Command,
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 6] = [
+    pub const ALL: [StageKind; 7] = [
         StageKind::Rollout,
         StageKind::Reward,
         StageKind::Update,
         StageKind::Eval,
         StageKind::Label,
+        StageKind::Probe,
         StageKind::Command,
     ];
 
@@ -58,7 +62,11 @@ impl StageKind {
     pub fn loads_model(self) -> bool {
         matches!(
             self,
-            StageKind::Rollout | StageKind::Update | StageKind::Eval | StageKind::Label
+            StageKind::Rollout
+                | StageKind::Update
+                | StageKind::Eval
+                | StageKind::Label
+                | StageKind::Probe
         )
     }
 
@@ -69,6 +77,7 @@ impl StageKind {
             StageKind::Update => "update",
             StageKind::Eval => "eval",
             StageKind::Label => "label",
+            StageKind::Probe => "probe",
             StageKind::Command => "command",
         }
     }
@@ -91,6 +100,8 @@ pub enum Role {
     Labels,
     /// The previous step of the same per-step command.
     Prev,
+    /// The run's step-0 probe (its prompts and the base model's greedy responses).
+    Probe,
     /// The i-th entry of a command's `needs`.
     Need(u16),
 }
@@ -104,6 +115,7 @@ impl Role {
             Role::Reward => [3, 0, 0],
             Role::Labels => [4, 0, 0],
             Role::Prev => [5, 0, 0],
+            Role::Probe => [7, 0, 0],
             Role::Need(i) => {
                 let [a, b] = i.to_le_bytes();
                 [6, a, b]

@@ -157,6 +157,7 @@ pub fn collect(exp: &Experiment, hasher: &Hasher<'_>) -> Result<Vec<External>, E
         let mut datasets: Vec<&str> = Vec::new();
         if exp.trains {
             datasets.extend(p.train_data.as_deref());
+            datasets.extend(p.probe.dataset.as_deref());
         }
         if exp.evaluates {
             datasets.extend(p.evals.values().filter_map(|e| e.dataset.as_deref()));

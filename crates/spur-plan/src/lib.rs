@@ -380,6 +380,26 @@ impl RunCtx<'_> {
         }));
         let update_digest = digest(&update_params);
 
+        // The probe's reference (prompts and the base model's greedy responses) is computed
+        // once and shared by every run of the model that probes the same prompts alike.
+        let probe = p.probe.dataset.as_deref().map(|ds| {
+            let mut view = spur_spec::to_json(&p.probe);
+            view.as_object_mut().map(|m| m.remove("dataset"));
+            let params = Arc::new(json!({
+                "probe": view,
+                "rollout": {
+                    "temperature": p.rollout.temperature,
+                    "top_p": p.rollout.top_p,
+                    "top_k": p.rollout.top_k,
+                    "max_prompt_tokens": p.rollout.max_prompt_tokens,
+                },
+                "dataset": dataset_view(self.exp, ds),
+                "model": model_view,
+            }));
+            let exts = vec![model_ext, self.ext(&format!("datasets.{ds}"))];
+            chain.push(StageKind::Probe, 0, &params, digest(&params), vec![], exts)
+        });
+
         let mut policy: Option<u32> = None;
         for step in 1..=p.steps {
             let (pol_inputs, pol_exts) = match policy {
@@ -438,6 +458,12 @@ impl RunCtx<'_> {
                 role: Role::Reward,
                 node: scored,
             });
+            if let Some(probe) = probe {
+                update_inputs.push(Input {
+                    role: Role::Probe,
+                    node: probe,
+                });
+            }
             // A KL penalty compares against the model's own weights at every step.
             let update_exts = if p.update.kl_coef > 0.0 {
                 vec![model_ext]

@@ -6,6 +6,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::plots::{Drawn, HEIGHT, WIDTH};
+use crate::probe_table::{self, PROBE_CAPTION};
 use crate::runs::{RunView, State};
 use crate::table::{Table, CAPTION, GRADER_CAPTION};
 use crate::{ReportError, ReportInput, Result};
@@ -118,6 +119,11 @@ pub fn render(
             "header": table.grader_header(),
             "rows": table.grader_rows().map(|r| table.grader_cells(r)).collect::<Vec<_>>(),
         },
+        "probe_table": {
+            "caption": PROBE_CAPTION,
+            "header": probe_table::header(table.has_variants),
+            "rows": table.probe.iter().map(|r| probe_table::cells(r, table.has_variants)).collect::<Vec<_>>(),
+        },
         "figures": figures,
         "runs": runs,
     });
@@ -171,11 +177,13 @@ mod tests {
         let html = page();
         assert!(!html.contains("http://") && !html.contains("https://"));
         assert!(!html.contains("src=\"plots"));
-        assert_eq!(html.matches("<img class=\"plot\"").count(), 10);
+        // Per model: accuracy and code for two evals, two clip sides, four probe metrics.
+        assert_eq!(html.matches("<img class=\"plot\"").count(), 20);
         assert_eq!(
             html.matches("src=\"data:image&#x2f;png;base64,").count(),
-            10
+            20
         );
+        assert!(html.contains("<table id=\"probe\">"));
     }
 
     #[test]

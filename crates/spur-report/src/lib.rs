@@ -9,6 +9,7 @@
 mod html;
 mod output;
 mod plots;
+mod probe_table;
 mod runs;
 mod table;
 
@@ -140,6 +141,10 @@ pub fn write_report(input: &ReportInput, dir: &Path) -> Result<Written> {
             output::write_file(tmp, "table.md", table.markdown().as_bytes())?,
             output::write_file(tmp, "table.csv", table.csv().as_bytes())?,
         ];
+        if !table.probe.is_empty() {
+            let csv = probe_table::csv(&table.probe);
+            files.push(output::write_file(tmp, "probe.csv", csv.as_bytes())?);
+        }
         let mut drawn = Vec::with_capacity(figures.len());
         for fig in &figures {
             let d = plots::draw(fig)?;

@@ -10,7 +10,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::runs::RunView;
+use crate::runs::{ProbePoint, RunView};
 use crate::table::{eval_names, groups};
 use crate::{ReportError, ReportInput, Result};
 
@@ -137,30 +137,116 @@ pub fn figures(input: &ReportInput, views: &[RunView]) -> Vec<Figure> {
                 });
             }
         }
-        let clip = lines(input, model, |i| {
-            views[i]
-                .updates
-                .iter()
-                .map(|u| (u.step, u.clip_fraction_low + u.clip_fraction_high))
-                .collect()
-        });
-        if !clip.is_empty() {
-            figs.push(Figure {
-                stem: stems.unique(&format!("clip-{model}")),
-                title: format!("{model}: clip fraction"),
-                y_label: "clipped tokens (%)".into(),
-                percent: true,
-                caption: format!(
-                    "Clip fraction of {model}'s GRPO updates by step: the share of tokens \
-                     whose ratio was clipped, below 1 − ε plus above 1 + ε \
-                     (clip_fraction_low + clip_fraction_high). {BAND}"
-                ),
-                lines: clip,
+        let clip_sides = [
+            ("high", "above 1 + ε_high with a positive advantage", true),
+            ("low", "below 1 − ε_low with a negative advantage", false),
+        ];
+        for (side, rule, high) in clip_sides {
+            let clip = lines(input, model, |i| {
+                views[i]
+                    .updates
+                    .iter()
+                    .map(|u| {
+                        let v = if high {
+                            u.clip_fraction_high
+                        } else {
+                            u.clip_fraction_low
+                        };
+                        (u.step, v)
+                    })
+                    .collect()
             });
+            if !clip.is_empty() {
+                figs.push(Figure {
+                    stem: stems.unique(&format!("clip-{side}-{model}")),
+                    title: format!("{model}: clip fraction ({side})"),
+                    y_label: "clipped tokens (%)".into(),
+                    percent: true,
+                    caption: format!(
+                        "Share of the tokens of {model}'s GRPO updates whose gradient the \
+                         {side} clip removed (ratio {rule}), by step. {BAND}"
+                    ),
+                    lines: clip,
+                });
+            }
+        }
+        for probe in PROBE_FIGURES {
+            let probed = lines(input, model, |i| {
+                let v = &views[i];
+                let base = v.probe_baseline.as_ref().map(|p| (0, (probe.value)(p)));
+                base.into_iter()
+                    .chain(
+                        v.updates
+                            .iter()
+                            .filter_map(|u| Some((u.step, (probe.value)(u.probe.as_ref()?)))),
+                    )
+                    .collect()
+            });
+            if !probed.is_empty() {
+                figs.push(Figure {
+                    stem: stems.unique(&format!("{}-{model}", probe.stem)),
+                    title: format!("{model}: {}", probe.title),
+                    y_label: probe.y_label.into(),
+                    percent: probe.percent,
+                    caption: format!(
+                        "{} Measured on the probe's fixed prompts after each update (step 0: \
+                         the model before training). {BAND}",
+                        probe.caption
+                    ),
+                    lines: probed,
+                });
+            }
         }
     }
     figs
 }
+
+/// A per-step plot of one probe metric.
+struct ProbeFigure {
+    stem: &'static str,
+    title: &'static str,
+    y_label: &'static str,
+    percent: bool,
+    caption: &'static str,
+    value: fn(&ProbePoint) -> f64,
+}
+
+const PROBE_FIGURES: [ProbeFigure; 4] = [
+    ProbeFigure {
+        stem: "entropy",
+        title: "policy entropy",
+        y_label: "entropy (nats per token)",
+        percent: false,
+        caption: "The policy's entropy: mean over the tokens of its own samples.",
+        value: |p| p.entropy,
+    },
+    ProbeFigure {
+        stem: "mode-logprob",
+        title: "log-prob of the base model's greedy response",
+        y_label: "log-prob per token",
+        percent: false,
+        caption: "Mean log-prob per token the policy gives the base model's greedy responses \
+                  (its prior mode): rising means the mode gains probability.",
+        value: |p| p.greedy_logprob,
+    },
+    ProbeFigure {
+        stem: "mode-opening",
+        title: "samples that open like the greedy response",
+        y_label: "samples (%)",
+        percent: true,
+        caption: "Share of the policy's samples whose first tokens are those of the base \
+                  model's greedy response.",
+        value: |p| p.opening_repeat,
+    },
+    ProbeFigure {
+        stem: "length",
+        title: "probe response length",
+        y_label: "tokens",
+        percent: false,
+        caption: "Mean length of the policy's sampled responses.",
+        value: |p| p.response_length,
+    },
+];
 
 /// File stems made safe by [`crate::safe_file_name`] and unique by a
 /// counter.
@@ -217,17 +303,26 @@ fn chart<DB: DrawingBackend>(
     let points = || fig.lines.iter().flat_map(|l| &l.points);
     let max_step = points().map(|p| p.step).max().unwrap_or(0).max(1);
     let top = points().map(|p| p.max * scale).fold(0.0, f64::max);
-    // Room above the highest band; fractions never go past 100%.
-    let mut y_max = if top > 0.0 { top * 1.15 } else { 1.0 };
-    if fig.percent {
-        y_max = y_max.min(100.0).max(top);
-    }
+    let (y_min, y_max) = if fig.percent {
+        // From zero, with room above the highest band; fractions never go past 100%.
+        let y_max = if top > 0.0 { top * 1.15 } else { 1.0 };
+        (0.0, y_max.min(100.0).max(top))
+    } else {
+        // Quantities such as log-probs and entropies: the range of the bands, padded, so
+        // that small differences between lines stay visible.
+        let high = points().map(|p| p.max).fold(f64::NEG_INFINITY, f64::max);
+        let low = points().map(|p| p.min).fold(f64::INFINITY, f64::min);
+        let pad = ((high - low) * 0.1)
+            .max(high.abs().max(low.abs()) * 1e-3)
+            .max(1e-9);
+        (low - pad, high + pad)
+    };
     let mut c = ChartBuilder::on(root)
         .caption(&fig.title, ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(44)
         .y_label_area_size(64)
-        .build_cartesian_2d(0f64..max_step as f64, 0f64..y_max)?;
+        .build_cartesian_2d(0f64..max_step as f64, y_min..y_max)?;
     c.configure_mesh()
         .x_desc("training step")
         .y_desc(fig.y_label.as_str())
@@ -339,12 +434,22 @@ mod tests {
                 "code-alpha-aime",
                 "accuracy-alpha-math500",
                 "code-alpha-math500",
-                "clip-alpha",
+                "clip-high-alpha",
+                "clip-low-alpha",
+                "entropy-alpha",
+                "mode-logprob-alpha",
+                "mode-opening-alpha",
+                "length-alpha",
                 "accuracy-beta-aime",
                 "code-beta-aime",
                 "accuracy-beta-math500",
                 "code-beta-math500",
-                "clip-beta",
+                "clip-high-beta",
+                "clip-low-beta",
+                "entropy-beta",
+                "mode-logprob-beta",
+                "mode-opening-beta",
+                "length-beta",
             ]
         );
     }
@@ -368,6 +473,33 @@ mod tests {
         let m =
             (accuracy("alpha", "random", 1, STEPS) + accuracy("alpha", "random", 2, STEPS)) / 2.0;
         assert!((at4.mean - m).abs() < 1e-12);
+    }
+
+    #[test]
+    fn probe_lines_start_from_the_base_model_at_step_0() {
+        let figs = figs();
+        let fig = figs
+            .iter()
+            .find(|f| f.stem == "mode-logprob-alpha")
+            .unwrap();
+        assert!(!fig.percent);
+        let random = fig.lines.iter().find(|l| l.label == "random").unwrap();
+        let steps: Vec<u64> = random.points.iter().map(|p| p.step).collect();
+        assert_eq!(steps, (0..=STEPS).collect::<Vec<_>>());
+        let value = |seed, step| {
+            testdata::probe_metrics(seed, step)["greedy_logprob"]
+                .as_f64()
+                .unwrap()
+        };
+        assert_eq!(random.points[0].mean, value(1, 0));
+        // Step 1: all three seeds reached it; the band spans them.
+        let at1 = &random.points[1];
+        assert!((at1.min - value(1, 1)).abs() < 1e-12);
+        assert!((at1.max - value(3, 1)).abs() < 1e-12);
+        let high = figs.iter().find(|f| f.stem == "clip-high-alpha").unwrap();
+        let low = figs.iter().find(|f| f.stem == "clip-low-alpha").unwrap();
+        let seeds = |f: &Figure| f.lines[0].points[0].max;
+        assert!(seeds(high) > seeds(low), "the two sides are plotted apart");
     }
 
     #[test]

@@ -59,6 +59,19 @@ pub struct UpdatePoint {
     pub step: u64,
     pub clip_fraction_low: f64,
     pub clip_fraction_high: f64,
+    /// The policy probe after this update, where the run has one.
+    pub probe: Option<ProbePoint>,
+}
+
+/// What the report reads of a policy probe (spur-stages' `ProbeMetrics`): after an update,
+/// or of the base model at step 0.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+pub struct ProbePoint {
+    pub entropy: f64,
+    pub greedy_logprob: f64,
+    pub opening_repeat: f64,
+    pub greedy_repeat: f64,
+    pub response_length: f64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -88,9 +101,17 @@ pub struct RunView {
     pub finished_at: Option<String>,
     pub evals: Vec<EvalNode>,
     pub updates: Vec<UpdatePoint>,
+    /// The probe of the base model (step 0), where the run has one.
+    pub probe_baseline: Option<ProbePoint>,
     pub provenance: Option<Provenance>,
     /// Things in the record the report had to leave out.
     pub warnings: Vec<String>,
+}
+
+fn probe_point(v: Option<&Value>) -> std::result::Result<Option<ProbePoint>, serde_json::Error> {
+    v.filter(|v| !v.is_null())
+        .map(|v| serde_json::from_value(v.clone()))
+        .transpose()
 }
 
 impl RunView {
@@ -105,6 +126,7 @@ impl RunView {
             finished_at: None,
             evals: Vec::new(),
             updates: Vec::new(),
+            probe_baseline: None,
             provenance: None,
             warnings: Vec::new(),
         }
@@ -179,13 +201,20 @@ impl RunView {
                         if let (Some(low), Some(high)) =
                             (f("clip_fraction_low"), f("clip_fraction_high"))
                         {
+                            let probe = probe_point(m.get("probe"))
+                                .map_err(|e| bad(format!("nodes[{i}].metrics.probe: {e}")))?;
                             view.updates.push(UpdatePoint {
                                 step,
                                 clip_fraction_low: low,
                                 clip_fraction_high: high,
+                                probe,
                             });
                         }
                     }
+                }
+                "probe" => {
+                    view.probe_baseline = probe_point(metrics)
+                        .map_err(|e| bad(format!("nodes[{i}].metrics: {e}")))?;
                 }
                 _ => {}
             }

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 
 use spur_math::Grader;
 
+use crate::probe_table::{self, ProbeRow, PROBE_CAPTION};
 use crate::runs::{RunView, State};
 use crate::ReportInput;
 
@@ -147,6 +148,8 @@ pub struct Table {
     /// Graders the eval metrics have verdicts of: spur's own in their usual
     /// order, then any other.
     pub graders: Vec<String>,
+    /// The policy probe's rows, where runs recorded one.
+    pub probe: Vec<ProbeRow>,
 }
 
 fn grader_names(views: &[RunView]) -> Vec<String> {
@@ -201,6 +204,7 @@ impl Table {
             has_variants: rows.iter().any(|r| !r.variant.is_empty()),
             rows,
             graders,
+            probe: probe_table::rows(input, views),
         }
     }
 
@@ -318,6 +322,21 @@ impl Table {
                 out.push_str(&format!("| {} |\n", cells.join(" | ")));
             }
         }
+        if !self.probe.is_empty() {
+            out.push_str("\n## Policy probe\n\n");
+            out.push_str(PROBE_CAPTION);
+            out.push_str("\n\n");
+            let header = probe_table::header(self.has_variants);
+            out.push_str(&format!("| {} |\n", header.join(" | ")));
+            out.push_str(&format!("|{}\n", "---|".repeat(header.len())));
+            for r in &self.probe {
+                let cells: Vec<String> = probe_table::cells(r, self.has_variants)
+                    .iter()
+                    .map(|c| esc(c))
+                    .collect();
+                out.push_str(&format!("| {} |\n", cells.join(" | ")));
+            }
+        }
         out
     }
 
@@ -386,7 +405,7 @@ the step-0 baseline under that grader. Disagree: final-eval responses on which t
 verdicts differ / responses graded, summed over those seeds. A gain that holds under one \
 grader only is the grader's, not the training's.";
 
-fn csv_field(f: &str) -> String {
+pub(crate) fn csv_field(f: &str) -> String {
     if f.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", f.replace('"', "\"\""))
     } else {
@@ -539,9 +558,12 @@ mod tests {
     fn markdown_and_csv_carry_every_row() {
         let t = table();
         let md = t.markdown();
-        let (results, by_grader) = md.split_once("## By grader").unwrap();
+        let (results, rest) = md.split_once("## By grader").unwrap();
+        let (by_grader, probe) = rest.split_once("## Policy probe").unwrap();
         let rows = |part: &str| part.lines().filter(|l| l.starts_with("| ")).count();
         assert_eq!((rows(results), rows(by_grader)), (1 + 8, 1 + 8));
+        // One probe row per model × reward.
+        assert_eq!(rows(probe), 1 + 4);
         assert!(
             md.contains("| alpha | random | math500 (step 4) | 50.0 |"),
             "{md}"

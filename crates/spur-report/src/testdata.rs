@@ -74,8 +74,21 @@ pub fn graders(paper: f64, step: u64) -> Value {
     })
 }
 
+/// The policy probe after `step` updates (0: the base model): the mode gains probability and
+/// entropy falls as steps go by, faster for higher seeds.
+pub fn probe_metrics(seed: u64, step: u64) -> Value {
+    let s = (seed * step) as f64;
+    json!({
+        "prompts": 8, "samples": 32, "entropy": 2.0 - 0.1 * s,
+        "greedy_entropy": 1.5, "greedy_logprob": -1.0 + 0.05 * s,
+        "greedy_sequence_logprob": -60.0, "opening_repeat": 0.1 + 0.01 * s,
+        "greedy_repeat": 0.0, "response_length": 60.0 - s,
+    })
+}
+
 fn update_metrics(seed: u64, step: u64) -> Value {
     json!({
+        "probe": probe_metrics(seed, step),
         "step": step, "rollouts": 1024, "updates": 8, "tokens": 100000,
         "reward_mean": 0.5, "reward_std": 0.5, "zero_advantage_groups": 0.1,
         "loss": 0.01, "clip_fraction_low": 0.001 * step as f64,
@@ -123,6 +136,13 @@ fn record(
     };
     eval(&mut node, "math500", 0);
     eval(&mut node, "aime", 0);
+    node(
+        format!("probe-{model}"),
+        "probe",
+        0,
+        true,
+        probe_metrics(seed, 0),
+    );
     for step in 1..=STEPS {
         let tag = format!("{model}-{reward}-{seed}-{step}");
         node(

@@ -32,7 +32,8 @@ pub use objective::{
 };
 pub use optim::{Adam, AdamConfig, LrSchedule, MomentDtype};
 pub use policy::{
-    scoring_logprobs, sequence_logprobs, training_logprobs, Backprop, Policy, SeqLogprobs, Tempered,
+    scoring_logprobs, scoring_logprobs_entropy, sequence_logprobs, training_logprobs, Backprop,
+    Policy, SeqLogprobs, Tempered,
 };
 pub use rng::{splitmix64, Rng};
 /// The input of a [`Policy`]'s passes.

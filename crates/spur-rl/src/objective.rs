@@ -83,8 +83,9 @@ impl Default for ObjectiveConfig {
 impl ObjectiveConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
-        if !(self.eps_low >= 0.0 && self.eps_low < 1.0) {
-            return bad(format!("eps_low must be in [0, 1), got {}", self.eps_low));
+        // ε_low = 1 puts the lower bound at 0: ρ = exp(·) never reaches it.
+        if !(0.0..=1.0).contains(&self.eps_low) {
+            return bad(format!("eps_low must be in [0, 1], got {}", self.eps_low));
         }
         if !(self.eps_high >= 0.0 && self.eps_high.is_finite()) {
             return bad(format!(

@@ -144,6 +144,16 @@ pub fn scoring_logprobs(policy: &dyn Policy, seqs: &[(&[u32], &[u32])]) -> Resul
     Ok(scored.logprobs)
 }
 
+/// [`scoring_logprobs`] with the per-token entropy of the policy's distribution, for metrics.
+pub fn scoring_logprobs_entropy(
+    policy: &dyn Policy,
+    seqs: &[(&[u32], &[u32])],
+) -> Result<SeqLogprobs> {
+    scored(policy, seqs, Entropy::Metric, |batch| {
+        policy.scoring_logits(batch)
+    })
+}
+
 /// [`sequence_logprobs`] for a pass whose gradient will be taken, with how to take it.
 pub fn training_logprobs<'p>(
     policy: &'p dyn Policy,

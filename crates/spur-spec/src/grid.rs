@@ -165,6 +165,17 @@ fn check_fragment_names(
             errors,
         );
     }
+    let probe_dataset = named(tree.get("probe").and_then(|p| p.get("dataset")));
+    if let Some(d) = probe_dataset.filter(|_| uses.model("train_data")) {
+        check_name(
+            ctx,
+            &at("probe.dataset"),
+            &d,
+            "dataset",
+            file.datasets.keys(),
+            errors,
+        );
+    }
     if let (Some(Value::Object(evals)), true) = (tree.get("evals"), uses.evaluates) {
         for (name, e) in evals {
             if let Some(d) = named(e.get("dataset")) {
@@ -737,6 +748,24 @@ pub(crate) fn expand(
                         if !errors.iter().any(|old| old.message == e.message) {
                             report(e, errors);
                         }
+                    }
+                }
+            }
+        }
+        if let (Some(d), true) = (&params.probe.dataset, trains) {
+            if !file.datasets.contains_key(d) {
+                let mut errs = Vec::new();
+                check_name(
+                    ctx,
+                    &where_is("probe.dataset"),
+                    d,
+                    "dataset",
+                    file.datasets.keys(),
+                    &mut errs,
+                );
+                for e in errs {
+                    if !errors.iter().any(|old| old.message == e.message) {
+                        report(e, errors);
                     }
                 }
             }

@@ -22,7 +22,7 @@ pub use error::{did_you_mean, one_of, SpecError, SpecErrors};
 pub use locate::{Locations, Pos};
 pub use params::{
     param_paths, Advantage, Aggregation, EvalAt, EvalParams, GraderName, KlEstimator, LrSchedule,
-    Materialize, Precision, RolloutParams, RunParams, UpdateParams,
+    Materialize, Precision, ProbeParams, RolloutParams, RunParams, UpdateParams,
 };
 pub use schema::{
     CommandDef, DatasetDef, Engine, ModelDef, OneShotExample, RewardDef, Source, TemplateKind,

@@ -31,6 +31,8 @@ pub struct RunParams {
     pub update: UpdateParams,
     /// Named evaluations, e.g. `math500`, `aime24`.
     pub evals: BTreeMap<String, EvalParams>,
+    /// What every update measures of the policy on fixed prompts (off without a dataset).
+    pub probe: ProbeParams,
     /// Which artifacts are kept.
     pub materialize: Materialize,
 }
@@ -48,6 +50,7 @@ impl Default for RunParams {
             rollout: RolloutParams::default(),
             update: UpdateParams::default(),
             evals: BTreeMap::new(),
+            probe: ProbeParams::default(),
             materialize: Materialize::default(),
         }
     }
@@ -239,6 +242,40 @@ impl Default for EvalParams {
     }
 }
 
+/// A fixed probe of the policy after every update: the first `prompts` problems of `dataset`,
+/// the base model's greedy response to each (computed once, at step 0), and `samples` sampled
+/// responses per prompt at the rollout temperature. It measures what the paper's clipping
+/// argument is about: entropy, the probability of the base model's mode, and how often samples
+/// repeat that mode's opening.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProbeParams {
+    /// Name from the `datasets` block; none turns the probe off.
+    pub dataset: Option<String>,
+    pub prompts: u32,
+    pub samples: u32,
+    /// Response cap of the greedy and the sampled responses.
+    pub max_tokens: u32,
+    /// How many leading tokens of the greedy response make its "opening".
+    pub opening_tokens: u32,
+    /// Seed of the probe's samples; the same in every run, so that runs differ only by their
+    /// weights.
+    pub seed: u64,
+}
+
+impl Default for ProbeParams {
+    fn default() -> Self {
+        ProbeParams {
+            dataset: None,
+            prompts: 8,
+            samples: 4,
+            max_tokens: 64,
+            opening_tokens: 8,
+            seed: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Materialize {
@@ -339,11 +376,15 @@ impl RunParams {
             "must not exceed update.mini_batch",
         );
         check(
-            (0.0..1.0).contains(&u.eps_low),
+            (0.0..=1.0).contains(&u.eps_low),
             "update.eps_low",
-            "must be in [0, 1)",
+            "must be in [0, 1] (1 puts the lower bound at 0, which a ratio never reaches)",
         );
-        check(u.eps_high >= 0.0, "update.eps_high", "must be >= 0");
+        check(
+            u.eps_high >= 0.0 && u.eps_high.is_finite(),
+            "update.eps_high",
+            "must be a finite number >= 0 (a large one, such as 1.0e6, never binds)",
+        );
         check(u.kl_coef >= 0.0, "update.kl_coef", "must be >= 0");
         check(
             u.norm_length != Some(0),
@@ -356,6 +397,21 @@ impl RunParams {
             "update.mini_batch",
             "must not exceed the rollouts per step (rollout.prompts_per_step × rollout.samples_per_prompt)",
         );
+        let probe = &self.probe;
+        if probe.dataset.is_some() {
+            check(probe.prompts > 0, "probe.prompts", "must be at least 1");
+            check(probe.samples > 0, "probe.samples", "must be at least 1");
+            check(
+                probe.max_tokens > 0,
+                "probe.max_tokens",
+                "must be at least 1",
+            );
+            check(
+                probe.opening_tokens > 0,
+                "probe.opening_tokens",
+                "must be at least 1",
+            );
+        }
         for (name, e) in &self.evals {
             let key = format!("evals.{name}");
             check(

@@ -13,6 +13,7 @@ mod label;
 pub mod memory;
 mod model;
 mod param;
+mod probe;
 mod reward;
 mod rollout;
 mod shell;
@@ -27,6 +28,7 @@ use spur_plan::{External, Node, Role, StageKind};
 pub use command::CommandStage;
 pub use eval::{EvalStage, RECORDS_FILE as EVAL_RECORDS_FILE};
 pub use label::LabelStage;
+pub use probe::{ProbeMetrics, ProbeStage};
 pub use reward::RewardStage;
 pub use rollout::RolloutStage;
 pub use update::UpdateStage;
@@ -173,6 +175,7 @@ impl Registry {
         r.add(Box::new(UpdateStage));
         r.add(Box::new(EvalStage));
         r.add(Box::new(LabelStage));
+        r.add(Box::new(ProbeStage));
         r
     }
 

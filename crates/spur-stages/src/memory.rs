@@ -99,7 +99,7 @@ impl PromptSet {
         }
         if !matches!(
             n.kind,
-            StageKind::Rollout | StageKind::Eval | StageKind::Label
+            StageKind::Rollout | StageKind::Eval | StageKind::Label | StageKind::Probe
         ) {
             return None;
         }
@@ -116,7 +116,9 @@ impl PromptSet {
             Some(ext.local.clone()?)
         };
         let budget = match n.kind {
-            StageKind::Rollout => Some(u(&params["rollout"], "max_prompt_tokens")?),
+            StageKind::Rollout | StageKind::Probe => {
+                Some(u(&params["rollout"], "max_prompt_tokens")?)
+            }
             _ => None,
         };
         Some(PromptSet {
@@ -265,6 +267,19 @@ pub fn estimate(
                     .min(CandleEngine::DEFAULT_MAX_BATCH),
                 sequence_tokens: prompt_tokens.unwrap_or(UNTRUNCATED_PROMPT_TOKENS)
                     + u(p, "max_tokens")?,
+                trainer_state: false,
+            };
+            (work, false, 1)
+        }
+        StageKind::Probe => {
+            // The base model's greedy responses, then `samples` per prompt in one batch.
+            let probe = &p["probe"];
+            let work = Work::Sample {
+                batch: u(probe, "prompts")?
+                    .saturating_mul(u(probe, "samples")?)
+                    .min(CandleEngine::DEFAULT_MAX_BATCH),
+                sequence_tokens: prompt_tokens.unwrap_or(u(&p["rollout"], "max_prompt_tokens")?)
+                    + u(probe, "max_tokens")?,
                 trainer_state: false,
             };
             (work, false, 1)

@@ -139,8 +139,10 @@ impl Stage for UpdateStage {
                 })
                 .collect(),
         };
+        let probe = crate::probe::read_reference(ctx)?;
         let out = ctx.out.to_path_buf();
         let node = ctx.node.id;
+        let step = u64::from(ctx.node.step);
         let reference = if cfg.objective.kl_coef > 0.0 {
             Some(model::ensure_reference(ctx)?)
         } else {
@@ -175,7 +177,12 @@ impl Stage for UpdateStage {
             )
             .map_err(failed)?;
         policy.at = WeightsAt::Update(node);
-        serde_json::to_value(metrics).map_err(failed)
+        let mut metrics = serde_json::to_value(metrics).map_err(failed)?;
+        if let Some(reference) = probe {
+            let probed = crate::probe::measure(&policy.model, &policy.tokenizer, &reference, step)?;
+            metrics["probe"] = serde_json::to_value(probed).map_err(failed)?;
+        }
+        Ok(metrics)
     }
 }
 
