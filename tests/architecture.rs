@@ -12,7 +12,7 @@ use std::process::Command;
 const ALLOWED: &[(&str, &[&str])] = &[
     ("spur-core", &[]),
     ("spur-spec", &["spur-core"]),
-    ("spur-math", &[]),
+    ("spur-math", &["spur-core"]),
     ("spur-slurm", &[]),
     ("spur-lm", &[]),
     ("spur-rl", &["spur-lm"]),

@@ -463,3 +463,45 @@ fn the_probe_is_planned_once_and_read_by_every_update() {
         .iter()
         .any(|n| n["kind"] == "probe"));
 }
+
+/// One reward grammar for the spec, the planner and the reward stage: what the
+/// spec accepts the stages can run, and the rest is refused where it is written.
+#[test]
+fn reward_kinds_follow_the_one_grammar() {
+    let err = error_for("kind: random, gamma: 0.5", "kind: randon, gamma: 0.5");
+    assert_has(
+        &err,
+        &[
+            "unknown reward kind `randon`",
+            "exp.yaml:8:",
+            "rewards.random.kind",
+            "did you mean `random`?",
+        ],
+    );
+    // A command scores alone: combined, the stages could not run it.
+    let err = error_for(
+        "kind: ground_truth}",
+        "kind: format_AND_command, command: cat}",
+    );
+    assert_has(
+        &err,
+        &[
+            "a `command` reward stands alone",
+            "exp.yaml:7:",
+            "rewards.ground_truth.kind",
+        ],
+    );
+    // The R1 suffix, aliases and an inline γ plan, as the reward stage reads them.
+    for kind in [
+        "ground_truth_r1_style",
+        "math_AND_inverse_python",
+        "random0.3",
+    ] {
+        let ws = Workspace::new();
+        ws.write(
+            "exp.yaml",
+            &GOOD.replacen("kind: ground_truth}", &format!("kind: {kind}}}"), 1),
+        );
+        ws.plan_json("exp.yaml");
+    }
+}

@@ -1,9 +1,14 @@
 //! The vocabulary every layer of spur shares: content hashes, stage kinds,
-//! the roles a node's inputs play, and how a parameter value reads as text.
+//! the roles a node's inputs play, how a parameter value reads as text, and
+//! the reward grammar.
 //! A leaf crate, so that the cache (spur-store), the planner and the stages
 //! can all name a node without depending on one another.
 
 use std::fmt;
+
+pub mod reward;
+
+pub use reward::{RewardBase, RewardExpr, RewardKindError, RewardTerm};
 
 /// A sha256 digest: a node id or a content hash.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

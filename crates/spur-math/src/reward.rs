@@ -4,6 +4,8 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use spur_core::{RewardBase, RewardExpr};
+
 use crate::{last_box, Error, ExtractStyle, Grader};
 
 /// One reward, possibly compound.
@@ -70,17 +72,48 @@ impl RewardSpec {
                 )));
             }
         }
-        let ctx = Ctx {
-            grader,
-            style,
-            gamma,
-        };
-        let mut parts = name.split("_AND_");
-        let first = parts.next().unwrap_or("");
-        let mut reward = ctx.single(first).map_err(bad)?;
-        for part in parts {
-            reward = Reward::And(Box::new(reward), Box::new(ctx.single(part).map_err(bad)?));
-        }
+        let expr = RewardExpr::parse(name).map_err(|e| bad(e.to_string()))?;
+        let mut terms = expr.terms.iter().map(|t| {
+            let style = if t.r1_style {
+                ExtractStyle::R1
+            } else {
+                style.unwrap_or_default()
+            };
+            let reward = match t.base {
+                // The label says what is right: the problem's answer, the majority vote, the
+                // wrong label or the one example's answer.
+                RewardBase::GroundTruth
+                | RewardBase::MajorityVote
+                | RewardBase::Incorrect
+                | RewardBase::OneShot => Reward::Correct { grader, style },
+                RewardBase::Format => Reward::Format,
+                RewardBase::Python => Reward::Python,
+                RewardBase::NoRepetition => Reward::NoRepetition,
+                RewardBase::Random => match t.gamma.or(gamma) {
+                    Some(gamma) => Reward::Random { gamma },
+                    None => {
+                        return Err(bad(
+                            "'random' needs a 'gamma' parameter (probability of reward 1)".into(),
+                        ))
+                    }
+                },
+                RewardBase::Command => {
+                    return Err(bad(
+                        "a `command` reward is scored by its command, not by spur-math".into(),
+                    ))
+                }
+            };
+            Ok(if t.inverted {
+                Reward::Inverse(Box::new(reward))
+            } else {
+                reward
+            })
+        });
+        let first = terms
+            .next()
+            .unwrap_or_else(|| Err(bad("the reward has no term".into())))?;
+        let reward =
+            terms.try_fold(first, |acc, t| Ok(Reward::And(Box::new(acc), Box::new(t?))))?;
         Ok(RewardSpec {
             name: name.to_string(),
             reward,
@@ -91,54 +124,6 @@ impl RewardSpec {
     /// majority label); `seed` must identify the sample (see [`sample_seed`]).
     pub fn evaluate(&self, response: &str, label: &str, seed: u64) -> f32 {
         self.reward.evaluate(response, label, seed)
-    }
-}
-
-struct Ctx {
-    grader: Grader,
-    style: Option<ExtractStyle>,
-    gamma: Option<f64>,
-}
-
-impl Ctx {
-    fn single(&self, name: &str) -> std::result::Result<Reward, String> {
-        if let Some(rest) = name.strip_prefix("inverse_") {
-            return Ok(Reward::Inverse(Box::new(self.single(rest)?)));
-        }
-        let (base, r1) = match name
-            .strip_suffix("_r1_style")
-            .or_else(|| name.strip_suffix("_r1_only"))
-        {
-            Some(b) => (b, true),
-            None => (name, false),
-        };
-        let style = if r1 {
-            ExtractStyle::R1
-        } else {
-            self.style.unwrap_or_default()
-        };
-        Ok(match base {
-            "ground_truth" | "math" | "majority_vote" | "incorrect" => {
-                Reward::Correct { grader: self.grader, style }
-            }
-            "format" | "box_only_format" => Reward::Format,
-            "python" | "contain_python_wo_backticks" => Reward::Python,
-            "no_repetition" => Reward::NoRepetition,
-            "random" => match self.gamma {
-                Some(gamma) => Reward::Random { gamma },
-                None => return Err("'random' needs a 'gamma' parameter (probability of reward 1)".into()),
-            },
-            other => match other.strip_prefix("random").map(str::parse::<f64>) {
-                Some(Ok(gamma)) if (0.0..=1.0).contains(&gamma) => Reward::Random { gamma },
-                _ => {
-                    return Err(format!(
-                        "unknown reward '{other}' (known: ground_truth, majority_vote, incorrect, \
-                         format, random, random<γ>, python, no_repetition, inverse_<X>, <A>_AND_<B>, \
-                         suffix _r1_style)"
-                    ))
-                }
-            },
-        })
     }
 }
 

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use spur_core::{RewardBase, RewardExpr};
 use spur_spec::{Experiment, Run};
 
 pub use external::{External, ExternalError, ExternalKind, Hasher};
@@ -320,9 +321,12 @@ impl RunCtx<'_> {
         // not read the reward and is shared by every arm. Two change them:
         // `incorrect` trains only on problems whose majority label is wrong,
         // `one_shot` on a single example.
-        let problems = if reward_uses(&reward.kind, "incorrect") {
+        // The spec has refused kinds that do not parse.
+        let expr = RewardExpr::parse(&reward.kind).ok();
+        let uses = |base: RewardBase| expr.as_ref().is_some_and(|e| e.uses(base));
+        let problems = if uses(RewardBase::Incorrect) {
             json!("incorrect_labels")
-        } else if reward_uses(&reward.kind, "one_shot") {
+        } else if uses(RewardBase::OneShot) {
             json!({ "one_shot": reward.example })
         } else {
             json!("all")
@@ -335,22 +339,25 @@ impl RunCtx<'_> {
             "problems": problems,
         }));
         let rollout_digest = digest(&rollout_params);
-        let label = needs_labels(&reward.kind).then(|| {
-            let label_model = reward.label_model.as_deref().unwrap_or(model_name);
-            let params = Arc::new(json!({
-                "samples": reward.label_samples.unwrap_or(64),
-                "temperature": 1.0,
-                "top_p": 1.0,
-                "max_tokens": p.rollout.max_response_tokens,
-                "dataset": dataset_view(self.exp, train),
-                "template": "raw",
-                "seed": 0,
-                "model": { "precision": p.precision },
-            }));
-            let d = digest(&params);
-            let exts = vec![self.ext(&format!("models.{label_model}")), train_ext];
-            chain.push(StageKind::Label, 0, &params, d, vec![], exts)
-        });
+        let label = expr
+            .as_ref()
+            .is_some_and(RewardExpr::needs_labels)
+            .then(|| {
+                let label_model = reward.label_model.as_deref().unwrap_or(model_name);
+                let params = Arc::new(json!({
+                    "samples": reward.label_samples.unwrap_or(64),
+                    "temperature": 1.0,
+                    "top_p": 1.0,
+                    "max_tokens": p.rollout.max_response_tokens,
+                    "dataset": dataset_view(self.exp, train),
+                    "template": "raw",
+                    "seed": 0,
+                    "model": { "precision": p.precision },
+                }));
+                let d = digest(&params);
+                let exts = vec![self.ext(&format!("models.{label_model}")), train_ext];
+                chain.push(StageKind::Label, 0, &params, d, vec![], exts)
+            });
         // A command reward's template stays as written; `vars` holds the values it reads,
         // which the reward stage hands to the shell as it does for command stages.
         let reward_vars: serde_json::Map<String, Value> = reward
@@ -579,15 +586,6 @@ impl RunCtx<'_> {
         }
         Ok(())
     }
-}
-
-fn reward_uses(kind: &str, base: &str) -> bool {
-    kind.split("_AND_")
-        .any(|p| p.trim_start_matches("inverse_") == base)
-}
-
-fn needs_labels(kind: &str) -> bool {
-    reward_uses(kind, "majority_vote") || reward_uses(kind, "incorrect")
 }
 
 /// What of a dataset definition affects results (not its name or sources).

@@ -31,22 +31,10 @@ pub use spur_core::scalar_text;
 pub use subst::{references, substitute_str};
 
 use schema::ExperimentFile;
+use spur_core::{RewardBase, RewardExpr, RewardKindError};
 
 /// The built-in model stages, in the order a training step runs them.
 pub const BUILTIN_STAGES: [&str; 4] = ["rollout", "reward", "update", "eval"];
-
-/// Base reward kinds; compounds combine them (`inverse_X`, `A_AND_B`).
-pub const REWARD_KINDS: [&str; 9] = [
-    "ground_truth",
-    "majority_vote",
-    "incorrect",
-    "format",
-    "random",
-    "python",
-    "no_repetition",
-    "one_shot",
-    "command",
-];
 
 /// A validated experiment: definitions plus one run per grid cell.
 #[derive(Debug, Clone)]
@@ -452,22 +440,24 @@ fn check_definitions(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecErro
     }
     for (name, r) in &file.rewards {
         let key = format!("rewards.{name}");
-        if let Err(bad) = check_reward_kind(&r.kind) {
-            errors.push(
-                ctx.err(
-                    &format!("{key}.kind"),
-                    false,
-                    format!("unknown reward kind `{bad}`"),
-                )
-                .with_hint(did_you_mean(&bad, REWARD_KINDS).or(Some(one_of(REWARD_KINDS)))),
-            );
-        }
-        let uses = |k: &str| {
-            r.kind
-                .split("_AND_")
-                .any(|p| p.trim_start_matches("inverse_") == k)
+        let expr = match RewardExpr::parse(&r.kind) {
+            Ok(expr) => Some(expr),
+            Err(e) => {
+                let hint = match &e {
+                    RewardKindError::Unknown { part } => {
+                        did_you_mean(part, RewardBase::NAMES).or(Some(one_of(RewardBase::NAMES)))
+                    }
+                    RewardKindError::CommandNotAlone => None,
+                };
+                errors.push(
+                    ctx.err(&format!("{key}.kind"), false, e.to_string())
+                        .with_hint(hint),
+                );
+                None
+            }
         };
-        if uses("random") && r.gamma.is_none() {
+        let uses = |base: RewardBase| expr.as_ref().is_some_and(|e| e.uses(base));
+        if expr.as_ref().is_some_and(RewardExpr::needs_gamma) && r.gamma.is_none() {
             errors.push(ctx.err(
                 &key,
                 true,
@@ -479,10 +469,10 @@ fn check_definitions(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecErro
                 errors.push(ctx.err(&format!("{key}.gamma"), false, "gamma must be in [0, 1]"));
             }
         }
-        if uses("command") && r.command.is_none() {
+        if uses(RewardBase::Command) && r.command.is_none() {
             errors.push(ctx.err(&key, true, "a `command` reward needs `command`"));
         }
-        if uses("one_shot") && r.example.is_none() {
+        if uses(RewardBase::OneShot) && r.example.is_none() {
             errors.push(ctx.err(
                 &key,
                 true,
@@ -559,20 +549,6 @@ fn check_definitions(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecErro
         }
     }
     check_command_cycles(ctx, file, errors);
-}
-
-/// `Ok` for a known kind or compound, else the unknown part.
-fn check_reward_kind(kind: &str) -> Result<(), String> {
-    for part in kind.split("_AND_") {
-        let mut base = part;
-        while let Some(rest) = base.strip_prefix("inverse_") {
-            base = rest;
-        }
-        if !REWARD_KINDS.contains(&base) {
-            return Err(part.to_string());
-        }
-    }
-    Ok(())
 }
 
 pub(crate) fn check_name<'a>(

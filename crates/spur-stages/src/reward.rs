@@ -4,6 +4,7 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use spur_core::{RewardBase, RewardExpr};
 use spur_math::RewardSpec;
 use spur_plan::{Role, StageKind};
 
@@ -26,11 +27,6 @@ pub struct Rewards {
 }
 
 pub struct RewardStage;
-
-fn base_kinds(kind: &str) -> impl Iterator<Item = &str> {
-    kind.split("_AND_")
-        .map(|p| p.trim_start_matches("inverse_"))
-}
 
 /// A user's reward command: JSONL in (`response`, `label`, `problem`), one
 /// number per line out. `${name}` in `template` reads `vars[name]`, passed
@@ -122,6 +118,7 @@ impl Stage for RewardStage {
         let p = Params::new(StageKind::Reward, params);
         let def = &params["reward"];
         let kind = p.str("reward.kind")?;
+        let expr = RewardExpr::parse(kind).map_err(|e| failed(format!("reward.kind: {e}")))?;
         let seed = p.u64("seed")?;
         let step = ctx.node.step as u64;
         let rollout_dir = ctx
@@ -132,7 +129,7 @@ impl Stage for RewardStage {
         // Labels: the reference answer, or the majority vote for
         // `majority_vote` (an `incorrect` rollout already carries its label).
         let mut labels: Vec<String> = rollout.groups.iter().map(|g| g.answer.clone()).collect();
-        if base_kinds(kind).any(|k| k == "majority_vote") {
+        if expr.uses(RewardBase::MajorityVote) {
             let dir = ctx
                 .input(Role::Labels)
                 .ok_or_else(|| failed("a majority-vote reward reads the label node"))?;
@@ -146,7 +143,7 @@ impl Stage for RewardStage {
             }
         }
 
-        let rewards = if kind == "command" {
+        let rewards = if expr.is_command() {
             command_rewards(
                 p.str("reward.command")?,
                 p.value("vars")?,
@@ -154,18 +151,13 @@ impl Stage for RewardStage {
                 &labels,
             )?
         } else {
-            // Labels already say what is right, so these grade like ground truth.
-            let name = kind
-                .replace("majority_vote", "ground_truth")
-                .replace("incorrect", "ground_truth")
-                .replace("one_shot", "ground_truth");
             let mut extra = serde_json::Map::new();
             for key in ["gamma", "grader", "style"] {
                 if let Some(v) = def.get(key).filter(|v| !v.is_null()) {
                     extra.insert(key.into(), v.clone());
                 }
             }
-            let spec = RewardSpec::parse(&name, &extra).map_err(failed)?;
+            let spec = RewardSpec::parse(kind, &extra).map_err(failed)?;
             rollout
                 .groups
                 .iter()
