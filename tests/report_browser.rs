@@ -332,8 +332,8 @@ fn index_html_renders_in_chromium() {
         .iter()
         .filter(|f| f.starts_with("plots/") && f.ends_with(".png"))
         .count();
-    // tiny: math500 accuracy, code frequency, clip fraction.
-    assert_eq!(plots, 3, "{:?}", written.files);
+    // tiny: math500 accuracy, code frequency, clip fraction high and low.
+    assert_eq!(plots, 4, "{:?}", written.files);
 
     let mut driver = Driver::start(&chromedriver);
     driver.open_session(&chromium, &tmp.path().join("profile"));
