@@ -187,10 +187,48 @@ struct Chain<'a> {
     nodes: Vec<Node>,
 }
 
+/// The sha256 of `v`'s canonical JSON: compact, object keys sorted at every level.
+///
+/// Sorted explicitly: serde_json keeps a map's insertion order when any crate in the build
+/// turns on its `preserve_order` feature (mistralrs-core's dependencies do), and a node id
+/// must not depend on which crates a build happens to include.
 fn digest(v: &Value) -> Hash {
-    // serde_json's map is ordered by key, so this encoding is canonical.
-    let bytes = serde_json::to_vec(v).expect("JSON values serialise");
+    let mut bytes = Vec::new();
+    write_canonical(v, &mut bytes);
     Hash(Sha256::digest(bytes).into())
+}
+
+fn write_canonical(v: &Value, out: &mut Vec<u8>) {
+    let scalar = |v: &Value, out: &mut Vec<u8>| {
+        serde_json::to_writer(out, v).expect("JSON values serialise");
+    };
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, key).expect("strings serialise");
+                out.push(b':');
+                write_canonical(&map[key], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        other => scalar(other, out),
+    }
 }
 
 impl Chain<'_> {
@@ -597,4 +635,22 @@ fn dataset_view(exp: &Experiment, name: &str) -> Value {
         "offset": d.offset,
         "limit": d.limit,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes a node id hashes are the same whatever order a map's keys were inserted in,
+    /// and whatever serde_json features the build turned on.
+    #[test]
+    fn the_params_digest_is_canonical_json() {
+        let a = json!({"b": 1, "a": {"d": [1, {"z": 0, "y": 1.5}], "c": "x\"y"}});
+        let mut b = serde_json::Map::new();
+        b.insert("a".into(), json!({"c": "x\"y", "d": [1, {"y": 1.5, "z": 0}]}));
+        b.insert("b".into(), json!(1));
+        let want = br#"{"a":{"c":"x\"y","d":[1,{"y":1.5,"z":0}]},"b":1}"#;
+        assert_eq!(digest(&a), Hash(Sha256::digest(want).into()));
+        assert_eq!(digest(&Value::Object(b)), digest(&a));
+    }
 }
