@@ -647,7 +647,10 @@ mod tests {
     fn the_params_digest_is_canonical_json() {
         let a = json!({"b": 1, "a": {"d": [1, {"z": 0, "y": 1.5}], "c": "x\"y"}});
         let mut b = serde_json::Map::new();
-        b.insert("a".into(), json!({"c": "x\"y", "d": [1, {"y": 1.5, "z": 0}]}));
+        b.insert(
+            "a".into(),
+            json!({"c": "x\"y", "d": [1, {"y": 1.5, "z": 0}]}),
+        );
         b.insert("b".into(), json!(1));
         let want = br#"{"a":{"c":"x\"y","d":[1,{"y":1.5,"z":0}]},"b":1}"#;
         assert_eq!(digest(&a), Hash(Sha256::digest(want).into()));
