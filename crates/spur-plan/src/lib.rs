@@ -199,9 +199,6 @@ fn digest(v: &Value) -> Hash {
 }
 
 fn write_canonical(v: &Value, out: &mut Vec<u8>) {
-    let scalar = |v: &Value, out: &mut Vec<u8>| {
-        serde_json::to_writer(out, v).expect("JSON values serialise");
-    };
     match v {
         Value::Object(map) => {
             let mut keys: Vec<&String> = map.keys().collect();
@@ -227,7 +224,7 @@ fn write_canonical(v: &Value, out: &mut Vec<u8>) {
             }
             out.push(b']');
         }
-        other => scalar(other, out),
+        scalar => serde_json::to_writer(out, scalar).expect("JSON values serialise"),
     }
 }
 

@@ -10,7 +10,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::runs::{ProbePoint, RunView};
+use crate::runs::{ProbePoint, RunView, UpdatePoint};
 use crate::table::{eval_names, groups};
 use crate::{ReportError, ReportInput, Result};
 
@@ -137,23 +137,20 @@ pub fn figures(input: &ReportInput, views: &[RunView]) -> Vec<Figure> {
                 });
             }
         }
-        let clip_sides = [
-            ("high", "above 1 + ε_high with a positive advantage", true),
-            ("low", "below 1 − ε_low with a negative advantage", false),
+        let clip_sides: [(&str, &str, fn(&UpdatePoint) -> f64); 2] = [
+            ("high", "above 1 + ε_high with a positive advantage", |u| {
+                u.clip_fraction_high
+            }),
+            ("low", "below 1 − ε_low with a negative advantage", |u| {
+                u.clip_fraction_low
+            }),
         ];
-        for (side, rule, high) in clip_sides {
+        for (side, rule, value) in clip_sides {
             let clip = lines(input, model, |i| {
                 views[i]
                     .updates
                     .iter()
-                    .map(|u| {
-                        let v = if high {
-                            u.clip_fraction_high
-                        } else {
-                            u.clip_fraction_low
-                        };
-                        (u.step, v)
-                    })
+                    .map(|u| (u.step, value(u)))
                     .collect()
             });
             if !clip.is_empty() {

@@ -292,6 +292,22 @@ pub fn ensure_reference(ctx: &mut NodeContext<'_>) -> Result<Arc<Transformer>, S
     Ok(model)
 }
 
+/// `problem` rendered in `template` and encoded, cut to its last `max_tokens` tokens (the end
+/// holds the question and the generation prompt). Returns the rendered text too.
+pub fn encode_prompt(
+    template: &PromptTemplate,
+    tokenizer: &Tokenizer,
+    problem: &str,
+    max_tokens: usize,
+) -> Result<(String, Vec<u32>), StageError> {
+    let prompt = template.render(tokenizer, problem).map_err(failed)?;
+    let mut ids = tokenizer.encode(&prompt).map_err(failed)?;
+    if ids.len() > max_tokens {
+        ids.drain(..ids.len() - max_tokens);
+    }
+    Ok((prompt, ids))
+}
+
 /// The prompt template of a node's `model` params.
 pub fn template(p: &Params) -> Result<PromptTemplate, StageError> {
     let kinds = ["model", "qwen_math", "r1", "custom"];

@@ -245,14 +245,9 @@ impl Stage for ProbeStage {
         let policy = model::ensure_policy(ctx, None)?;
         let mut requests = Vec::new();
         for p in problems.iter().take(count) {
-            let prompt = template
-                .render(&policy.tokenizer, &p.problem)
-                .map_err(failed)?;
-            let mut ids = policy.tokenizer.encode(&prompt).map_err(failed)?;
-            if ids.len() > max_prompt {
-                // Cut as rollouts cut: keep the end, where the question is.
-                ids.drain(..ids.len() - max_prompt);
-            }
+            // Cut as rollouts cut.
+            let (_, ids) =
+                model::encode_prompt(&template, &policy.tokenizer, &p.problem, max_prompt)?;
             requests.push(GenerationRequest {
                 prompt_ids: ids,
                 n: 1,

@@ -172,14 +172,8 @@ impl Stage for RolloutStage {
         let mut groups = Vec::with_capacity(chosen.len());
         let mut requests = Vec::with_capacity(chosen.len());
         for (g, p) in chosen.iter().enumerate() {
-            let prompt = template
-                .render(&policy.tokenizer, &p.problem)
-                .map_err(failed)?;
-            let mut ids = policy.tokenizer.encode(&prompt).map_err(failed)?;
-            if ids.len() > max_prompt {
-                // Keep the end, where the question and the generation prompt are.
-                ids.drain(..ids.len() - max_prompt);
-            }
+            let (prompt, ids) =
+                model::encode_prompt(&template, &policy.tokenizer, &p.problem, max_prompt)?;
             requests.push(GenerationRequest {
                 prompt_ids: ids.clone(),
                 n: n_samples,
