@@ -4,10 +4,6 @@
 //! into the library crates and print. See ARCHITECTURE.md for the map.
 
 mod commands;
-mod memory;
-mod provenance;
-mod record;
-mod workspace;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -112,8 +108,20 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("{}", workspace::render_error(&e));
+            eprintln!("{}", render_error(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Errors for people: spec problems print as-is, others with their causes.
+fn render_error(e: &anyhow::Error) -> String {
+    if let Some(spec) = e.downcast_ref::<spur_spec::SpecErrors>() {
+        return spec.to_string();
+    }
+    let mut s = format!("error: {e}");
+    for cause in e.chain().skip(1) {
+        s.push_str(&format!("\n  caused by: {cause}"));
+    }
+    s
 }

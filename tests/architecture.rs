@@ -8,16 +8,16 @@ use std::process::Command;
 /// Each workspace crate and the workspace crates it may depend on (normal and
 /// build dependencies; tests may use more). Dependencies flow one way: the
 /// vocabulary and the ML crates at the bottom, then spec → plan → stages →
-/// exec, the binary on top.
+/// exec → ops, the binary on top.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("spur-core", &[]),
     ("spur-spec", &["spur-core"]),
     ("spur-math", &["spur-core"]),
     ("spur-slurm", &[]),
     ("spur-lm", &[]),
-    ("spur-rl", &["spur-lm"]),
+    ("spur-rl", &["spur-lm", "spur-core"]),
     ("spur-mistralrs", &["spur-lm"]),
-    ("spur-report", &["spur-math"]),
+    ("spur-report", &["spur-math", "spur-store"]),
     ("spur-store", &["spur-core"]),
     ("spur-plan", &["spur-core", "spur-spec"]),
     (
@@ -41,6 +41,18 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "spur-slurm",
         ],
     ),
+    (
+        "spur-ops",
+        &[
+            "spur-core",
+            "spur-spec",
+            "spur-plan",
+            "spur-store",
+            "spur-stages",
+            "spur-exec",
+            "spur-lm",
+        ],
+    ),
 ];
 
 /// The ML crates know nothing of orchestration.
@@ -51,6 +63,7 @@ const ORCHESTRATION: &[&str] = &[
     "spur-store",
     "spur-stages",
     "spur-exec",
+    "spur-ops",
     "spur-slurm",
     "spur-report",
 ];

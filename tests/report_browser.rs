@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use spur_report::{ExperimentInfo, ReportInput, RunInput, RunRecord, Sample};
+use spur_report::{ExperimentInfo, RecordFile, ReportInput, RunInput, Sample};
 
 const PAYLOAD: &str = "<script>window.__xss=1</script>";
 const IMG_PAYLOAD: &str = "<img src=x onerror=\"window.__xss=2\">";
@@ -27,7 +27,7 @@ fn find_program(names: &[&str]) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A run record in `spur run`'s format (src/record.rs): MATH-500 evals at
+/// A run record in `spur run`'s format (spur_store::RunRecord): MATH-500 evals at
 /// steps 0 and 2, two GRPO steps; nodes after `done_through` are pending.
 fn record(reward: &str, seed: u64, done_through: u32) -> Value {
     let mut nodes = Vec::new();
@@ -70,7 +70,10 @@ fn record(reward: &str, seed: u64, done_through: u32) -> Value {
         "run_id": format!("{reward}{seed}"),
         "status": if done == nodes.len() { "finished" } else { "stopped" },
         "error": null,
+        "experiment": {"path": "/x/browser.yaml", "name": "browser", "sha256": "ab"},
         "cell": {"reward": reward, "seed": seed},
+        "first_started_at": "2025-01-01T00:00:00Z",
+        "started_at": "2025-01-01T00:00:00Z",
         "params": {"model": "tiny", "reward": reward, "seed": seed},
         "nodes_done": done,
         "nodes_total": nodes.len(),
@@ -108,9 +111,9 @@ fn input() -> ReportInput {
                 reward: reward.into(),
                 seed: seed.to_string(),
                 variant: String::new(),
-                record: Some(RunRecord {
+                record: Some(RecordFile {
                     path: PathBuf::from(format!("runs/{reward}{seed}.json")),
-                    json,
+                    record: serde_json::from_value(json).expect("a RunRecord"),
                 }),
                 eval_names,
                 samples: vec![Sample {

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Result;
 use spur_store::Store;
 
-use crate::workspace;
+use spur_ops::workspace;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchCommand {

@@ -18,8 +18,8 @@ use serde_json::json;
 use spur_lm::memory::{self, PeakMemory};
 use spur_lm::{DType, Device, LoadOptions, Precision, Tensor};
 use spur_rl::{
-    scoring_logprobs, splitmix64, AdamConfig, MomentDtype, Policy, Rollout, RolloutGroup,
-    RolloutSample, TrainConfig, Trainer,
+    scoring_logprobs, splitmix64, AdamConfig, Policy, Rollout, RolloutGroup, RolloutSample,
+    TrainConfig, Trainer,
 };
 
 #[derive(clap::Args, Debug)]
@@ -167,9 +167,9 @@ pub fn run(args: UpdateBench) -> Result<ExitCode> {
     let score_s = start.elapsed().as_secs_f64();
 
     let moments = if args.moments == "bf16" {
-        MomentDtype::Bf16
+        spur_spec::Precision::Bf16
     } else {
-        MomentDtype::F32
+        spur_spec::Precision::F32
     };
     let cfg = TrainConfig {
         mini_batch: args.rollouts,
@@ -189,7 +189,7 @@ pub fn run(args: UpdateBench) -> Result<ExitCode> {
             logit_positions: args.completion_tokens + 1,
             compute: model.compute_dtype(),
             checkpoint_activations: args.checkpoint_activations,
-            moments: moments.dtype(),
+            moments: spur_rl::moment_dtype(moments),
             entropy_bonus: cfg.objective.entropy_coef > 0.0,
         },
         &device,

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use spur_exec::slurm::{cancel, slurm_dir, JobBook, JobRecord};
 use spur_exec::spur_slurm::Slurm;
 
-use crate::workspace;
+use spur_ops::workspace;
 
 #[derive(clap::Args, Debug)]
 pub struct CancelArgs {

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use spur_plan::Plan;
 
-use crate::workspace;
+use spur_ops::workspace;
 
 #[derive(clap::Args, Debug)]
 pub struct LockArgs {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use crate::workspace;
+use spur_ops::workspace;
 
 #[derive(clap::Args, Debug)]
 pub struct PlanArgs {
@@ -34,7 +34,7 @@ pub fn run(args: PlanArgs, cache: &Path) -> Result<ExitCode> {
             .map(|&r| json!({"id": plan.runs[r].id, "cell": exp.runs[r].cell}))
             .collect();
         let mut estimator =
-            crate::memory::Estimator::new(plan, crate::memory::run_device(&[]), false);
+            spur_ops::memory::Estimator::new(plan, spur_ops::memory::run_device(&[]), false);
         let nodes_json: Vec<Value> = nodes
             .iter()
             .map(|&n| {

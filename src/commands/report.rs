@@ -10,12 +10,11 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use spur_plan::{Hash, Plan, StageKind};
-use spur_report::{ExperimentInfo, ReportInput, RunInput, RunRecord, Sample};
+use spur_ops::{record, workspace};
+use spur_plan::{Hash, Plan};
+use spur_report::{ExperimentInfo, RecordFile, ReportInput, RunInput, Sample};
 use spur_spec::scalar_text;
 use spur_store::Store;
-
-use crate::{record, workspace};
 
 #[derive(clap::Args, Debug)]
 pub struct ReportArgs {
@@ -40,9 +39,9 @@ pub fn run(args: ReportArgs, cache: &Path) -> Result<ExitCode> {
         let record = store
             .read_run_record(id)
             .with_context(|| format!("cannot read the run record {}", path.display()))?
-            .map(|json| RunRecord {
+            .map(|r| RecordFile {
                 path,
-                json: record::with_cached_nodes(store, json),
+                record: record::with_cached_nodes(store, r),
             });
         let p = &spec.params;
         let variant = spec
@@ -117,8 +116,7 @@ fn eval_names(plan: &Plan, r: usize) -> BTreeMap<String, String> {
         .nodes
         .iter()
         .map(|&n| &plan.nodes[n as usize])
-        .filter(|n| n.kind == StageKind::Eval)
-        .filter_map(|n| Some((n.id.hex(), n.params.get("name")?.as_str()?.to_string())))
+        .filter_map(|n| Some((n.id.hex(), n.eval_name()?)))
         .collect()
 }
 
@@ -130,15 +128,15 @@ fn samples(store: &Store, plan: &Plan, r: usize, n: usize) -> Vec<Sample> {
     let mut latest: BTreeMap<String, (u32, Hash)> = BTreeMap::new();
     for &i in &plan.runs[r].nodes {
         let node = &plan.nodes[i as usize];
-        let Some(name) = node.params.get("name").and_then(Value::as_str) else {
+        let Some(name) = node.eval_name() else {
             continue;
         };
-        if node.kind != StageKind::Eval || !store.is_cached(&node.id) {
+        if !store.is_cached(&node.id) {
             continue;
         }
-        let newer = latest.get(name).is_none_or(|(step, _)| node.step > *step);
+        let newer = latest.get(&name).is_none_or(|(step, _)| node.step > *step);
         if newer {
-            latest.insert(name.to_string(), (node.step, node.id));
+            latest.insert(name, (node.step, node.id));
         }
     }
     let mut out = Vec::new();

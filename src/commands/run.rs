@@ -5,12 +5,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use spur_exec::slurm::{self, SubmitRequest};
+use spur_exec::slurm::{self, SlurmExecutor};
 use spur_exec::spur_slurm::Slurm;
-use spur_exec::{Executor, Job, LocalExecutor, Options};
+use spur_exec::{Executor, Job, Options};
+use spur_ops::{memory, run, workspace};
 use spur_stages::interrupt;
-
-use crate::{record, workspace};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExecutorKind {
@@ -64,23 +63,13 @@ pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
     let runs = workspace::select_runs(exp, args.only.as_deref())?;
     let cached = workspace::cached(store)?;
     let selected = workspace::nodes_of(plan, &runs);
-    let pending = selected
+    let pending: Vec<u32> = selected
         .iter()
-        .filter(|&&n| !cached.contains(&plan.nodes[n as usize].id))
-        .count();
-    if pending == 0 && !args.verify {
-        // Runs finished elsewhere (another process, a cluster) get a record.
-        let missing: Vec<usize> = runs
-            .iter()
-            .copied()
-            .filter(|&r| !store.run_record_path(&plan.runs[r].id).exists())
-            .collect();
-        if !missing.is_empty() {
-            let ctx = record::Context::new(exp, plan);
-            for r in missing {
-                record::write(store, exp, plan, r, &ctx, "finished", None)?;
-            }
-        }
+        .copied()
+        .filter(|&n| !cached.contains(&plan.nodes[n as usize].id))
+        .collect();
+    if pending.is_empty() && !args.verify {
+        run::record_finished_elsewhere(&loaded, &runs)?;
         println!(
             "nothing to do: {} run{}, {} nodes, all cached",
             runs.len(),
@@ -101,19 +90,9 @@ pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
         .map(|d| d.trim().to_string())
         .collect();
     if !args.no_memory_check {
-        let pending: Vec<u32> = selected
-            .iter()
-            .copied()
-            .filter(|&n| !cached.contains(&plan.nodes[n as usize].id))
-            .collect();
-        crate::memory::check_fits(exp, plan, &pending, crate::memory::run_device(&devices))?;
+        memory::check_fits(exp, plan, &pending, memory::run_device(&devices))?;
     }
     stop_on_signals(&[])?;
-    let _shared = store.lock_shared()?;
-    let ctx = record::Context::new(exp, plan);
-    for &r in &runs {
-        record::write(store, exp, plan, r, &ctx, "running", None)?;
-    }
     let options = Options {
         jobs: args
             .jobs
@@ -123,36 +102,8 @@ pub fn run(args: RunArgs, cache: &Path) -> Result<ExitCode> {
         devices,
         progress: true,
     };
-    let job = Job {
-        plan,
-        store,
-        registry: &loaded.registry,
-        runs: runs.clone(),
-    };
-    let outcome = LocalExecutor.execute(&job, &options)?;
+    let outcome = run::execute_local(&loaded, &runs, &options)?;
     let signal = interrupt::requested();
-
-    for &r in &runs {
-        let failure = outcome.failures.iter().find(|f| f.run == r);
-        let complete = plan.runs[r]
-            .nodes
-            .iter()
-            .all(|&n| store.is_cached(&plan.nodes[n as usize].id));
-        let status = match (failure, complete) {
-            (Some(_), _) => "failed",
-            (None, true) => "finished",
-            (None, false) => "stopped",
-        };
-        record::write(
-            store,
-            exp,
-            plan,
-            r,
-            &ctx,
-            status,
-            failure.map(|f| f.message.as_str()),
-        )?;
-    }
     outcome.warn_corrupted();
     println!("{}", outcome.summary());
     if let Some(signal) = signal {
@@ -227,21 +178,19 @@ fn submit_to_slurm(
     started: Instant,
 ) -> Result<ExitCode> {
     let (exp, plan, store) = (&loaded.experiment, &loaded.plan, &loaded.store);
-    let settings = slurm::settings(&plan.experiment)?;
-    let spur =
-        std::env::current_exe().context("cannot find the spur binary for the jobs to run")?;
+    let executor = SlurmExecutor {
+        slurm: Slurm::from_env(),
+        settings: slurm::settings(&plan.experiment)?,
+        spur: std::env::current_exe().context("cannot find the spur binary for the jobs to run")?,
+    };
     let job = Job {
         plan,
         store,
         registry: &loaded.registry,
         runs,
     };
-    let request = SubmitRequest {
-        job: &job,
-        settings: &settings,
-        spur: &spur,
-    };
-    let submission = slurm::submit(&Slurm::from_env(), &request)
+    let submission = executor
+        .execute(&job, &Options::default())
         .with_context(|| format!("cannot submit {} to Slurm", exp.path.display()))?;
     // Run records are written by the jobs (`spur exec-node`); the submission
     // is recorded in jobs.json beside the scripts.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 
-use crate::workspace;
+use spur_ops::workspace;
 
 #[derive(clap::Args, Debug)]
 pub struct ShowArgs {

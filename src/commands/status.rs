@@ -10,7 +10,7 @@ use spur_exec::slurm::{job_states, slurm_dir, JobBook, JobRecord, Work};
 use spur_exec::spur_slurm::{JobId, JobInfo, JobState, Slurm};
 use spur_plan::{Plan, PlanExperiment};
 
-use crate::workspace;
+use spur_ops::workspace;
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
@@ -57,11 +57,7 @@ pub fn run(args: StatusArgs, cache: &Path) -> Result<ExitCode> {
             .max()
             .unwrap_or(0);
         let record = store.read_run_record(&run.id)?;
-        let recorded = record
-            .as_ref()
-            .and_then(|r| r.get("status"))
-            .and_then(|s| s.as_str())
-            .unwrap_or("not started");
+        let recorded = record.as_ref().map_or("not started", |r| r.status.name());
         let finished = done == run.nodes.len();
         // Slurm's jobs for what the run still lacks: its chain, shared nodes.
         let jobs: Vec<&JobRecord> = match &slurm {
@@ -103,11 +99,7 @@ pub fn run(args: StatusArgs, cache: &Path) -> Result<ExitCode> {
             state,
             exp.runs[r].label()
         );
-        if let Some(err) = record
-            .as_ref()
-            .and_then(|r| r.get("error"))
-            .and_then(|e| e.as_str())
-        {
+        if let Some(err) = record.as_ref().and_then(|r| r.error.as_deref()) {
             if state == "failed" {
                 println!("{:18}error: {}", "", err.lines().next().unwrap_or(""));
             }

@@ -1,11 +1,14 @@
 //! The vocabulary every layer of spur shares: content hashes, stage kinds,
-//! the roles a node's inputs play, how a parameter value reads as text, and
-//! the reward grammar.
+//! the roles a node's inputs play, how a parameter value reads as text, the
+//! reward grammar, a run's parameters with their defaults (`params`) and each
+//! stage's node parameters (`node_params`).
 //! A leaf crate, so that the cache (spur-store), the planner and the stages
 //! can all name a node without depending on one another.
 
 use std::fmt;
 
+pub mod node_params;
+pub mod params;
 pub mod reward;
 
 pub use reward::{RewardBase, RewardExpr, RewardKindError, RewardTerm};

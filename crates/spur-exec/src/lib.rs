@@ -24,6 +24,8 @@ pub use units::{units, Unit};
 pub enum ExecError {
     #[error(transparent)]
     Store(#[from] spur_store::StoreError),
+    #[error(transparent)]
+    Slurm(#[from] slurm::SlurmExecError),
     #[error("{0}")]
     Other(String),
 }
@@ -49,6 +51,19 @@ pub struct Options {
     pub devices: Vec<String>,
     /// Show the progress display (only when stdout is a terminal).
     pub progress: bool,
+}
+
+impl Default for Options {
+    /// One worker, no accelerator, stop at the first failure, no progress display.
+    fn default() -> Self {
+        Options {
+            jobs: 1,
+            keep_going: false,
+            verify: false,
+            devices: Vec::new(),
+            progress: false,
+        }
+    }
 }
 
 /// A run that did not finish, and why.
@@ -101,6 +116,12 @@ impl Outcome {
     }
 }
 
+/// Who runs a job's pending nodes: [`LocalExecutor`] computes them in this process and reports
+/// what it did ([`Outcome`]); [`slurm::SlurmExecutor`] queues them as batch jobs and reports
+/// what it submitted ([`slurm::Submission`]). Both cut the plan into the same units.
 pub trait Executor {
-    fn execute(&self, job: &Job, options: &Options) -> Result<Outcome, ExecError>;
+    /// What executing a job gives back.
+    type Report;
+
+    fn execute(&self, job: &Job, options: &Options) -> Result<Self::Report, ExecError>;
 }

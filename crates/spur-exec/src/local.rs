@@ -61,16 +61,14 @@ impl Progress {
     /// Counts a finished node and, when logging, prints
     /// `[done/total] kind step N: label (Ts)`.
     fn node_done(&self, what: impl FnOnce() -> String) {
+        let what = self.lines.then(what);
+        // Counting and printing under one lock: two workers finishing at once get their own
+        // numbers, in order, and their lines never interleave.
+        let mut out = std::io::stdout().lock();
         self.total.inc(1);
-        if self.lines {
-            let line = format!(
-                "[{}/{}] {}",
-                self.total.position(),
-                self.total.length().unwrap_or(0),
-                what()
-            );
-            // One write per line, so workers' lines never interleave.
-            let _ = writeln!(std::io::stdout().lock(), "{line}");
+        if let Some(what) = what {
+            let total = self.total.length().unwrap_or(0);
+            let _ = writeln!(out, "[{}/{total}] {what}", self.total.position());
         }
     }
 
@@ -139,6 +137,8 @@ fn host() -> String {
 }
 
 impl Executor for LocalExecutor {
+    type Report = Outcome;
+
     fn execute(&self, job: &Job, options: &Options) -> Result<Outcome, ExecError> {
         let store = job.store;
         let mut cached = store.cached_ids()?;

@@ -22,7 +22,7 @@ use spur_plan::{Hash, Plan, PlanExperiment};
 use spur_slurm::{After, JobId, JobInfo, JobSpec, JobState, Slurm, SlurmError, SlurmSettings};
 use spur_stages::{Registry, Resource};
 
-use crate::{units, Job, Unit};
+use crate::{units, ExecError, Executor, Job, Options, Unit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SlurmExecError {
@@ -290,14 +290,6 @@ fn still_coming(job: &JobRecord, states: &HashMap<JobId, JobInfo>) -> bool {
     })
 }
 
-/// What a submission is asked to do.
-pub struct SubmitRequest<'a> {
-    pub job: &'a Job<'a>,
-    pub settings: &'a SlurmSettings,
-    /// The `spur` binary the jobs run; it must be at this path on the compute nodes.
-    pub spur: &'a Path,
-}
-
 #[derive(Debug, Default)]
 pub struct Submission {
     /// This submission's scripts and logs (unset when nothing was submitted).
@@ -313,157 +305,179 @@ pub struct Submission {
 /// Submits every pending unit of the job's runs that no earlier job of this
 /// experiment still has queued or running, in dependency order. Slurm
 /// rejecting one job cancels those already submitted, and nothing is recorded.
-pub fn submit(slurm: &Slurm, request: &SubmitRequest) -> Result<Submission, SlurmExecError> {
-    let job = request.job;
-    let (plan, store) = (job.plan, job.store);
-    let cache = std::fs::canonicalize(store.root()).map_err(io_err(store.root()))?;
-    let exp = &plan.experiment;
-    let file = std::fs::canonicalize(&exp.path).map_err(io_err(&exp.path))?;
-    let dir = slurm_dir(&cache, exp);
+/// Queues a job's pending units on Slurm, one batch job each with `afterok` dependencies, and
+/// returns once they are queued (`spur run --executor slurm`); the jobs run `spur exec-node`.
+pub struct SlurmExecutor {
+    pub slurm: Slurm,
+    /// The experiment's validated `executor: {slurm: …}` block ([`settings`]).
+    pub settings: SlurmSettings,
+    /// The `spur` binary the jobs run; it must be at this path on the compute nodes.
+    pub spur: PathBuf,
+}
 
-    // One submitter at a time per experiment: from reading the job list to
-    // recording what was submitted.
-    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let lock_path = dir.join("jobs.lock");
-    let lock = std::fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
-    lock.lock().map_err(io_err(&lock_path))?;
+impl Executor for SlurmExecutor {
+    type Report = Submission;
 
-    let cached = store.cached_ids()?;
-    let units = units(plan, &job.runs, &cached);
-    let order = topological(&units);
-    let works: Vec<Work> = units.iter().map(|u| Work::of(plan, u)).collect();
-
-    let mut book = JobBook::load(&dir)?;
-    let latest = book.latest();
-    let earlier: Vec<&JobRecord> = works
-        .iter()
-        .filter_map(|w| latest.get(w).copied())
-        .collect();
-    let ids: Vec<JobId> = earlier
-        .iter()
-        .flat_map(|j| std::iter::once(j.id).chain(j.after.iter().copied()))
-        .map(JobId)
-        .collect();
-    let states = if ids.is_empty() {
-        HashMap::new()
-    } else {
-        job_states(slurm, &ids)?
-    };
-
-    enum Assigned {
-        Queued(JobId),
-        New(usize),
+    /// The options are the local executor's (threads, devices): a job's resources come from
+    /// the settings.
+    fn execute(&self, job: &Job, _options: &Options) -> Result<Submission, ExecError> {
+        Ok(self.submit(job)?)
     }
-    let mut assigned: Vec<Option<Assigned>> = (0..units.len()).map(|_| None).collect();
-    let mut submission = Submission::default();
-    let mut planned: Vec<usize> = Vec::new();
-    for &u in &order {
-        if let Some(earlier) = latest.get(&works[u]).filter(|j| still_coming(j, &states)) {
-            assigned[u] = Some(Assigned::Queued(earlier.job_id()));
-            submission.queued.push((*earlier).clone());
+}
+
+impl SlurmExecutor {
+    fn submit(&self, job: &Job) -> Result<Submission, SlurmExecError> {
+        let slurm = &self.slurm;
+        let (plan, store) = (job.plan, job.store);
+        let cache = std::fs::canonicalize(store.root()).map_err(io_err(store.root()))?;
+        let exp = &plan.experiment;
+        let file = std::fs::canonicalize(&exp.path).map_err(io_err(&exp.path))?;
+        let dir = slurm_dir(&cache, exp);
+
+        // One submitter at a time per experiment: from reading the job list to
+        // recording what was submitted.
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let lock_path = dir.join("jobs.lock");
+        let lock = std::fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
+        lock.lock().map_err(io_err(&lock_path))?;
+
+        let cached = store.cached_ids()?;
+        let units = units(plan, &job.runs, &cached);
+        let order = topological(&units);
+        let works: Vec<Work> = units.iter().map(|u| Work::of(plan, u)).collect();
+
+        let mut book = JobBook::load(&dir)?;
+        let latest = book.latest();
+        let earlier: Vec<&JobRecord> = works
+            .iter()
+            .filter_map(|w| latest.get(w).copied())
+            .collect();
+        let ids: Vec<JobId> = earlier
+            .iter()
+            .flat_map(|j| std::iter::once(j.id).chain(j.after.iter().copied()))
+            .map(JobId)
+            .collect();
+        let states = if ids.is_empty() {
+            HashMap::new()
         } else {
-            assigned[u] = Some(Assigned::New(planned.len()));
-            planned.push(u);
-        }
-    }
-    if planned.is_empty() {
-        return Ok(submission);
-    }
+            job_states(slurm, &ids)?
+        };
 
-    let sub = new_submission_dir(&dir)?;
-    let exp_name = &exp.name;
-    let mut specs = Vec::with_capacity(planned.len());
-    for &u in &planned {
-        let unit = &units[u];
-        let (name, stem) = match &works[u] {
-            Work::Run(id) => {
-                let r = unit.run.expect("a chain's work names its run");
-                (
-                    format!("{exp_name}/{}", plan.runs[r].label),
-                    format!("run-{id}"),
-                )
+        enum Assigned {
+            Queued(JobId),
+            New(usize),
+        }
+        let mut assigned: Vec<Option<Assigned>> = (0..units.len()).map(|_| None).collect();
+        let mut submission = Submission::default();
+        let mut planned: Vec<usize> = Vec::new();
+        for &u in &order {
+            if let Some(earlier) = latest.get(&works[u]).filter(|j| still_coming(j, &states)) {
+                assigned[u] = Some(Assigned::Queued(earlier.job_id()));
+                submission.queued.push((*earlier).clone());
+            } else {
+                assigned[u] = Some(Assigned::New(planned.len()));
+                planned.push(u);
             }
-            Work::Node(id) => {
-                let node = &plan.nodes[unit.nodes[0] as usize];
-                let what = node
-                    .params
-                    .get("command")
-                    .and_then(|c| c.as_str())
-                    .unwrap_or(node.kind.name());
-                let short = &id.hex()[..12];
-                (
-                    format!("{exp_name}/{what}@{}-{short}", node.step),
-                    format!("node-{}-{short}", node.kind.name()),
-                )
+        }
+        if planned.is_empty() {
+            return Ok(submission);
+        }
+
+        let sub = new_submission_dir(&dir)?;
+        let exp_name = &exp.name;
+        let mut specs = Vec::with_capacity(planned.len());
+        for &u in &planned {
+            let unit = &units[u];
+            let (name, stem) = match &works[u] {
+                Work::Run(id) => {
+                    let r = unit.run.expect("a chain's work names its run");
+                    (
+                        format!("{exp_name}/{}", plan.runs[r].label),
+                        format!("run-{id}"),
+                    )
+                }
+                Work::Node(id) => {
+                    let node = &plan.nodes[unit.nodes[0] as usize];
+                    let what = node
+                        .params
+                        .get("command")
+                        .and_then(|c| c.as_str())
+                        .unwrap_or(node.kind.name());
+                    let short = &id.hex()[..12];
+                    (
+                        format!("{exp_name}/{what}@{}-{short}", node.step),
+                        format!("node-{}-{short}", node.kind.name()),
+                    )
+                }
+            };
+            let body = vec![format!(
+                "{} --cache {} exec-node {} {}",
+                shell_quote(&self.spur),
+                shell_quote(&cache),
+                shell_quote(&file),
+                works[u]
+            )];
+            let mut spec = JobSpec::new(
+                name.replace(['\n', '\r', '"'], "_"),
+                sub.join(format!("{stem}.sh")),
+                sub.join(format!("{stem}.log")),
+                body,
+            );
+            spec.settings = if needs_accelerator(plan, job.registry, unit) {
+                self.settings.clone()
+            } else {
+                without_gpus(&self.settings)
+            };
+            spec.after_ok = unit
+                .after
+                .iter()
+                .map(|&d| match assigned[d] {
+                    Some(Assigned::Queued(id)) => After::Job(id),
+                    Some(Assigned::New(i)) => After::InBatch(i),
+                    None => unreachable!("units are assigned in dependency order"),
+                })
+                .collect();
+            specs.push(spec);
+        }
+
+        let started = Instant::now();
+        let result = slurm.submit_batch(&specs);
+        submission.sbatch = started.elapsed();
+        let submitted = match result {
+            Ok(s) => s,
+            Err(e) => {
+                // Nothing of this submission is queued: keep no empty directory.
+                let _ = std::fs::remove_dir_all(&sub);
+                return Err(e.into());
             }
         };
-        let body = vec![format!(
-            "{} --cache {} exec-node {} {}",
-            shell_quote(request.spur),
-            shell_quote(&cache),
-            shell_quote(&file),
-            works[u]
-        )];
-        let mut spec = JobSpec::new(
-            name.replace(['\n', '\r', '"'], "_"),
-            sub.join(format!("{stem}.sh")),
-            sub.join(format!("{stem}.log")),
-            body,
-        );
-        spec.settings = if needs_accelerator(plan, job.registry, unit) {
-            request.settings.clone()
-        } else {
-            without_gpus(request.settings)
-        };
-        spec.after_ok = unit
-            .after
-            .iter()
-            .map(|&d| match assigned[d] {
-                Some(Assigned::Queued(id)) => After::Job(id),
-                Some(Assigned::New(i)) => After::InBatch(i),
-                None => unreachable!("units are assigned in dependency order"),
-            })
-            .collect();
-        specs.push(spec);
-    }
-
-    let started = Instant::now();
-    let result = slurm.submit_batch(&specs);
-    submission.sbatch = started.elapsed();
-    let submitted = match result {
-        Ok(s) => s,
-        Err(e) => {
-            // Nothing of this submission is queued: keep no empty directory.
-            let _ = std::fs::remove_dir_all(&sub);
-            return Err(e.into());
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for ((&u, spec), s) in planned.iter().zip(&specs).zip(&submitted) {
+            let after = spec
+                .after_ok
+                .iter()
+                .map(|a| match a {
+                    After::Job(id) => id.0,
+                    After::InBatch(i) => submitted[*i].id.0,
+                })
+                .collect();
+            submission.submitted.push(JobRecord {
+                id: s.id.0,
+                work: works[u].clone(),
+                name: spec.name.clone(),
+                after,
+                script: s.files.script.clone(),
+                log: spec.log.clone(),
+                submitted_at: now,
+            });
         }
-    };
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    for ((&u, spec), s) in planned.iter().zip(&specs).zip(&submitted) {
-        let after = spec
-            .after_ok
-            .iter()
-            .map(|a| match a {
-                After::Job(id) => id.0,
-                After::InBatch(i) => submitted[*i].id.0,
-            })
-            .collect();
-        submission.submitted.push(JobRecord {
-            id: s.id.0,
-            work: works[u].clone(),
-            name: spec.name.clone(),
-            after,
-            script: s.files.script.clone(),
-            log: spec.log.clone(),
-            submitted_at: now,
-        });
+        book.jobs.extend(submission.submitted.iter().cloned());
+        book.save(&dir)?;
+        submission.dir = Some(sub);
+        Ok(submission)
     }
-    book.jobs.extend(submission.submitted.iter().cloned());
-    book.save(&dir)?;
-    submission.dir = Some(sub);
-    Ok(submission)
 }
 
 /// Unit indices such that every unit comes after the units it waits for.

@@ -24,6 +24,17 @@ pub enum Grader {
     MathVerify,
 }
 
+impl From<spur_core::params::GraderName> for Grader {
+    fn from(name: spur_core::params::GraderName) -> Self {
+        use spur_core::params::GraderName;
+        match name {
+            GraderName::Paper => Grader::Paper,
+            GraderName::Strict => Grader::Strict,
+            GraderName::MathVerify => Grader::MathVerify,
+        }
+    }
+}
+
 impl Grader {
     /// Every grader, in the order tables show them.
     pub const ALL: [Grader; 3] = [Grader::Paper, Grader::Strict, Grader::MathVerify];

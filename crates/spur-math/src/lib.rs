@@ -26,7 +26,7 @@ pub use jsonl::{grade_jsonl, GradeSummary, LineError};
 pub use metrics::{
     eval_metrics, multi_sample_metrics, EvalMetrics, EvalRecord, Group, MultiSampleMetrics,
 };
-pub use reward::{majority_label, no_repetition, sample_seed, Reward, RewardSpec};
+pub use reward::{majority_label, no_repetition, sample_seed, Reward, RewardOptions, RewardSpec};
 
 /// `grade_answer(given, gold)` of PRM800K exactly as the paper ran it.
 pub fn paper_grade_answer(given: &str, gold: &str) -> bool {

@@ -37,6 +37,17 @@ pub struct RewardSpec {
     pub reward: Reward,
 }
 
+/// The settings a reward reads besides its name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RewardOptions {
+    /// Probability of reward 1 for `random` (a `random<γ>` name carries its own).
+    pub gamma: Option<f64>,
+    /// The grader of answer-checking rewards.
+    pub grader: Grader,
+    /// Answer extraction; unset, each term's own (`_r1_style` terms extract the R1 way).
+    pub style: Option<ExtractStyle>,
+}
+
 impl RewardSpec {
     /// Parses a reward name. `params` may hold `gamma` (number, for `random`),
     /// `grader` ("paper" | "strict" | "math_verify") and `style` ("default" | "r1" | "box_only").
@@ -61,8 +72,8 @@ impl RewardSpec {
         let gamma = match params.get("gamma") {
             None => None,
             Some(v) => match v.as_f64() {
-                Some(g) if (0.0..=1.0).contains(&g) => Some(g),
-                _ => return Err(bad(format!("'gamma' must be a number in [0, 1], got {v}"))),
+                Some(g) => Some(g),
+                None => return Err(bad(format!("'gamma' must be a number in [0, 1], got {v}"))),
             },
         };
         for key in params.keys() {
@@ -71,6 +82,30 @@ impl RewardSpec {
                     "unknown parameter '{key}' (known: gamma, grader, style)"
                 )));
             }
+        }
+        Self::new(
+            name,
+            &RewardOptions {
+                gamma,
+                grader,
+                style,
+            },
+        )
+    }
+
+    /// The reward `name` (in [`RewardExpr`]'s grammar) with its settings.
+    pub fn new(name: &str, options: &RewardOptions) -> crate::Result<RewardSpec> {
+        let bad = |message: String| Error::BadReward {
+            name: name.to_string(),
+            message,
+        };
+        let RewardOptions {
+            gamma,
+            grader,
+            style,
+        } = options.clone();
+        if let Some(g) = gamma.filter(|g| !(0.0..=1.0).contains(g)) {
+            return Err(bad(format!("'gamma' must be a number in [0, 1], got {g}")));
         }
         let expr = RewardExpr::parse(name).map_err(|e| bad(e.to_string()))?;
         let mut terms = expr.terms.iter().map(|t| {

@@ -9,7 +9,9 @@
 //!
 //! Nodes are stored in topological order (every dependency comes first).
 
+mod command_chain;
 mod external;
+mod model_chain;
 mod node;
 
 use std::collections::HashMap;
@@ -17,9 +19,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
-use spur_core::{RewardBase, RewardExpr};
 use spur_spec::{Experiment, Run};
 
 pub use external::{External, ExternalError, ExternalKind, Hasher};
@@ -51,16 +52,6 @@ pub struct PlanRun {
     pub checkpoint_every: u32,
     /// Indices into [`Plan::nodes`], in execution order.
     pub nodes: Vec<u32>,
-}
-
-/// One evaluation of a run, before its nodes are placed: the eval node's
-/// parameters and their digest, its dataset (an index into the externals)
-/// and the steps it runs at.
-struct PlannedEval {
-    params: Arc<Value>,
-    digest: Hash,
-    dataset: u32,
-    steps: Vec<u32>,
 }
 
 /// What execution needs of the experiment besides its nodes, so that an
@@ -228,13 +219,29 @@ fn write_canonical(v: &Value, out: &mut Vec<u8>) {
     }
 }
 
+/// A stage's node parameters, serialised and digested once, then shared by the nodes of every
+/// step that reads them.
+struct NodeParams {
+    value: Arc<Value>,
+    digest: Hash,
+}
+
+impl NodeParams {
+    fn new<T: serde::Serialize>(params: &T) -> Self {
+        let value = spur_core::node_params::to_value(params);
+        NodeParams {
+            digest: digest(&value),
+            value: Arc::new(value),
+        }
+    }
+}
+
 impl Chain<'_> {
     fn push(
         &mut self,
         kind: StageKind,
         step: u32,
-        params: &Arc<Value>,
-        params_digest: Hash,
+        params: &NodeParams,
         inputs: Vec<Input>,
         externals: Vec<u32>,
     ) -> u32 {
@@ -244,7 +251,7 @@ impl Chain<'_> {
         h.update(kind.name().as_bytes());
         h.update([0]);
         h.update(version.to_le_bytes());
-        h.update(params_digest.0);
+        h.update(params.digest.0);
         h.update(step.to_le_bytes());
         h.update((inputs.len() as u32).to_le_bytes());
         for input in &inputs {
@@ -260,7 +267,7 @@ impl Chain<'_> {
             kind,
             version,
             step,
-            params: Arc::clone(params),
+            params: Arc::clone(&params.value),
             inputs,
             externals,
             runs: Vec::new(),
@@ -285,357 +292,12 @@ impl RunCtx<'_> {
         self.command_chain(run, &mut chain)?;
         Ok(chain.nodes)
     }
-
-    /// rollout → reward → update per step, evals at their steps.
-    fn model_chain(&self, run: &Run, chain: &mut Chain) {
-        let p = &run.params;
-        let model_name = p.model.as_deref().unwrap_or_default();
-        let model_def = &self.exp.models[model_name];
-        let model_ext = self.ext(&format!("models.{model_name}"));
-        // Rollouts, labels and updates always run on candle (GRPO needs natural-log
-        // log-probs, per-sample seeds and the trainer's weights in memory); only
-        // evaluations use the model's `engine`.
-        let model_view = json!({
-            "template": model_def.template,
-            "template_text": model_def.template_text,
-            "precision": p.precision,
-        });
-        let mut eval_model_view = model_view.clone();
-        eval_model_view["engine"] = json!(model_def.engine);
-
-        let mut evals: Vec<PlannedEval> = Vec::new();
-        if self.exp.evaluates {
-            for (name, e) in &p.evals {
-                let ds = e.dataset.as_deref().unwrap_or_default();
-                let mut view = spur_spec::to_json(e);
-                view.as_object_mut().map(|m| m.remove("at"));
-                let params = Arc::new(json!({
-                    "name": name,
-                    "eval": view,
-                    "dataset": dataset_view(self.exp, ds),
-                    "model": eval_model_view,
-                }));
-                evals.push(PlannedEval {
-                    digest: digest(&params),
-                    params,
-                    dataset: self.ext(&format!("datasets.{ds}")),
-                    steps: p.eval_steps(e.at),
-                });
-            }
-        }
-        let eval_at = |chain: &mut Chain, step: u32, policy: Option<u32>| {
-            for e in &evals {
-                if e.steps.binary_search(&step).is_ok() {
-                    let (inputs, mut exts) = match policy {
-                        Some(pol) => (
-                            vec![Input {
-                                role: Role::Policy,
-                                node: pol,
-                            }],
-                            vec![],
-                        ),
-                        None => (vec![], vec![model_ext]),
-                    };
-                    exts.push(e.dataset);
-                    chain.push(StageKind::Eval, step, &e.params, e.digest, inputs, exts);
-                }
-            }
-        };
-        eval_at(chain, 0, None);
-        if !self.exp.trains {
-            return;
-        }
-
-        let train = p.train_data.as_deref().unwrap_or_default();
-        let train_ext = self.ext(&format!("datasets.{train}"));
-        let reward = run
-            .reward
-            .clone()
-            .expect("a training run has a resolved reward");
-        // Most rewards leave the training problems alone, so the rollout does
-        // not read the reward and is shared by every arm. Two change them:
-        // `incorrect` trains only on problems whose majority label is wrong,
-        // `one_shot` on a single example.
-        // The spec has refused kinds that do not parse.
-        let expr = RewardExpr::parse(&reward.kind).ok();
-        let uses = |base: RewardBase| expr.as_ref().is_some_and(|e| e.uses(base));
-        let problems = if uses(RewardBase::Incorrect) {
-            json!("incorrect_labels")
-        } else if uses(RewardBase::OneShot) {
-            json!({ "one_shot": reward.example })
-        } else {
-            json!("all")
-        };
-        let rollout_params = Arc::new(json!({
-            "rollout": p.rollout,
-            "seed": p.seed,
-            "dataset": dataset_view(self.exp, train),
-            "model": model_view,
-            "problems": problems,
-        }));
-        let rollout_digest = digest(&rollout_params);
-        let label = expr
-            .as_ref()
-            .is_some_and(RewardExpr::needs_labels)
-            .then(|| {
-                let label_model = reward.label_model.as_deref().unwrap_or(model_name);
-                let params = Arc::new(json!({
-                    "samples": reward.label_samples.unwrap_or(64),
-                    "temperature": 1.0,
-                    "top_p": 1.0,
-                    "max_tokens": p.rollout.max_response_tokens,
-                    "dataset": dataset_view(self.exp, train),
-                    "template": "raw",
-                    "seed": 0,
-                    "model": { "precision": p.precision },
-                }));
-                let d = digest(&params);
-                let exts = vec![self.ext(&format!("models.{label_model}")), train_ext];
-                chain.push(StageKind::Label, 0, &params, d, vec![], exts)
-            });
-        // A command reward's template stays as written; `vars` holds the values it reads,
-        // which the reward stage hands to the shell as it does for command stages.
-        let reward_vars: serde_json::Map<String, Value> = reward
-            .command
-            .iter()
-            .flat_map(|c| spur_spec::references(c))
-            .filter_map(|n| Some((n.clone(), run.lookup(&n)?)))
-            .collect();
-        let reward_params =
-            Arc::new(json!({ "reward": reward, "vars": reward_vars, "seed": p.seed }));
-        let reward_digest = digest(&reward_params);
-
-        let mut update_view = spur_spec::to_json(&p.update);
-        if p.update.lr_schedule != spur_spec::LrSchedule::Constant {
-            update_view["total_steps"] = json!(p.steps);
-        }
-        // The trainer scores at the rollouts' temperature, and Dr. GRPO's constant defaults
-        // to their response cap.
-        let update_params = Arc::new(json!({
-            "update": update_view,
-            "rollout": {
-                "temperature": p.rollout.temperature,
-                "max_response_tokens": p.rollout.max_response_tokens,
-            },
-            "seed": p.seed,
-            "model": model_view,
-        }));
-        let update_digest = digest(&update_params);
-
-        // The probe's reference (prompts and the base model's greedy responses) is computed
-        // once and shared by every run of the model that probes the same prompts alike.
-        let probe = p.probe.dataset.as_deref().map(|ds| {
-            let mut view = spur_spec::to_json(&p.probe);
-            view.as_object_mut().map(|m| m.remove("dataset"));
-            let params = Arc::new(json!({
-                "probe": view,
-                "rollout": {
-                    "temperature": p.rollout.temperature,
-                    "top_p": p.rollout.top_p,
-                    "top_k": p.rollout.top_k,
-                    "max_prompt_tokens": p.rollout.max_prompt_tokens,
-                },
-                "dataset": dataset_view(self.exp, ds),
-                "model": model_view,
-            }));
-            let exts = vec![model_ext, self.ext(&format!("datasets.{ds}"))];
-            chain.push(StageKind::Probe, 0, &params, digest(&params), vec![], exts)
-        });
-
-        let mut policy: Option<u32> = None;
-        for step in 1..=p.steps {
-            let (pol_inputs, pol_exts) = match policy {
-                Some(pol) => (
-                    vec![Input {
-                        role: Role::Policy,
-                        node: pol,
-                    }],
-                    vec![],
-                ),
-                None => (vec![], vec![model_ext]),
-            };
-            let mut rollout_exts = pol_exts.clone();
-            rollout_exts.push(train_ext);
-            let mut rollout_inputs = pol_inputs.clone();
-            if let (Some(l), true) = (label, problems == "incorrect_labels") {
-                rollout_inputs.push(Input {
-                    role: Role::Labels,
-                    node: l,
-                });
-            }
-            let rollout = chain.push(
-                StageKind::Rollout,
-                step,
-                &rollout_params,
-                rollout_digest,
-                rollout_inputs,
-                rollout_exts,
-            );
-
-            let mut reward_inputs = vec![Input {
-                role: Role::Rollout,
-                node: rollout,
-            }];
-            if let Some(l) = label {
-                reward_inputs.push(Input {
-                    role: Role::Labels,
-                    node: l,
-                });
-            }
-            let scored = chain.push(
-                StageKind::Reward,
-                step,
-                &reward_params,
-                reward_digest,
-                reward_inputs,
-                vec![],
-            );
-
-            let mut update_inputs = pol_inputs;
-            update_inputs.push(Input {
-                role: Role::Rollout,
-                node: rollout,
-            });
-            update_inputs.push(Input {
-                role: Role::Reward,
-                node: scored,
-            });
-            if let Some(probe) = probe {
-                update_inputs.push(Input {
-                    role: Role::Probe,
-                    node: probe,
-                });
-            }
-            // A KL penalty compares against the model's own weights at every step.
-            let update_exts = if p.update.kl_coef > 0.0 {
-                vec![model_ext]
-            } else {
-                pol_exts
-            };
-            let update = chain.push(
-                StageKind::Update,
-                step,
-                &update_params,
-                update_digest,
-                update_inputs,
-                update_exts,
-            );
-            policy = Some(update);
-            eval_at(chain, step, policy);
-        }
-    }
-
-    /// Command stages: each depends only on the variables it references.
-    fn command_chain(&self, run: &Run, chain: &mut Chain) -> Result<(), PlanError> {
-        // Command name → (first node, last node, per_step). A per-step
-        // command's steps are consecutive nodes, so step s is first + s - 1.
-        let mut placed: HashMap<&str, (u32, u32, bool)> = HashMap::new();
-        let steps = run.params.steps;
-        for (ci, name) in self.exp.command_order.iter().enumerate() {
-            let def = &self.exp.commands[name];
-            let mut runtime = vec!["out".to_string(), "step".into(), "prev".into()];
-            runtime.extend(def.inputs.keys().map(|k| format!("inputs.{k}")));
-            runtime.extend(def.needs.iter().cloned());
-            // The template stays as written: the command stage substitutes
-            // it once, quoting each value; `vars` holds the values it reads.
-            let mut vars = serde_json::Map::new();
-            for n in spur_spec::references(&def.run) {
-                if runtime.contains(&n) || vars.contains_key(&n) {
-                    continue;
-                }
-                let value = run.lookup(&n).ok_or_else(|| PlanError::UnknownReference {
-                    command: name.clone(),
-                    name: n.clone(),
-                })?;
-                vars.insert(n, value);
-            }
-            // Inputs enter the id by content (the externals), not by path;
-            // `inputs` lists their names in the order of `Node::externals`.
-            let mut input_names = Vec::with_capacity(def.inputs.len());
-            let mut exts = Vec::with_capacity(def.inputs.len());
-            for (k, raw) in &def.inputs {
-                let path = spur_spec::substitute_str(raw, &mut |n| run.lookup(n))
-                    .map(|v| spur_spec::scalar_text(&v))
-                    .map_err(|n| PlanError::UnknownReference {
-                        command: name.clone(),
-                        name: n,
-                    })?;
-                exts.push(self.ext(&external::command_input_key(name, k, &path)));
-                input_names.push(k.clone());
-            }
-            let params = Arc::new(json!({
-                "command": name,
-                "index": ci,
-                "run": def.run,
-                "vars": vars,
-                "inputs": input_names,
-                "outputs": def.outputs,
-                "needs": def.needs,
-                "per_step": def.per_step,
-                "accelerator": def.accelerator,
-                "version": def.version,
-            }));
-            let d = digest(&params);
-            let need_inputs = |step: Option<u32>| -> Vec<Input> {
-                def.needs
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, need)| {
-                        // Absent only for a per-step command in a 0-step run.
-                        let (first, last, per_step) = *placed.get(need.as_str())?;
-                        // A per-step command reading another per-step command
-                        // takes the same step's node; otherwise the last one.
-                        let node = match (step, per_step) {
-                            (Some(s), true) => first + s - 1,
-                            _ => last,
-                        };
-                        Some(Input {
-                            role: Role::Need(i as u16),
-                            node,
-                        })
-                    })
-                    .collect()
-            };
-            if def.per_step {
-                let mut prev: Option<u32> = None;
-                let mut first = None;
-                for step in 1..=steps {
-                    let mut inputs = need_inputs(Some(step));
-                    if let Some(p) = prev {
-                        inputs.push(Input {
-                            role: Role::Prev,
-                            node: p,
-                        });
-                    }
-                    let n = chain.push(StageKind::Command, step, &params, d, inputs, exts.clone());
-                    first.get_or_insert(n);
-                    prev = Some(n);
-                }
-                if let (Some(f), Some(l)) = (first, prev) {
-                    placed.insert(name.as_str(), (f, l, true));
-                }
-            } else {
-                let n = chain.push(StageKind::Command, 0, &params, d, need_inputs(None), exts);
-                placed.insert(name.as_str(), (n, n, false));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// What of a dataset definition affects results (not its name or sources).
-fn dataset_view(exp: &Experiment, name: &str) -> Value {
-    let d = &exp.datasets[name];
-    json!({
-        "problem_field": d.problem_field,
-        "answer_field": d.answer_field,
-        "offset": d.offset,
-        "limit": d.limit,
-    })
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     /// The bytes a node id hashes are the same whatever order a map's keys were inserted in,

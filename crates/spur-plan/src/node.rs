@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use serde_json::Value;
+use spur_core::node_params::{self, EvalNodeParams};
 use spur_core::{Hash, StageKind};
 
 use crate::Role;
@@ -28,4 +29,14 @@ pub struct Node {
     pub externals: Vec<u32>,
     /// Indices of the runs that use this node, ascending.
     pub runs: Vec<u32>,
+}
+
+impl Node {
+    /// An eval node's evaluation name (`math500`); `None` for other nodes.
+    pub fn eval_name(&self) -> Option<String> {
+        (self.kind == StageKind::Eval)
+            .then(|| node_params::from_value::<EvalNodeParams>(self.kind, &self.params).ok())
+            .flatten()
+            .map(|p| p.name)
+    }
 }

@@ -48,7 +48,7 @@ pub struct RunInput {
     /// differ only in seed share a row of the table and a line of each plot.
     pub variant: String,
     /// `None` for a run that was never started.
-    pub record: Option<RunRecord>,
+    pub record: Option<RecordFile>,
     /// Eval node id (hex) → eval name (`math500`, `aime24`…), for records
     /// whose nodes do not name their eval.
     pub eval_names: BTreeMap<String, String>,
@@ -56,12 +56,12 @@ pub struct RunInput {
     pub samples: Vec<Sample>,
 }
 
-/// A run record as `spur run` writes it (`cache/runs/<id>.json`).
+/// A run record as `spur run` writes it, and the file it was read from (`cache/runs/<id>.json`),
+/// for error messages.
 #[derive(Clone, Debug)]
-pub struct RunRecord {
-    /// Where it was read from, for error messages.
+pub struct RecordFile {
     pub path: PathBuf,
-    pub json: serde_json::Value,
+    pub record: spur_store::RunRecord,
 }
 
 /// One graded response of an eval node.

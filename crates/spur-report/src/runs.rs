@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 use spur_math::GraderComparison;
+use spur_store::{NodeState, RunStatus};
 
 use crate::{ReportError, Result, RunInput};
 
@@ -133,45 +134,25 @@ impl RunView {
     }
 
     pub fn parse(run: &RunInput) -> Result<RunView> {
-        let Some(record) = &run.record else {
+        let Some(file) = &run.record else {
             return Ok(RunView::not_started());
         };
         let bad = |problem: String| ReportError::Record {
-            path: record.path.clone(),
+            path: file.path.clone(),
             problem,
         };
-        let json = &record.json;
-        let nodes = json
-            .get("nodes")
-            .and_then(Value::as_array)
-            .ok_or_else(|| bad("no `nodes` list".into()))?;
+        let record = &file.record;
         let mut view = RunView::not_started();
-        for (i, node) in nodes.iter().enumerate() {
-            let field = |key: &str| {
-                node.get(key)
-                    .ok_or_else(|| bad(format!("nodes[{i}] has no `{key}`")))
-            };
-            let kind = field("kind")?
-                .as_str()
-                .ok_or_else(|| bad(format!("nodes[{i}].kind is not a string")))?;
-            let id = field("id")?
-                .as_str()
-                .ok_or_else(|| bad(format!("nodes[{i}].id is not a string")))?;
-            let step = field("step")?
-                .as_u64()
-                .ok_or_else(|| bad(format!("nodes[{i}].step is not a step number")))?;
-            let done = match field("status")?.as_str() {
-                Some("cached") => true,
-                Some("pending") => false,
-                _ => return Err(bad(format!("nodes[{i}].status is not cached/pending"))),
-            };
+        for (i, node) in record.nodes.iter().enumerate() {
+            let (id, step) = (node.id.as_str(), u64::from(node.step));
+            let done = node.status == NodeState::Cached;
             view.nodes_done += usize::from(done);
-            let metrics = node.get("metrics").filter(|m| done && !m.is_null());
-            match kind {
+            let metrics = node.metrics.as_ref().filter(|m| done && !m.is_null());
+            match node.kind.as_str() {
                 "eval" => {
                     let name = node
-                        .get("eval")
-                        .and_then(Value::as_str)
+                        .eval
+                        .as_deref()
                         .or_else(|| run.eval_names.get(id).map(String::as_str));
                     let Some(name) = name else {
                         view.warnings.push(format!(
@@ -219,20 +200,19 @@ impl RunView {
                 _ => {}
             }
         }
-        view.nodes_total = nodes.len();
-        let text = |key: &str| json.get(key).and_then(Value::as_str).map(str::to_string);
-        view.recorded_status = text("status");
-        view.error = text("error");
-        view.started_at = text("first_started_at").or_else(|| text("started_at"));
-        view.finished_at = text("finished_at");
+        view.nodes_total = record.nodes.len();
+        view.recorded_status = Some(record.status.name().to_string());
+        view.error = record.error.clone();
+        view.started_at = Some(record.first_started_at.clone());
+        view.finished_at = record.finished_at.clone();
         view.state = if view.nodes_done == view.nodes_total {
             State::Finished
-        } else if view.recorded_status.as_deref() == Some("failed") {
+        } else if record.status == RunStatus::Failed {
             State::Failed
         } else {
             State::Incomplete
         };
-        view.provenance = json.get("provenance").map(Provenance::parse);
+        view.provenance = Some(Provenance::from(&record.provenance));
         Ok(view)
     }
 
@@ -288,36 +268,31 @@ pub fn share_eval_metrics(views: &mut [RunView]) {
     }
 }
 
-impl Provenance {
-    fn parse(p: &Value) -> Provenance {
-        let s = |v: &Value| v.as_str().map(str::to_string);
-        let git = &p["git"];
-        let host = &p["host"];
-        let host = [&host["name"], &host["cpu"], &host["os"], &host["arch"]]
-            .iter()
-            .filter_map(|v| v.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
+impl From<&spur_store::Provenance> for Provenance {
+    fn from(p: &spur_store::Provenance) -> Provenance {
+        let git = p.git.clone().unwrap_or_default();
+        let h = &p.host;
+        let host = [
+            h.name.as_deref(),
+            h.cpu.as_deref(),
+            Some(&h.os),
+            Some(&h.arch),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ");
         Provenance {
-            commit: s(&git["commit"]),
-            branch: s(&git["branch"]),
-            dirty: git["dirty"].as_bool(),
-            diff_sha256: s(&git["diff_sha256"]),
-            cargo_lock_sha256: s(&p["cargo_lock_sha256"]),
-            spur_version: s(&p["spur_version"]),
+            commit: git.commit,
+            branch: git.branch,
+            dirty: p.git.as_ref().map(|g| g.dirty),
+            diff_sha256: git.diff_sha256,
+            cargo_lock_sha256: Some(p.cargo_lock_sha256.clone()),
+            spur_version: Some(p.spur_version.clone()),
             host: Some(host).filter(|h| !h.is_empty()),
-            accelerators: p["accelerators"]
-                .as_array()
-                .map(|a| a.iter().filter_map(s).collect())
-                .unwrap_or_default(),
-            inputs: p["inputs"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| (k.clone(), s(v).unwrap_or_else(|| v.to_string())))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            accelerators: p.accelerators.clone(),
+            inputs: p.inputs.clone().into_iter().collect(),
         }
     }
 }
@@ -369,12 +344,19 @@ mod tests {
     }
 
     #[test]
-    fn a_record_without_nodes_names_its_file() {
+    fn unreadable_metrics_name_the_record_file() {
         let mut run = testdata::input().runs.remove(0);
-        run.record.as_mut().unwrap().json = serde_json::json!({"status": "finished"});
+        let file = run.record.as_mut().unwrap();
+        let update = file
+            .record
+            .nodes
+            .iter_mut()
+            .find(|n| n.kind == "update")
+            .unwrap();
+        update.metrics.as_mut().unwrap()["probe"] = serde_json::json!({"entropy": "high"});
         let err = RunView::parse(&run).unwrap_err().to_string();
         assert!(err.contains("runs/"), "{err}");
-        assert!(err.contains("no `nodes` list"), "{err}");
+        assert!(err.contains("metrics.probe"), "{err}");
     }
 
     #[test]

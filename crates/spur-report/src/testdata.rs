@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
-use crate::{ExperimentInfo, ReportInput, RunInput, RunRecord, Sample};
+use crate::{ExperimentInfo, RecordFile, ReportInput, RunInput, Sample};
 
 pub const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 pub const DIFF: &str = "d1ffd1ffd1ffd1ffd1ffd1ffd1ffd1ffd1ffd1ffd1ffd1ffd1ffd1ffd1ffd1ff";
@@ -206,9 +206,18 @@ pub fn input() -> ReportInput {
                     _ => ("finished", STEPS, None),
                 };
                 let never = (model, reward, seed) == ("beta", "random", 3);
-                let record = (!never).then(|| RunRecord {
+                let record = (!never).then(|| RecordFile {
                     path: PathBuf::from(format!("cache/runs/run-{model}-{reward}-{seed}.json")),
-                    json: record(model, reward, seed, status, through, error, &mut eval_names),
+                    record: serde_json::from_value(record(
+                        model,
+                        reward,
+                        seed,
+                        status,
+                        through,
+                        error,
+                        &mut eval_names,
+                    ))
+                    .expect("test records read as spur-store's RunRecord"),
                 });
                 let samples = if never {
                     Vec::new()

@@ -27,10 +27,10 @@ pub use collective::{Collective, Solo, ThreadGroup};
 pub use error::{Error, Result};
 pub use loss_json::{loss_from_json, LossOutput};
 pub use objective::{
-    group_advantages, micro_batch_objective, sample_std, AdvantageKind, Aggregation, KlEstimator,
+    group_advantages, micro_batch_objective, sample_std, Advantage, Aggregation, KlEstimator,
     MicroBatch, MicroBatchOutput, MiniBatchShape, ObjectiveConfig, TokenStats,
 };
-pub use optim::{Adam, AdamConfig, LrSchedule, MomentDtype};
+pub use optim::{moment_dtype, Adam, AdamConfig, LrSchedule};
 pub use policy::{
     scoring_logprobs, scoring_logprobs_entropy, sequence_logprobs, training_logprobs, Backprop,
     Policy, SeqLogprobs, Tempered,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::objective::{
-    group_advantages, micro_batch_objective, AdvantageKind, Aggregation, KlEstimator, MicroBatch,
+    group_advantages, micro_batch_objective, Advantage, Aggregation, KlEstimator, MicroBatch,
     MiniBatchShape, ObjectiveConfig, TokenStats,
 };
 use crate::{Error, Result};
@@ -21,7 +21,7 @@ struct InputConfig {
     eps_low: f64,
     eps_high: f64,
     clip: bool,
-    advantage: AdvantageKind,
+    advantage: Advantage,
     aggregation: Aggregation,
     norm_length: usize,
     micro_batch: usize,
@@ -39,7 +39,7 @@ impl Default for InputConfig {
             advantage: o.advantage,
             aggregation: o.aggregation,
             norm_length: o.norm_length,
-            micro_batch: 4,
+            micro_batch: spur_core::params::UpdateParams::default().micro_batch as usize,
             kl_coef: o.kl_coef,
             kl_estimator: o.kl_estimator,
         }

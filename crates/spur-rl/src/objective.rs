@@ -5,45 +5,11 @@
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
+use spur_core::params::{RolloutParams, UpdateParams};
 
 use crate::{Error, Result};
 
-/// How rewards of one prompt group become advantages.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AdvantageKind {
-    /// (r − mean) / (std + 1e-9), unbiased std: the paper's code.
-    #[default]
-    Grpo,
-    /// r − mean (Dr. GRPO drops the std division).
-    DrGrpo,
-}
-
-/// How token losses are reduced to the loss of a mini-batch.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Aggregation {
-    /// Token mean over each micro-batch, averaged over the micro-batches of the mini-batch
-    /// (the paper's code: packed micro-batches with gradient accumulation).
-    #[default]
-    TokenMean,
-    /// Mean over the mini-batch's sequences of each sequence's token mean (the GRPO paper).
-    SeqMean,
-    /// Sum of all token losses divided by (sequences × `norm_length`): Dr. GRPO's constant
-    /// normaliser, which gives every token the same weight whatever its response's length.
-    TokenSumConst,
-}
-
-/// Estimator of KL(π‖π_ref) per token, from the log-probs of the sampled token.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KlEstimator {
-    /// log π − log π_ref (OpenRLHF's default).
-    #[default]
-    K1,
-    /// exp(log π_ref − log π) − (log π_ref − log π) − 1: non-negative, lower variance.
-    K3,
-}
+pub use spur_core::params::{Advantage, Aggregation, KlEstimator};
 
 /// The switches of the objective. Defaults are the paper's code's (ε = 0.2 both sides, clipping
 /// on, GRPO advantages, token-mean aggregation, no KL, no entropy bonus).
@@ -54,9 +20,9 @@ pub struct ObjectiveConfig {
     pub eps_high: f64,
     /// `false` removes the clip term: the token loss becomes −ρ·A (the paper's ablation).
     pub clip: bool,
-    pub advantage: AdvantageKind,
+    pub advantage: Advantage,
     pub aggregation: Aggregation,
-    /// The constant length of [`Aggregation::TokenSumConst`]; the paper's response cap.
+    /// The constant length of [`Aggregation::SeqSumConst`]; the paper's response cap.
     pub norm_length: usize,
     pub kl_coef: f64,
     pub kl_estimator: KlEstimator,
@@ -65,22 +31,32 @@ pub struct ObjectiveConfig {
 }
 
 impl Default for ObjectiveConfig {
+    /// The experiment file's defaults, with `norm_length` at the default response cap.
     fn default() -> Self {
-        Self {
-            eps_low: 0.2,
-            eps_high: 0.2,
-            clip: true,
-            advantage: AdvantageKind::Grpo,
-            aggregation: Aggregation::TokenMean,
-            norm_length: 3072,
-            kl_coef: 0.0,
-            kl_estimator: KlEstimator::K1,
-            entropy_coef: 0.0,
-        }
+        ObjectiveConfig::new(
+            &UpdateParams::default(),
+            RolloutParams::default().max_response_tokens,
+        )
     }
 }
 
 impl ObjectiveConfig {
+    /// The objective a run's `update` parameters ask for; `max_response_tokens` is Dr. GRPO's
+    /// constant unless `update.norm_length` sets it.
+    pub fn new(update: &UpdateParams, max_response_tokens: u32) -> Self {
+        ObjectiveConfig {
+            eps_low: update.eps_low,
+            eps_high: update.eps_high,
+            clip: update.clip,
+            advantage: update.advantage,
+            aggregation: update.aggregation,
+            norm_length: update.norm_length.unwrap_or(max_response_tokens) as usize,
+            kl_coef: update.kl_coef,
+            kl_estimator: update.kl_estimator,
+            entropy_coef: update.entropy_coef,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::Config(msg));
         // ε_low = 1 puts the lower bound at 0: ρ = exp(·) never reaches it.
@@ -116,15 +92,15 @@ impl ObjectiveConfig {
 ///
 /// Equal rewards (including a group of one) give zero advantages exactly, as the paper's code
 /// does up to rounding: such a group carries no learning signal.
-pub fn group_advantages(rewards: &[f64], kind: AdvantageKind) -> Vec<f64> {
+pub fn group_advantages(rewards: &[f64], kind: Advantage) -> Vec<f64> {
     let n = rewards.len();
     if n == 0 || rewards.iter().all(|&r| r == rewards[0]) {
         return vec![0.0; n];
     }
     let mean = rewards.iter().sum::<f64>() / n as f64;
     match kind {
-        AdvantageKind::DrGrpo => rewards.iter().map(|r| r - mean).collect(),
-        AdvantageKind::Grpo => {
+        Advantage::DrGrpo => rewards.iter().map(|r| r - mean).collect(),
+        Advantage::Grpo => {
             let std = sample_std(rewards);
             rewards.iter().map(|r| (r - mean) / (std + 1e-9)).collect()
         }
@@ -285,7 +261,7 @@ pub fn micro_batch_objective(
             let lengths = mask.sum(1)?.clamp(1.0, f64::INFINITY)?;
             (masked.sum(1)?.div(&lengths)?.sum_all()? / shape.sequences as f64)?
         }
-        Aggregation::TokenSumConst => {
+        Aggregation::SeqSumConst => {
             let norm = shape.sequences as f64 * cfg.norm_length as f64;
             (masked.sum_all()? / norm)?
         }
@@ -304,10 +280,10 @@ mod tests {
     #[test]
     fn advantages_follow_the_papers_formula() {
         // rewards [1, 0, 0, 0]: mean 0.25, unbiased std sqrt(0.75 / 3 + 3 · 0.0625 / 3) = 0.5.
-        let a = group_advantages(&[1.0, 0.0, 0.0, 0.0], AdvantageKind::Grpo);
+        let a = group_advantages(&[1.0, 0.0, 0.0, 0.0], Advantage::Grpo);
         let want = [0.75 / (0.5 + 1e-9), -0.25 / (0.5 + 1e-9)];
         assert_eq!(a, vec![want[0], want[1], want[1], want[1]]);
-        let d = group_advantages(&[1.0, 0.0, 0.0, 0.0], AdvantageKind::DrGrpo);
+        let d = group_advantages(&[1.0, 0.0, 0.0, 0.0], Advantage::DrGrpo);
         assert_eq!(d, vec![0.75, -0.25, -0.25, -0.25]);
     }
 
@@ -321,7 +297,7 @@ mod tests {
 
     #[test]
     fn equal_rewards_and_single_samples_give_zero() {
-        for kind in [AdvantageKind::Grpo, AdvantageKind::DrGrpo] {
+        for kind in [Advantage::Grpo, Advantage::DrGrpo] {
             assert_eq!(group_advantages(&[0.1, 0.1, 0.1], kind), vec![0.0; 3]);
             assert_eq!(group_advantages(&[1.0], kind), vec![0.0]);
             assert!(group_advantages(&[], kind).is_empty());

@@ -8,8 +8,12 @@
 
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
+use spur_core::params::{LrSchedule as ScheduleKind, Precision, UpdateParams};
 
 use crate::{Error, Result};
+
+/// Adam's ε (the paper's; not an experiment setting).
+const ADAM_EPS: f64 = 1e-8;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -24,43 +28,50 @@ pub struct AdamConfig {
     pub max_grad_norm: f64,
     pub schedule: LrSchedule,
     /// Storage dtype of the two moments.
-    pub moments: MomentDtype,
+    pub moments: Precision,
 }
 
-/// How Adam stores its moments.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MomentDtype {
-    #[default]
-    F32,
-    Bf16,
-}
-
-impl MomentDtype {
-    pub fn dtype(self) -> DType {
-        match self {
-            MomentDtype::F32 => DType::F32,
-            MomentDtype::Bf16 => DType::BF16,
-        }
+/// The candle dtype Adam stores its moments in.
+pub fn moment_dtype(moments: Precision) -> DType {
+    match moments {
+        Precision::F32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
     }
 }
 
 impl Default for AdamConfig {
+    /// The experiment file's defaults, at a constant learning rate.
     fn default() -> Self {
-        Self {
-            lr: 5e-7,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            schedule: LrSchedule::Constant,
-            moments: MomentDtype::F32,
-        }
+        AdamConfig::new(&UpdateParams::default(), None)
     }
 }
 
 impl AdamConfig {
+    /// The optimizer a run's `update` parameters ask for. A cosine schedule spans
+    /// `schedule_steps` GRPO steps (the run's step count); both counts are GRPO steps, as
+    /// [`AdamConfig::lr_at`]'s are.
+    pub fn new(update: &UpdateParams, schedule_steps: Option<u32>) -> Self {
+        let schedule = match update.lr_schedule {
+            ScheduleKind::Constant => LrSchedule::Constant,
+            ScheduleKind::Cosine => LrSchedule::WarmupCosine {
+                warmup_steps: u64::from(update.warmup_steps),
+                // A plan always sets it for a cosine schedule; 0 fails validation.
+                total_steps: u64::from(schedule_steps.unwrap_or(0)),
+                min_lr_ratio: 0.0,
+            },
+        };
+        AdamConfig {
+            lr: update.lr,
+            beta1: update.beta1,
+            beta2: update.beta2,
+            eps: ADAM_EPS,
+            weight_decay: update.weight_decay,
+            max_grad_norm: update.grad_clip,
+            schedule,
+            moments: update.moments,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let ok = self.lr >= 0.0
             && self.lr.is_finite()
@@ -166,7 +177,7 @@ impl Adam {
         let mut m = Vec::with_capacity(vars.len());
         let mut v = Vec::with_capacity(vars.len());
         let mut master = Vec::with_capacity(vars.len());
-        let moments = cfg.moments.dtype();
+        let moments = moment_dtype(cfg.moments);
         for var in vars {
             m.push(Tensor::zeros(var.shape(), moments, var.device())?);
             v.push(Tensor::zeros(var.shape(), moments, var.device())?);
@@ -243,7 +254,7 @@ impl Adam {
                 }
                 None => var.set(&next)?,
             }
-            let moments = self.cfg.moments.dtype();
+            let moments = moment_dtype(self.cfg.moments);
             self.m[i] = m.to_dtype(moments)?;
             self.v[i] = v.to_dtype(moments)?;
         }

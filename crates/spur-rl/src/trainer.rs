@@ -3,6 +3,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
+use spur_core::node_params::UpdateNodeParams;
+use spur_core::params::{RolloutParams, UpdateParams, DEFAULT_SEED};
 
 use crate::collective::{Collective, Solo};
 use crate::objective::{
@@ -38,16 +40,41 @@ pub struct TrainConfig {
 }
 
 impl Default for TrainConfig {
+    /// The experiment file's defaults.
     fn default() -> Self {
-        Self {
+        let update = UpdateParams::default();
+        TrainConfig {
             objective: ObjectiveConfig::default(),
             optimizer: AdamConfig::default(),
-            mini_batch: 128,
-            micro_batch: 4,
+            mini_batch: update.mini_batch as usize,
+            micro_batch: update.micro_batch as usize,
             shuffle: true,
-            seed: 42,
+            seed: DEFAULT_SEED,
             entropy_metric: true,
-            temperature: 1.0,
+            temperature: RolloutParams::default().temperature,
+        }
+    }
+}
+
+/// The trainer of an `update` node: its run's update parameters, the rollouts' temperature and
+/// response cap, the run's seed and step count.
+impl From<&UpdateNodeParams> for TrainConfig {
+    fn from(p: &UpdateNodeParams) -> Self {
+        TrainConfig {
+            objective: ObjectiveConfig::new(&p.update, p.rollout.max_response_tokens),
+            optimizer: AdamConfig::new(&p.update, p.schedule_steps),
+            mini_batch: p.update.mini_batch as usize,
+            micro_batch: p.update.micro_batch as usize,
+            shuffle: true,
+            seed: p.seed,
+            entropy_metric: true,
+            // Greedy rollouts (T = 0) carry the plain log-softmax as their log-probs (the
+            // engine's convention): score them at T = 1.
+            temperature: if p.rollout.temperature == 0.0 {
+                1.0
+            } else {
+                p.rollout.temperature
+            },
         }
     }
 }

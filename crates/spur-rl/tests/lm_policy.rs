@@ -5,13 +5,14 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
+use spur_core::params::Precision;
 use spur_lm::model::parameter_shapes;
 use spur_lm::{Architecture, ModelConfig, Transformer};
 use spur_rl::policy::Entropy;
 use spur_rl::{
     micro_batch_objective, sequence_logprobs, training_logprobs, Backprop, MicroBatch,
-    MiniBatchShape, MomentDtype, ObjectiveConfig, Policy, Rng, Rollout, RolloutGroup,
-    RolloutSample, SeqLogprobs, TrainConfig, Trainer,
+    MiniBatchShape, ObjectiveConfig, Policy, Rng, Rollout, RolloutGroup, RolloutSample,
+    SeqLogprobs, TrainConfig, Trainer,
 };
 
 fn tiny(architecture: Architecture, tie: bool, seed: u64) -> Transformer {
@@ -343,7 +344,7 @@ fn bf16_moments_step_like_f32_moments() {
         trainer.step(&model, None, &rollout).unwrap();
         Policy::named_vars(&model)
     };
-    let (f32s, bf16s) = (stepped(MomentDtype::F32), stepped(MomentDtype::Bf16));
+    let (f32s, bf16s) = (stepped(Precision::F32), stepped(Precision::Bf16));
     let start = Policy::named_vars(&tiny(Architecture::Qwen2, false, 23));
     for (((name, a), (_, b)), (_, w0)) in f32s.iter().zip(&bf16s).zip(&start) {
         // The updates (not the weights) agree to bf16's precision.

@@ -102,7 +102,7 @@ fn gradients_match_finite_differences() {
     for aggregation in [
         Aggregation::TokenMean,
         Aggregation::SeqMean,
-        Aggregation::TokenSumConst,
+        Aggregation::SeqSumConst,
     ] {
         let cfg = ObjectiveConfig {
             aggregation,

@@ -8,6 +8,8 @@ use std::collections::BTreeSet;
 use indexmap::IndexMap;
 use serde_json::Value;
 
+use spur_core::node_params::RewardSpec;
+
 use crate::schema::{ExperimentFile, RewardDef};
 use crate::subst::substitute_tree;
 use crate::{check_name, did_you_mean, param_paths, yaml_refs, Ctx, Run, RunParams, SpecError};
@@ -862,51 +864,51 @@ fn label(cell: &IndexMap<String, Value>) -> String {
         .join(",")
 }
 
-/// The run's reward definition with `${…}` in `gamma` resolved and those in `command` checked.
+/// The run's reward, typed: `${…}` in `gamma` resolved to a number in [0, 1], those in
+/// `command` checked (the command itself stays as written).
 fn resolve_reward(
     ctx: &Ctx,
     name: &str,
     def: &RewardDef,
     cell: &IndexMap<String, Value>,
     tree: &Value,
-) -> Result<RewardDef, SpecError> {
+) -> Result<RewardSpec, SpecError> {
     let key = format!("rewards.{name}");
     let mut lookup = |n: &str| cell.get(n).cloned().or_else(|| get_path(tree, n).cloned());
-    let mut out = def.clone();
-    if let Some(serde_yaml::Value::String(s)) = &def.gamma {
-        let v = crate::substitute_str(s, &mut lookup).map_err(|n| {
-            ctx.err(
-                &format!("{key}.gamma"),
-                false,
-                format!("`${{{n}}}` names no grid axis or parameter"),
-            )
-        })?;
-        let g = match &v {
-            Value::Number(n) => n.as_f64(),
-            Value::String(s) => s.parse().ok(),
-            _ => None,
-        };
-        match g {
-            Some(g) if (0.0..=1.0).contains(&g) => {
-                out.gamma = Some(serde_yaml::Value::Number(g.into()))
-            }
-            _ => {
-                return Err(ctx.err(
-                    &format!("{key}.gamma"),
-                    false,
-                    format!("gamma must be a number in [0, 1], got {v}"),
-                ))
+    let gamma = match &def.gamma {
+        None => None,
+        Some(written) => {
+            let value = match written {
+                serde_yaml::Value::String(s) => {
+                    crate::substitute_str(s, &mut lookup).map_err(|n| {
+                        ctx.err(
+                            &format!("{key}.gamma"),
+                            false,
+                            format!("`${{{n}}}` names no grid axis or parameter"),
+                        )
+                    })?
+                }
+                other => crate::to_json(other),
+            };
+            let g = match &value {
+                Value::Number(n) => n.as_f64(),
+                Value::String(s) if written.is_string() => s.parse().ok(),
+                _ => None,
+            };
+            // A written number out of range is the file's own error, reported where it is
+            // checked with the other reward keys.
+            match g {
+                Some(g) if (0.0..=1.0).contains(&g) || !written.is_string() => Some(g),
+                _ => {
+                    return Err(ctx.err(
+                        &format!("{key}.gamma"),
+                        false,
+                        format!("gamma must be a number in [0, 1], got {value}"),
+                    ))
+                }
             }
         }
-    } else if let Some(g) = &def.gamma {
-        if !g.is_number() {
-            return Err(ctx.err(
-                &format!("{key}.gamma"),
-                false,
-                "gamma must be a number in [0, 1]",
-            ));
-        }
-    }
+    };
     if let Some(c) = &def.command {
         // The command stays as written: the reward stage passes each value to the shell
         // through the environment, never as script text (see the plan's reward `vars`).
@@ -921,5 +923,14 @@ fn resolve_reward(
             ));
         }
     }
-    Ok(out)
+    Ok(RewardSpec {
+        kind: def.kind.clone(),
+        gamma,
+        command: def.command.clone(),
+        style: def.style.clone(),
+        grader: def.grader.clone(),
+        label_model: def.label_model.clone(),
+        label_samples: def.label_samples,
+        example: def.example.clone(),
+    })
 }

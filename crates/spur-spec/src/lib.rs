@@ -20,17 +20,17 @@ use serde_json::Value;
 
 pub use error::{did_you_mean, one_of, SpecError, SpecErrors};
 pub use locate::{Locations, Pos};
-pub use params::{
-    param_paths, Advantage, Aggregation, EvalAt, EvalParams, GraderName, KlEstimator, LrSchedule,
-    Materialize, Precision, ProbeParams, RolloutParams, RunParams, UpdateParams,
-};
-pub use schema::{
-    CommandDef, DatasetDef, Engine, ModelDef, OneShotExample, RewardDef, Source, TemplateKind,
+pub use params::{param_paths, RunParams};
+pub use schema::{CommandDef, DatasetDef, ModelDef, RewardDef, Source};
+pub use spur_core::params::{
+    Advantage, Aggregation, Engine, EvalAt, EvalParams, GraderName, KlEstimator, LrSchedule,
+    Materialize, OneShotExample, Precision, ProbeParams, RolloutParams, TemplateKind, UpdateParams,
 };
 pub use spur_core::scalar_text;
 pub use subst::{references, substitute_str};
 
 use schema::ExperimentFile;
+use spur_core::node_params::RewardSpec;
 use spur_core::{RewardBase, RewardExpr, RewardKindError};
 
 /// The built-in model stages, in the order a training step runs them.
@@ -70,8 +70,8 @@ pub struct Run {
     pub params: RunParams,
     /// The merged parameter tree (for `${path}` lookups).
     pub tree: Value,
-    /// The run's reward with `${...}` resolved (if the run trains).
-    pub reward: Option<RewardDef>,
+    /// The run's reward, typed, with `${...}` resolved (if the run trains).
+    pub reward: Option<RewardSpec>,
 }
 
 impl Run {
@@ -493,7 +493,7 @@ fn check_definitions(ctx: &Ctx, file: &ExperimentFile, errors: &mut Vec<SpecErro
             }
         }
         if let Some(grader) = &r.grader {
-            let graders = params::GraderName::NAMES;
+            let graders = GraderName::NAMES;
             if !graders.contains(&grader.as_str()) {
                 errors.push(
                     ctx.err(

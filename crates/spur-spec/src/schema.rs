@@ -3,6 +3,7 @@
 
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
+use spur_core::params::{Engine, OneShotExample, TemplateKind};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,29 +67,6 @@ impl Source {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Engine {
-    #[default]
-    Candle,
-    Mistralrs,
-}
-
-/// How a problem becomes a prompt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum TemplateKind {
-    /// The model's own chat template.
-    #[default]
-    Model,
-    /// Qwen2.5-Math chat template with the "reason step by step" system prompt.
-    QwenMath,
-    /// The R1 `<think>/<answer>` template for base models (stop at `</answer>`).
-    R1,
-    /// `template_text`, with `{problem}` replaced.
-    Custom,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelDef {
@@ -140,13 +118,6 @@ pub struct RewardDef {
     pub label_samples: Option<u32>,
     /// The single training example for `one_shot`.
     pub example: Option<OneShotExample>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OneShotExample {
-    pub problem: String,
-    pub answer: String,
 }
 
 /// A generic shell stage, like a Snakemake rule.

@@ -86,16 +86,7 @@ fn free_axis_through_reference() {
     let g: Vec<f64> = exp
         .runs
         .iter()
-        .map(|r| {
-            r.reward
-                .as_ref()
-                .unwrap()
-                .gamma
-                .as_ref()
-                .unwrap()
-                .as_f64()
-                .unwrap()
-        })
+        .map(|r| r.reward.as_ref().unwrap().gamma.unwrap())
         .collect();
     assert_eq!(g, [0.0, 0.3]);
 }

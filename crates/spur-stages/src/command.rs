@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
+use spur_core::node_params::{self, CommandNodeParams, ParamsError};
 use spur_plan::{Node, Role, StageKind};
 
 use crate::shell::{self, ScriptError};
@@ -18,15 +19,10 @@ use crate::{interrupt, NodeContext, Resource, Stage, StageError};
 
 pub struct CommandStage;
 
-fn strings(v: &Value, key: &str) -> Vec<String> {
-    v.get(key)
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
+/// The node's parameters; `run` reports an error, the scheduling questions (`resource`,
+/// `declared_outputs`) treat unreadable ones as a CPU node with no outputs.
+fn params(node: &Node) -> Result<CommandNodeParams, ParamsError> {
+    node_params::from_value(StageKind::Command, &node.params)
 }
 
 /// Last `n` bytes of a log, for error messages.
@@ -52,23 +48,24 @@ impl Stage for CommandStage {
     }
 
     fn resource(&self, node: &Node) -> Resource {
-        if node.params.get("accelerator").and_then(Value::as_bool) == Some(true) {
-            Resource::Accelerator
-        } else {
-            Resource::Cpu
+        match params(node) {
+            Ok(p) if p.accelerator => Resource::Accelerator,
+            _ => Resource::Cpu,
         }
     }
 
     fn declared_outputs(&self, node: &Node) -> Vec<String> {
-        strings(&node.params, "outputs")
+        params(node).map(|p| p.outputs).unwrap_or_default()
     }
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
-        let params = &ctx.node.params;
-        let template = crate::param::Params::new(StageKind::Command, params).str("run")?;
-        let vars = params.get("vars").and_then(Value::as_object);
-        let input_names = strings(params, "inputs");
-        let needs = strings(params, "needs");
+        let CommandNodeParams {
+            run: template,
+            vars,
+            inputs: input_names,
+            needs,
+            ..
+        } = params(ctx.node)?;
         let step = ctx.node.step;
         // Paths are absolute, so a command may `cd` before using them.
         let out = std::path::absolute(ctx.out)?;
@@ -91,11 +88,11 @@ impl Stage for CommandStage {
                         return ctx.input(Role::Need(i as u16)).and_then(|d| path(&d.out));
                     }
                     // Grid values and parameters, as the plan resolved them.
-                    vars?.get(name).map(|v| spur_core::scalar_text(v).into())
+                    vars.get(name).map(|v| spur_core::scalar_text(v).into())
                 }
             }
         };
-        let script = shell::render(template, &mut lookup).map_err(|e| match e {
+        let script = shell::render(&template, &mut lookup).map_err(|e| match e {
             ScriptError::Unknown(name) => {
                 StageError::Failed(format!("`${{{name}}}` has no value for this node"))
             }

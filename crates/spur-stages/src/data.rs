@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use serde_json::Value;
+use spur_core::node_params::DatasetView;
 
 use crate::StageError;
 
@@ -25,9 +26,9 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
-/// Rows `[offset, offset + limit)` with the configured fields. `view` is the
-/// dataset part of a node's params (`problem_field`, `answer_field`, …).
-pub fn load(path: &Path, view: &Value) -> Result<Vec<Problem>, StageError> {
+/// Rows `[offset, offset + limit)` with the fields `view` names (the dataset part of a
+/// node's params).
+pub fn load(path: &Path, view: &DatasetView) -> Result<Vec<Problem>, StageError> {
     let bytes =
         std::fs::read(path).map_err(|e| StageError::Failed(format!("{}: {e}", path.display())))?;
     let rows: Vec<Value> = match serde_json::from_slice::<Value>(&bytes) {
@@ -49,25 +50,19 @@ pub fn load(path: &Path, view: &Value) -> Result<Vec<Problem>, StageError> {
             rows
         }
     };
-    let field = |key: &str| view.get(key).and_then(Value::as_str).map(str::to_string);
-    let answer_field = field("answer_field").unwrap_or_else(|| "answer".into());
-    let offset = view.get("offset").and_then(Value::as_u64).unwrap_or(0) as usize;
-    let limit = view
-        .get("limit")
-        .and_then(Value::as_u64)
-        .map(|l| l as usize);
+    let answer_field = view.answer_field.as_deref().unwrap_or("answer");
     let mut out = Vec::new();
     for (index, row) in rows
         .iter()
         .enumerate()
-        .skip(offset)
-        .take(limit.unwrap_or(usize::MAX))
+        .skip(view.offset)
+        .take(view.limit.unwrap_or(usize::MAX))
     {
-        let problem_field = field("problem_field").unwrap_or_else(|| {
+        let problem_field = view.problem_field.as_deref().unwrap_or_else(|| {
             if row.get("problem").is_some() {
-                "problem".into()
+                "problem"
             } else {
-                "prompt".into()
+                "prompt"
             }
         });
         let get = |k: &str| row.get(k).and_then(text);
@@ -80,8 +75,8 @@ pub fn load(path: &Path, view: &Value) -> Result<Vec<Problem>, StageError> {
         };
         out.push(Problem {
             index,
-            problem: get(&problem_field).ok_or_else(|| missing(&problem_field))?,
-            answer: get(&answer_field).ok_or_else(|| missing(&answer_field))?,
+            problem: get(problem_field).ok_or_else(|| missing(problem_field))?,
+            answer: get(answer_field).ok_or_else(|| missing(answer_field))?,
             id: get("unique_id").or_else(|| get("id")),
             subject: get("subject"),
             level: get("level"),

@@ -6,13 +6,13 @@
 use std::io::Write;
 
 use serde_json::{json, Value};
+use spur_core::node_params::EvalNodeParams;
 use spur_lm::{GenerationRequest, PromptTemplate, SamplingParams};
 use spur_math::{EvalRecord, ExtractStyle, Grader, GraderComparison};
 use spur_plan::StageKind;
 
 use crate::data;
 use crate::model::{self, failed};
-use crate::param::Params;
 use crate::{NodeContext, Resource, Stage, StageError};
 
 pub const RECORDS_FILE: &str = "eval.jsonl";
@@ -39,33 +39,35 @@ impl Stage for EvalStage {
     }
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
-        let params = ctx.node.params.clone();
-        let p = Params::new(StageKind::Eval, &params);
-        let n = p.usize("eval.samples")?;
-        let seed = p.u64("eval.seed")?;
+        let params: EvalNodeParams = ctx.params()?;
+        let e = &params.eval;
+        let (n, seed) = (e.samples as usize, e.seed);
         let sampling = SamplingParams {
-            temperature: p.f64("eval.temperature")?,
-            top_p: p.f64("eval.top_p")?,
+            temperature: e.temperature,
+            top_p: e.top_p,
             top_k: 0,
-            max_new_tokens: p.usize("eval.max_tokens")?,
+            max_new_tokens: e.max_tokens as usize,
             stop_strings: Vec::new(),
             seed: 0,
         };
-        let engine_name = p.str("model.engine")?;
-        let headline: Grader = p.str("eval.grader")?.parse().map_err(failed)?;
+        let engine_name = params
+            .model
+            .engine
+            .ok_or_else(|| failed("an eval node's model names its `engine`"))?;
+        let headline = Grader::from(e.grader);
         // The headline grader first: its verdict is the record's `correct`.
         let graders: Vec<Grader> = std::iter::once(headline)
             .chain(Grader::ALL.into_iter().filter(|g| *g != headline))
             .collect();
-        let problems = data::load(&model::dataset_path(ctx)?, &params["dataset"])?;
-        let template = model::template(&p)?;
+        let problems = data::load(&model::dataset_path(ctx)?, &params.dataset)?;
+        let template = model::template(&params.model)?;
         let style = if template == PromptTemplate::R1 {
             ExtractStyle::R1
         } else {
             ExtractStyle::Default
         };
         let out = ctx.out.to_path_buf();
-        let (engine, tokenizer) = model::engine(ctx, engine_name)?;
+        let (engine, tokenizer) = model::engine(ctx, engine_name, params.model.precision)?;
         let mut requests = Vec::with_capacity(problems.len());
         let mut prompt_hashes = Vec::with_capacity(problems.len());
         for (i, p) in problems.iter().enumerate() {

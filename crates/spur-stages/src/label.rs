@@ -4,13 +4,13 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use spur_core::node_params::{LabelNodeParams, LabelTemplate};
 use spur_lm::{Engine, GenerationRequest, PromptTemplate, SamplingParams};
 use spur_math::{ExtractStyle, Grader};
 use spur_plan::StageKind;
 
 use crate::data;
 use crate::model::{self, failed};
-use crate::param::Params;
 use crate::{NodeContext, Resource, Stage, StageError};
 
 pub const LABELS_FILE: &str = "labels.json";
@@ -24,10 +24,11 @@ pub struct Label {
     pub label_correct: bool,
 }
 
-/// The template labels are sampled under: the node's `template` param (the paper's bare
-/// problem text, `raw`).
-pub(crate) fn template(p: &Params) -> Result<PromptTemplate, StageError> {
-    Ok(PromptTemplate::parse(p.one_of("template", &["raw"])?))
+/// The template labels are sampled under (the paper's bare problem text).
+pub(crate) fn template(template: LabelTemplate) -> PromptTemplate {
+    match template {
+        LabelTemplate::Raw => PromptTemplate::Raw,
+    }
 }
 
 pub struct LabelStage;
@@ -51,22 +52,20 @@ impl Stage for LabelStage {
     }
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
-        let params = ctx.node.params.clone();
-        let param = Params::new(StageKind::Label, &params);
-        let problems = data::load(&model::dataset_path(ctx)?, &params["dataset"])?;
-        let n = param.usize("samples")?;
-        let seed = param.u64("seed")?;
-        let template = template(&param)?;
+        let params: LabelNodeParams = ctx.params()?;
+        let problems = data::load(&model::dataset_path(ctx)?, &params.dataset)?;
+        let (n, seed) = (params.samples as usize, params.seed);
+        let template = template(params.template);
         let sampling = SamplingParams {
-            temperature: param.f64("temperature")?,
-            top_p: param.f64("top_p")?,
+            temperature: params.temperature,
+            top_p: params.top_p,
             top_k: 0,
-            max_new_tokens: param.usize("max_tokens")?,
+            max_new_tokens: params.max_tokens as usize,
             stop_strings: Vec::new(),
             seed: 0,
         };
         let out = ctx.out.to_path_buf();
-        let policy = model::ensure_policy(ctx, None)?;
+        let policy = model::ensure_policy(ctx, params.model.precision, None)?;
         let engine = spur_lm::CandleEngine::new(policy.model.clone(), policy.tokenizer.clone());
         let mut requests = Vec::with_capacity(problems.len());
         for (i, p) in problems.iter().enumerate() {

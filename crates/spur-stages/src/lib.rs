@@ -12,7 +12,6 @@ pub mod interrupt;
 mod label;
 pub mod memory;
 mod model;
-mod param;
 mod probe;
 mod reward;
 mod rollout;
@@ -50,12 +49,8 @@ pub enum StageError {
         artifact: String,
         why: String,
     },
-    #[error("the {stage} node's parameter `{path}` {why}")]
-    Param {
-        stage: StageKind,
-        path: String,
-        why: String,
-    },
+    #[error(transparent)]
+    Params(#[from] spur_core::node_params::ParamsError),
     #[error("`{kind}` stages are not available in this build of spur")]
     Unavailable { kind: StageKind },
     #[error("{0}")]
@@ -119,6 +114,15 @@ pub struct NodeContext<'a> {
 impl NodeContext<'_> {
     pub fn input(&self, role: Role) -> Option<&InputDir> {
         self.inputs.iter().find(|i| i.role == role)
+    }
+
+    /// The node's parameters as its stage's struct (`spur_core::node_params`), which the plan
+    /// wrote with every default applied; an unknown or missing field is an error.
+    pub fn params<T: serde::de::DeserializeOwned>(&self) -> Result<T, StageError> {
+        Ok(spur_core::node_params::from_value(
+            self.node.kind,
+            &self.node.params,
+        )?)
     }
 }
 

@@ -3,12 +3,15 @@
 //! `spur run` refuses a node whose estimate exceeds its device, saying which settings would
 //! make it fit.
 
-use serde_json::Value;
+use spur_core::node_params::{
+    self, DatasetView, EvalNodeParams, LabelNodeParams, ProbeNodeParams, Problems,
+    RolloutNodeParams, UpdateNodeParams,
+};
+use spur_core::params::{Engine, Precision};
 use spur_lm::memory::{rollout_bytes, update_bytes, MemoryEstimate, UpdateShape};
-use spur_lm::{CandleEngine, DType, Device, ModelConfig, Tokenizer};
-use spur_plan::{External, ExternalKind, Plan, Role, StageKind};
+use spur_lm::{CandleEngine, DType, Device, ModelConfig, PromptTemplate, Tokenizer};
+use spur_plan::{External, ExternalKind, Node, Plan, Role, StageKind};
 
-use crate::param::Params;
 use crate::{data, model};
 
 /// Eval and label prompts are not truncated; when their dataset cannot be read yet they are
@@ -75,16 +78,52 @@ pub fn model_spec(ext: &External) -> Option<String> {
     crate::model::model_spec(ext).ok()
 }
 
+/// A model node's parameters, read as its stage reads them.
+enum ModelNode {
+    Rollout(RolloutNodeParams),
+    Update(UpdateNodeParams),
+    Eval(EvalNodeParams),
+    Label(LabelNodeParams),
+    Probe(ProbeNodeParams),
+}
+
+impl ModelNode {
+    /// `None` for nodes that load no model and parameters this build does not read.
+    fn of(node: &Node) -> Option<ModelNode> {
+        fn read<T: serde::de::DeserializeOwned>(node: &Node) -> Option<T> {
+            node_params::from_value(node.kind, &node.params).ok()
+        }
+        Some(match node.kind {
+            StageKind::Rollout => ModelNode::Rollout(read(node)?),
+            StageKind::Update => ModelNode::Update(read(node)?),
+            StageKind::Eval => ModelNode::Eval(read(node)?),
+            StageKind::Label => ModelNode::Label(read(node)?),
+            StageKind::Probe => ModelNode::Probe(read(node)?),
+            StageKind::Reward | StageKind::Command => return None,
+        })
+    }
+
+    fn precision(&self) -> Precision {
+        match self {
+            ModelNode::Rollout(p) => p.model.precision,
+            ModelNode::Update(p) => p.model.precision,
+            ModelNode::Eval(p) => p.model.precision,
+            ModelNode::Label(p) => p.model.precision,
+            ModelNode::Probe(p) => p.model.precision,
+        }
+    }
+}
+
 /// The prompts a model node feeds its model: a dataset's problems (or a one-shot problem)
 /// under the node's template, cut to the rollout's prompt budget. Nodes that read the same
 /// prompts have the same [`PromptSet::key`], so callers measure each set once.
 pub struct PromptSet {
-    /// The dataset file; `None` for a one-shot problem.
-    dataset: Option<std::path::PathBuf>,
-    /// The node whose params hold the dataset view, template and budget.
-    params: Value,
-    kind: StageKind,
-    /// `max_prompt_tokens` for rollouts; eval and label prompts are whole.
+    /// The dataset file and which of its rows and fields; `None` for a one-shot problem.
+    dataset: Option<(std::path::PathBuf, DatasetView)>,
+    /// The one-shot problem, when there is no dataset.
+    problem: Option<String>,
+    template: PromptTemplate,
+    /// `max_prompt_tokens` for rollouts and probes; eval and label prompts are whole.
     budget: Option<usize>,
 }
 
@@ -97,99 +136,87 @@ impl PromptSet {
             let rollout = n.inputs.iter().find(|i| i.role == Role::Rollout)?;
             n = &plan.nodes[rollout.node as usize];
         }
-        if !matches!(
-            n.kind,
-            StageKind::Rollout | StageKind::Eval | StageKind::Label | StageKind::Probe
-        ) {
-            return None;
-        }
-        let params = n.params.as_ref().clone();
-        let one_shot = params["problems"].get("one_shot").is_some();
-        let dataset = if one_shot {
-            None
-        } else {
-            let ext = n
-                .externals
+        let dataset_file = || {
+            n.externals
                 .iter()
                 .map(|&e| &plan.externals[e as usize])
-                .find(|e| e.kind == ExternalKind::Dataset)?;
-            Some(ext.local.clone()?)
+                .find(|e| e.kind == ExternalKind::Dataset)?
+                .local
+                .clone()
         };
-        let budget = match n.kind {
-            StageKind::Rollout | StageKind::Probe => {
-                Some(u(&params["rollout"], "max_prompt_tokens")?)
+        let (view, problem, template, budget) = match ModelNode::of(n)? {
+            ModelNode::Rollout(p) => {
+                let problem = match &p.problems {
+                    Problems::OneShot(example) => Some(example.problem.clone()),
+                    Problems::All | Problems::IncorrectLabels => None,
+                };
+                let budget = Some(p.rollout.max_prompt_tokens as usize);
+                (p.dataset, problem, model::template(&p.model).ok()?, budget)
             }
-            _ => None,
+            ModelNode::Probe(p) => {
+                let budget = Some(p.rollout.max_prompt_tokens as usize);
+                (p.dataset, None, model::template(&p.model).ok()?, budget)
+            }
+            ModelNode::Eval(p) => (p.dataset, None, model::template(&p.model).ok()?, None),
+            ModelNode::Label(p) => (p.dataset, None, crate::label::template(p.template), None),
+            ModelNode::Update(_) => return None,
+        };
+        let dataset = match problem {
+            Some(_) => None,
+            None => Some((dataset_file()?, view)),
         };
         Some(PromptSet {
             dataset,
-            params,
-            kind: n.kind,
+            problem,
+            template,
             budget,
         })
     }
 
     /// Identifies the prompts (and the budget they are cut to) apart from the tokenizer.
     pub fn key(&self) -> String {
-        let p = &self.params;
-        serde_json::json!([
-            self.dataset,
-            p["dataset"],
-            p["problems"],
-            p["model"]["template"],
-            p["model"]["template_text"],
-            p["template"],
-            self.budget,
-        ])
-        .to_string()
+        format!(
+            "{:?}",
+            (&self.dataset, &self.problem, &self.template, self.budget)
+        )
     }
 
     /// The longest prompt in `tokenizer`'s tokens, cut to the budget. Every problem of the
     /// dataset counts: which ones a step draws is not known before it runs.
     pub fn longest(&self, tokenizer: &Tokenizer) -> Option<usize> {
-        let template = match self.kind {
-            StageKind::Label => {
-                crate::label::template(&Params::new(self.kind, &self.params)).ok()?
-            }
-            kind => model::template(&Params::new(kind, &self.params)).ok()?,
-        };
-        let problems = match &self.dataset {
-            Some(path) => data::load(path, &self.params["dataset"])
+        let problems = match (&self.dataset, &self.problem) {
+            (Some((path, view)), _) => data::load(path, view)
                 .ok()?
                 .into_iter()
                 .map(|p| p.problem)
                 .collect(),
-            None => vec![self.params["problems"]["one_shot"]["problem"]
-                .as_str()?
-                .to_string()],
+            (None, problem) => vec![problem.clone()?],
         };
         let mut longest = 0;
         for problem in problems {
-            let prompt = template.render(tokenizer, &problem).ok()?;
+            let prompt = self.template.render(tokenizer, &problem).ok()?;
             longest = longest.max(tokenizer.encode(&prompt).ok()?.len());
         }
         Some(self.budget.map_or(longest, |b| longest.min(b)))
     }
 }
 
-fn u(v: &Value, key: &str) -> Option<usize> {
-    v.get(key)?.as_u64().map(|n| n as usize)
-}
-
-fn dtype(v: &Value) -> Option<DType> {
-    match v.as_str()? {
-        "f32" => Some(DType::F32),
-        "bf16" => Some(DType::BF16),
-        _ => None,
+/// The dtype a precision setting stores or computes in.
+fn dtype(precision: Precision) -> DType {
+    match precision {
+        Precision::F32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
     }
 }
 
 /// The `update` node whose trainer state a node's session holds, if any.
-fn trainer_update(plan: &Plan, node: u32) -> Option<&Value> {
+fn trainer_update(plan: &Plan, node: u32) -> Option<UpdateNodeParams> {
     let n = &plan.nodes[node as usize];
     let policy = n.inputs.iter().find(|i| i.role == Role::Policy)?;
-    let update = &plan.nodes[policy.node as usize];
-    (update.kind == StageKind::Update).then(|| update.params.as_ref())
+    match ModelNode::of(&plan.nodes[policy.node as usize])? {
+        ModelNode::Update(p) => Some(p),
+        _ => None,
+    }
 }
 
 /// The estimate of `node` under its own settings; `None` for nodes that load no model, for
@@ -204,87 +231,84 @@ pub fn estimate(
     prompt_tokens: Option<usize>,
 ) -> Option<NodeMemory> {
     let n = &plan.nodes[node as usize];
-    let p = n.params.as_ref();
-    let compute = dtype(&p["model"]["precision"])?;
+    let params = ModelNode::of(n)?;
+    let compute = dtype(params.precision());
     let trainer = trainer_update(plan, node);
-    let moments = match (n.kind, trainer) {
-        (StageKind::Update, _) => dtype(&p["update"]["moments"])?,
-        (_, Some(update)) => dtype(&update["update"]["moments"])?,
+    let moments = match (&params, &trainer) {
+        (ModelNode::Update(p), _) | (_, Some(p)) => dtype(p.update.moments),
         _ => DType::F32,
     };
-    let (work, checkpoint, micro_batch) = match n.kind {
-        StageKind::Update => {
-            let up = &p["update"];
+    let (work, checkpoint, micro_batch) = match &params {
+        ModelNode::Update(p) => {
+            let up = &p.update;
             let rollout = n.inputs.iter().find(|i| i.role == Role::Rollout)?;
-            let r = &plan.nodes[rollout.node as usize].params["rollout"];
-            let rollouts = u(r, "prompts_per_step")? * u(r, "samples_per_prompt")?;
-            let work = Work::Update {
-                micro_batches_of: u(up, "mini_batch")?.min(rollouts),
-                sequence_tokens: prompt_tokens.unwrap_or(u(r, "max_prompt_tokens")?)
-                    + u(r, "max_response_tokens")?,
-                logit_positions: u(r, "max_response_tokens")?,
-                entropy_bonus: up["entropy_coef"].as_f64()? != 0.0,
-                reference_model: up["kl_coef"].as_f64()? > 0.0,
+            let ModelNode::Rollout(rollout) = ModelNode::of(&plan.nodes[rollout.node as usize])?
+            else {
+                return None;
             };
-            (
-                work,
-                up["checkpoint_activations"].as_bool()?,
-                u(up, "micro_batch")?,
-            )
+            let r = &rollout.rollout;
+            let rollouts = r.prompts_per_step as usize * r.samples_per_prompt as usize;
+            let work = Work::Update {
+                micro_batches_of: (up.mini_batch as usize).min(rollouts),
+                sequence_tokens: prompt_tokens.unwrap_or(r.max_prompt_tokens as usize)
+                    + r.max_response_tokens as usize,
+                logit_positions: r.max_response_tokens as usize,
+                entropy_bonus: up.entropy_coef != 0.0,
+                reference_model: up.kl_coef > 0.0,
+            };
+            (work, up.checkpoint_activations, up.micro_batch as usize)
         }
-        StageKind::Rollout => {
-            let r = &p["rollout"];
-            let sequences = u(r, "prompts_per_step")? * u(r, "samples_per_prompt")?;
+        ModelNode::Rollout(p) => {
+            let r = &p.rollout;
+            let sequences = r.prompts_per_step as usize * r.samples_per_prompt as usize;
             let work = Work::Sample {
                 batch: sequences.min(CandleEngine::DEFAULT_MAX_BATCH),
-                sequence_tokens: prompt_tokens.unwrap_or(u(r, "max_prompt_tokens")?)
-                    + u(r, "max_response_tokens")?,
+                sequence_tokens: prompt_tokens.unwrap_or(r.max_prompt_tokens as usize)
+                    + r.max_response_tokens as usize,
                 trainer_state: trainer.is_some(),
             };
             (work, false, 1)
         }
-        StageKind::Eval => {
-            if p["model"]["engine"].as_str() != Some("candle") {
+        ModelNode::Eval(p) => {
+            if p.model.engine != Some(Engine::Candle) {
                 return None;
             }
-            let e = &p["eval"];
-            let problems = u(&p["dataset"], "limit").unwrap_or(usize::MAX);
+            let problems = p.dataset.limit.unwrap_or(usize::MAX);
             let work = Work::Sample {
                 batch: problems
-                    .saturating_mul(u(e, "samples")?)
+                    .saturating_mul(p.eval.samples as usize)
                     .min(CandleEngine::DEFAULT_MAX_BATCH),
                 sequence_tokens: prompt_tokens.unwrap_or(UNTRUNCATED_PROMPT_TOKENS)
-                    + u(e, "max_tokens")?,
+                    + p.eval.max_tokens as usize,
                 trainer_state: trainer.is_some(),
             };
             (work, false, 1)
         }
-        StageKind::Label => {
-            let problems = u(&p["dataset"], "limit").unwrap_or(usize::MAX);
+        ModelNode::Label(p) => {
+            let problems = p.dataset.limit.unwrap_or(usize::MAX);
             let work = Work::Sample {
                 batch: problems
-                    .saturating_mul(u(p, "samples")?)
+                    .saturating_mul(p.samples as usize)
                     .min(CandleEngine::DEFAULT_MAX_BATCH),
                 sequence_tokens: prompt_tokens.unwrap_or(UNTRUNCATED_PROMPT_TOKENS)
-                    + u(p, "max_tokens")?,
+                    + p.max_tokens as usize,
                 trainer_state: false,
             };
             (work, false, 1)
         }
-        StageKind::Probe => {
+        ModelNode::Probe(p) => {
             // The base model's greedy responses, then `samples` per prompt in one batch.
-            let probe = &p["probe"];
+            let probe = &p.probe;
             let work = Work::Sample {
-                batch: u(probe, "prompts")?
-                    .saturating_mul(u(probe, "samples")?)
+                batch: (probe.prompts as usize)
+                    .saturating_mul(probe.samples as usize)
                     .min(CandleEngine::DEFAULT_MAX_BATCH),
-                sequence_tokens: prompt_tokens.unwrap_or(u(&p["rollout"], "max_prompt_tokens")?)
-                    + u(probe, "max_tokens")?,
+                sequence_tokens: prompt_tokens.unwrap_or(p.rollout.max_prompt_tokens as usize)
+                    + probe.max_tokens as usize,
                 trainer_state: false,
             };
             (work, false, 1)
         }
-        StageKind::Reward | StageKind::Command => return None,
     };
     let settings = Settings {
         compute,

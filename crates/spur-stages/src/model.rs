@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde_json::Value;
-use spur_lm::{CandleEngine, Engine, LoadOptions, PromptTemplate, Tokenizer, Transformer};
+use spur_core::node_params::ModelView;
+use spur_core::params::{Engine, Precision, TemplateKind};
+use spur_lm::{CandleEngine, LoadOptions, PromptTemplate, Tokenizer, Transformer};
 use spur_plan::{External, ExternalKind, Hash, Role};
 use spur_rl::{TrainConfig, Trainer};
 
-use crate::param::Params;
 use crate::{NodeContext, StageError};
 
 /// Sub-directories of an `update` node's output.
@@ -69,24 +69,21 @@ pub(crate) fn model_spec(ext: &External) -> Result<String, StageError> {
     )))
 }
 
-fn load_options(ctx: &NodeContext<'_>) -> Result<LoadOptions, StageError> {
-    Ok(LoadOptions {
+fn load_options(ctx: &NodeContext<'_>, precision: Precision) -> LoadOptions {
+    LoadOptions {
         device: node_device(ctx.devices),
-        precision: precision(&ctx.node.params)?,
+        precision: compute_precision(precision),
         cache_dir: std::env::var_os("SPUR_MODEL_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(spur_lm::default_cache_dir),
-    })
+    }
 }
 
-/// The dtype a node's policy computes in: its `model.precision` param.
-pub fn precision(params: &Value) -> Result<spur_lm::Precision, StageError> {
-    match params["model"]["precision"].as_str() {
-        Some("f32") => Ok(spur_lm::Precision::F32),
-        Some("bf16") => Ok(spur_lm::Precision::Bf16),
-        other => Err(failed(format!(
-            "the node's `model.precision` parameter is {other:?}; expected \"f32\" or \"bf16\""
-        ))),
+/// The dtype a policy computes in, as spur-lm names it.
+pub fn compute_precision(precision: Precision) -> spur_lm::Precision {
+    match precision {
+        Precision::F32 => spur_lm::Precision::F32,
+        Precision::Bf16 => spur_lm::Precision::Bf16,
     }
 }
 
@@ -163,20 +160,22 @@ fn weights_at(ctx: &NodeContext<'_>) -> Result<WeightsAt, StageError> {
 /// kept in the session for the next node that reads the same weights.
 pub fn engine(
     ctx: &mut NodeContext<'_>,
-    name: &str,
-) -> Result<(Arc<dyn Engine>, Arc<Tokenizer>), StageError> {
+    name: Engine,
+    precision: Precision,
+) -> Result<(Arc<dyn spur_lm::Engine>, Arc<Tokenizer>), StageError> {
     match name {
-        "candle" => {
-            let policy = ensure_policy(ctx, None)?;
+        Engine::Candle => {
+            let policy = ensure_policy(ctx, precision, None)?;
             let engine = CandleEngine::new(policy.model.clone(), policy.tokenizer.clone());
             Ok((Arc::new(engine), policy.tokenizer.clone()))
         }
         #[cfg(feature = "mistralrs")]
-        "mistralrs" => mistralrs_engine(ctx),
-        other => Err(failed(format!(
-            "engine `{other}` is not available in this build of spur (build it with \
-             `--features mistralrs` for mistral.rs); use `engine: candle`"
-        ))),
+        Engine::Mistralrs => mistralrs_engine(ctx, precision),
+        #[cfg(not(feature = "mistralrs"))]
+        Engine::Mistralrs => Err(failed(
+            "engine `mistralrs` is not available in this build of spur (build it with \
+             `--features mistralrs` for mistral.rs); use `engine: candle`",
+        )),
     }
 }
 
@@ -191,7 +190,8 @@ struct MistralRsPolicy {
 #[cfg(feature = "mistralrs")]
 fn mistralrs_engine(
     ctx: &mut NodeContext<'_>,
-) -> Result<(Arc<dyn Engine>, Arc<Tokenizer>), StageError> {
+    precision: Precision,
+) -> Result<(Arc<dyn spur_lm::Engine>, Arc<Tokenizer>), StageError> {
     let want = weights_at(ctx)?;
     let cached = ctx
         .session
@@ -200,7 +200,7 @@ fn mistralrs_engine(
     if let Some(p) = cached {
         return Ok((p.engine.clone(), p.tokenizer.clone()));
     }
-    let options = load_options(ctx)?;
+    let options = load_options(ctx, precision);
     let files = spur_lm::resolve(&policy_spec(ctx)?, &options.cache_dir).map_err(failed)?;
     let tokenizer = Arc::new(spur_lm::load_tokenizer(&files).map_err(failed)?);
     let mistral_options = spur_mistralrs::MistralRsOptions {
@@ -218,15 +218,23 @@ fn mistralrs_engine(
     Ok((engine, tokenizer))
 }
 
+/// What an `update` node trains the session's policy with.
+pub struct Training<'a> {
+    pub config: &'a TrainConfig,
+    /// Recompute each decoder layer in the backward pass.
+    pub checkpoint_activations: bool,
+}
+
 /// Make the session hold the policy this node reads (after its `Policy`
-/// input, or the model's own weights), with a trainer when `train` is given.
+/// input, or the model's own weights) in `precision`, with a trainer when `train` is given.
 pub fn ensure_policy<'s>(
     ctx: &'s mut NodeContext<'_>,
-    train: Option<&TrainConfig>,
+    precision: Precision,
+    train: Option<Training<'_>>,
 ) -> Result<&'s mut LoadedPolicy, StageError> {
     let input = ctx.input(Role::Policy).cloned();
     let want = weights_at(ctx)?;
-    let options = load_options(ctx)?;
+    let options = load_options(ctx, precision);
     let reusable = ctx
         .session
         .get_mut::<LoadedPolicy>()
@@ -246,19 +254,15 @@ pub fn ensure_policy<'s>(
         .session
         .get_mut::<LoadedPolicy>()
         .expect("inserted above");
-    if let (Some(cfg), None) = (train, &policy.trainer) {
-        let checkpoint = ctx.node.params["update"]["checkpoint_activations"]
-            .as_bool()
-            .ok_or_else(|| failed("the update's `checkpoint_activations` parameter is missing"))?;
+    if let (Some(train), None) = (train, &policy.trainer) {
         // Only the session holds the model between nodes, so it can be changed in place.
         Arc::get_mut(&mut policy.model)
             .ok_or_else(|| failed("the policy is in use elsewhere; cannot set checkpointing"))?
-            .set_activation_checkpointing(checkpoint);
+            .set_activation_checkpointing(train.checkpoint_activations);
+        let cfg = train.config.clone();
         let trainer = match &input {
-            Some(i) => {
-                Trainer::resume(cfg.clone(), policy.model.as_ref(), &i.out.join(TRAINER_DIR))
-            }
-            None => Trainer::new(cfg.clone(), policy.model.as_ref()),
+            Some(i) => Trainer::resume(cfg, policy.model.as_ref(), &i.out.join(TRAINER_DIR)),
+            None => Trainer::new(cfg, policy.model.as_ref()),
         }
         .map_err(failed)?;
         policy.trainer = Some(trainer);
@@ -273,8 +277,11 @@ struct ReferenceModel {
     model: Arc<Transformer>,
 }
 
-/// The reference model of the node's model input, loaded once per session.
-pub fn ensure_reference(ctx: &mut NodeContext<'_>) -> Result<Arc<Transformer>, StageError> {
+/// The reference model of the node's model input, loaded once per session in `precision`.
+pub fn ensure_reference(
+    ctx: &mut NodeContext<'_>,
+    precision: Precision,
+) -> Result<Arc<Transformer>, StageError> {
     let ext = model_external(ctx)
         .ok_or_else(|| failed("a KL penalty needs the model's own weights as an input"))?;
     let (at, spec) = (ext.hash, model_spec(ext)?);
@@ -283,7 +290,7 @@ pub fn ensure_reference(ctx: &mut NodeContext<'_>) -> Result<Arc<Transformer>, S
             return Ok(r.model.clone());
         }
     }
-    let loaded = spur_lm::load_model(&spec, &load_options(ctx)?).map_err(failed)?;
+    let loaded = spur_lm::load_model(&spec, &load_options(ctx, precision)).map_err(failed)?;
     let model = Arc::new(loaded.model);
     ctx.session.insert(ReferenceModel {
         at,
@@ -308,17 +315,19 @@ pub fn encode_prompt(
     Ok((prompt, ids))
 }
 
-/// The prompt template of a node's `model` params.
-pub fn template(p: &Params) -> Result<PromptTemplate, StageError> {
-    let kinds = ["model", "qwen_math", "r1", "custom"];
-    Ok(match p.one_of("model.template", &kinds)? {
-        "qwen_math" => PromptTemplate::QwenMath,
-        "r1" => PromptTemplate::R1,
-        "custom" => PromptTemplate::Jinja(
-            p.str("model.template_text")?
+/// The prompt template of a node's model.
+pub fn template(model: &ModelView) -> Result<PromptTemplate, StageError> {
+    Ok(match model.template {
+        TemplateKind::QwenMath => PromptTemplate::QwenMath,
+        TemplateKind::R1 => PromptTemplate::R1,
+        TemplateKind::Custom => PromptTemplate::Jinja(
+            model
+                .template_text
+                .as_deref()
+                .ok_or_else(|| failed("a `custom` template needs `template_text`"))?
                 .replace("{problem}", "{{ problem }}"),
         ),
-        _ => PromptTemplate::Chat { system: None },
+        TemplateKind::Model => PromptTemplate::Chat { system: None },
     })
 }
 

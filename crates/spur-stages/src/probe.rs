@@ -12,12 +12,12 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use spur_core::node_params::ProbeNodeParams;
 use spur_lm::{CandleEngine, Engine, GenerationRequest, SamplingParams, Tokenizer, Transformer};
 use spur_plan::StageKind;
 use spur_rl::Tempered;
 
 use crate::model::{self, failed};
-use crate::param::Params;
 use crate::{data, NodeContext, Resource, Stage, StageError};
 
 pub const PROBE_FILE: &str = "probe.json";
@@ -222,27 +222,27 @@ impl Stage for ProbeStage {
     }
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
-        let params = ctx.node.params.clone();
-        let p = Params::new(StageKind::Probe, &params);
-        let count = p.usize("probe.prompts")?;
-        let max_prompt = p.usize("rollout.max_prompt_tokens")?;
-        let template = model::template(&p)?;
+        let params: ProbeNodeParams = ctx.params()?;
+        let (probe, sampling) = (&params.probe, &params.rollout);
+        let count = probe.prompts as usize;
+        let max_prompt = sampling.max_prompt_tokens as usize;
+        let template = model::template(&params.model)?;
         let settings = ProbeSettings {
-            samples: p.usize("probe.samples")?,
-            max_tokens: p.usize("probe.max_tokens")?,
-            opening_tokens: p.usize("probe.opening_tokens")?,
-            seed: p.u64("probe.seed")?,
-            temperature: p.f64("rollout.temperature")?,
-            top_p: p.f64("rollout.top_p")?,
-            top_k: p.usize("rollout.top_k")?,
+            samples: probe.samples as usize,
+            max_tokens: probe.max_tokens as usize,
+            opening_tokens: probe.opening_tokens as usize,
+            seed: probe.seed,
+            temperature: sampling.temperature,
+            top_p: sampling.top_p,
+            top_k: sampling.top_k as usize,
             stop_strings: template.stop_strings(),
         };
-        let problems = data::load(&model::dataset_path(ctx)?, &params["dataset"])?;
+        let problems = data::load(&model::dataset_path(ctx)?, &params.dataset)?;
         if problems.is_empty() {
             return Err(failed("the probe's dataset has no problems"));
         }
         let out = ctx.out.to_path_buf();
-        let policy = model::ensure_policy(ctx, None)?;
+        let policy = model::ensure_policy(ctx, params.model.precision, None)?;
         let mut requests = Vec::new();
         for p in problems.iter().take(count) {
             // Cut as rollouts cut.

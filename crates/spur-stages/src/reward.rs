@@ -4,14 +4,14 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use spur_core::node_params::RewardNodeParams;
 use spur_core::{RewardBase, RewardExpr};
-use spur_math::RewardSpec;
+use spur_math::{RewardOptions, RewardSpec};
 use spur_plan::{Role, StageKind};
 
 use crate::interrupt;
 use crate::label::{Label, LABELS_FILE};
 use crate::model::{self, failed};
-use crate::param::Params;
 use crate::rollout::{RolloutArtifact, ROLLOUT_FILE};
 use crate::shell::{self, ScriptError};
 use crate::{NodeContext, Stage, StageError};
@@ -33,7 +33,7 @@ pub struct RewardStage;
 /// through the environment as one word (see [`crate::shell`]).
 fn command_rewards(
     template: &str,
-    vars: &Value,
+    vars: &serde_json::Map<String, Value>,
     rollout: &RolloutArtifact,
     labels: &[String],
 ) -> Result<Vec<Vec<f64>>, StageError> {
@@ -114,12 +114,10 @@ impl Stage for RewardStage {
     }
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
-        let params = &ctx.node.params;
-        let p = Params::new(StageKind::Reward, params);
-        let def = &params["reward"];
-        let kind = p.str("reward.kind")?;
-        let expr = RewardExpr::parse(kind).map_err(|e| failed(format!("reward.kind: {e}")))?;
-        let seed = p.u64("seed")?;
+        let params: RewardNodeParams = ctx.params()?;
+        let def = &params.reward;
+        let expr = RewardExpr::parse(&def.kind).map_err(|e| failed(format!("reward.kind: {e}")))?;
+        let seed = params.seed;
         let step = ctx.node.step as u64;
         let rollout_dir = ctx
             .input(Role::Rollout)
@@ -144,20 +142,28 @@ impl Stage for RewardStage {
         }
 
         let rewards = if expr.is_command() {
-            command_rewards(
-                p.str("reward.command")?,
-                p.value("vars")?,
-                &rollout,
-                &labels,
-            )?
+            let template = def
+                .command
+                .as_deref()
+                .ok_or_else(|| failed("a `command` reward needs its `command`"))?;
+            command_rewards(template, &params.vars, &rollout, &labels)?
         } else {
-            let mut extra = serde_json::Map::new();
-            for key in ["gamma", "grader", "style"] {
-                if let Some(v) = def.get(key).filter(|v| !v.is_null()) {
-                    extra.insert(key.into(), v.clone());
-                }
-            }
-            let spec = RewardSpec::parse(kind, &extra).map_err(failed)?;
+            let options = RewardOptions {
+                gamma: def.gamma,
+                grader: def
+                    .grader
+                    .as_deref()
+                    .unwrap_or("paper")
+                    .parse()
+                    .map_err(failed)?,
+                style: def
+                    .style
+                    .as_deref()
+                    .map(str::parse)
+                    .transpose()
+                    .map_err(failed)?,
+            };
+            let spec = RewardSpec::new(&def.kind, &options).map_err(failed)?;
             rollout
                 .groups
                 .iter()
@@ -278,16 +284,17 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_reward_parameter_is_an_error() {
+    fn parameters_that_do_not_read_as_the_stages_struct_are_an_error() {
         let err = run(json!({}), &["x"]).unwrap_err().to_string();
-        assert_eq!(err, "the reward node's parameter `reward.kind` is missing");
+        assert_eq!(err, "the reward node's parameters: missing field `kind`");
+        let err = run(json!({"kind": "format", "gama": 0.5}), &["x"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `gama`"), "{err}");
         let err = run(json!({"kind": "command"}), &["x"])
             .unwrap_err()
             .to_string();
-        assert_eq!(
-            err,
-            "the reward node's parameter `reward.command` is missing"
-        );
+        assert_eq!(err, "a `command` reward needs its `command`");
     }
 
     #[test]

@@ -5,12 +5,12 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use spur_core::node_params::{Problems, RolloutNodeParams};
 use spur_lm::{Engine, FinishReason, GenerationRequest, SamplingParams};
 use spur_plan::{Role, StageKind};
 
 use crate::data::{self, Problem};
 use crate::model::{self, failed};
-use crate::param::Params;
 use crate::{NodeContext, Resource, Stage, StageError};
 
 pub const ROLLOUT_FILE: &str = "rollout.json";
@@ -42,34 +42,6 @@ pub struct RolloutArtifact {
 
 pub struct RolloutStage;
 
-/// What a rollout node's params ask for, read before any work.
-struct Settings {
-    seed: u64,
-    prompts: usize,
-    samples: usize,
-    max_prompt_tokens: usize,
-    /// Without the template's stop strings and the per-group seed.
-    sampling: SamplingParams,
-}
-
-fn settings(params: &Value) -> Result<Settings, StageError> {
-    let p = Params::new(StageKind::Rollout, params);
-    Ok(Settings {
-        seed: p.u64("seed")?,
-        prompts: p.usize("rollout.prompts_per_step")?,
-        samples: p.usize("rollout.samples_per_prompt")?,
-        max_prompt_tokens: p.usize("rollout.max_prompt_tokens")?,
-        sampling: SamplingParams {
-            temperature: p.f64("rollout.temperature")?,
-            top_p: p.f64("rollout.top_p")?,
-            top_k: p.usize("rollout.top_k")?,
-            max_new_tokens: p.usize("rollout.max_response_tokens")?,
-            stop_strings: Vec::new(),
-            seed: 0,
-        },
-    })
-}
-
 /// `take` problem positions for step `step`: consecutive slices of a
 /// sequence of per-epoch permutations, so problems are drawn without
 /// replacement within an epoch, deterministically from the seed.
@@ -93,25 +65,23 @@ pub fn draw(n: usize, take: usize, seed: u64, step: u32) -> Vec<usize> {
 }
 
 /// The problems a rollout draws from, after the reward's data choice.
-fn problems(ctx: &NodeContext<'_>) -> Result<Vec<Problem>, StageError> {
-    let params = &ctx.node.params;
-    let p = Params::new(StageKind::Rollout, params);
-    match &params["problems"] {
-        Value::Object(o) if o.contains_key("one_shot") => Ok(vec![Problem {
+fn problems(ctx: &NodeContext<'_>, params: &RolloutNodeParams) -> Result<Vec<Problem>, StageError> {
+    match &params.problems {
+        Problems::OneShot(example) => Ok(vec![Problem {
             index: 0,
-            problem: p.str("problems.one_shot.problem")?.to_string(),
-            answer: p.str("problems.one_shot.answer")?.to_string(),
+            problem: example.problem.clone(),
+            answer: example.answer.clone(),
             id: None,
             subject: None,
             level: None,
         }]),
-        Value::String(s) if s == "incorrect_labels" => {
+        Problems::IncorrectLabels => {
             let labels = ctx
                 .input(Role::Labels)
                 .ok_or_else(|| failed("an `incorrect` rollout needs the label node"))?;
             let labels: Vec<crate::label::Label> =
                 model::read_json(&labels.out.join(crate::label::LABELS_FILE))?;
-            let all = data::load(&model::dataset_path(ctx)?, &params["dataset"])?;
+            let all = data::load(&model::dataset_path(ctx)?, &params.dataset)?;
             // Train on problems whose majority label is wrong, against that label.
             let kept: Vec<Problem> = all
                 .into_iter()
@@ -128,7 +98,7 @@ fn problems(ctx: &NodeContext<'_>) -> Result<Vec<Problem>, StageError> {
             }
             Ok(kept)
         }
-        _ => data::load(&model::dataset_path(ctx)?, &params["dataset"]),
+        Problems::All => data::load(&model::dataset_path(ctx)?, &params.dataset),
     }
 }
 
@@ -151,23 +121,27 @@ impl Stage for RolloutStage {
     }
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
-        let params = ctx.node.params.clone();
-        let step = ctx.node.step;
-        let Settings {
-            seed,
-            prompts: n_prompts,
-            samples: n_samples,
-            max_prompt_tokens: max_prompt,
-            sampling,
-        } = settings(&params)?;
-        let pool = problems(ctx)?;
-        let chosen: Vec<Problem> = draw(pool.len(), n_prompts, seed, step)
+        let params: RolloutNodeParams = ctx.params()?;
+        let r = &params.rollout;
+        let (seed, step) = (params.seed, ctx.node.step);
+        let n_samples = r.samples_per_prompt as usize;
+        let sampling = SamplingParams {
+            temperature: r.temperature,
+            top_p: r.top_p,
+            top_k: r.top_k as usize,
+            max_new_tokens: r.max_response_tokens as usize,
+            stop_strings: Vec::new(),
+            seed: 0,
+        };
+        let pool = problems(ctx, &params)?;
+        let chosen: Vec<Problem> = draw(pool.len(), r.prompts_per_step as usize, seed, step)
             .into_iter()
             .map(|i| pool[i].clone())
             .collect();
-        let template = model::template(&Params::new(StageKind::Rollout, &params))?;
+        let template = model::template(&params.model)?;
+        let max_prompt = r.max_prompt_tokens as usize;
         let out = ctx.out.to_path_buf();
-        let policy = model::ensure_policy(ctx, None)?;
+        let policy = model::ensure_policy(ctx, params.model.precision, None)?;
         let engine = spur_lm::CandleEngine::new(policy.model.clone(), policy.tokenizer.clone());
         let mut groups = Vec::with_capacity(chosen.len());
         let mut requests = Vec::with_capacity(chosen.len());
@@ -220,31 +194,7 @@ impl Stage for RolloutStage {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
-    use super::{draw, settings};
-
-    #[test]
-    fn every_rollout_parameter_is_required() {
-        let params = json!({
-            "rollout": spur_spec::to_json(&spur_spec::RolloutParams::default()),
-            "seed": 42,
-        });
-        let s = settings(&params).unwrap();
-        assert_eq!((s.prompts, s.samples, s.max_prompt_tokens), (64, 16, 1024));
-        assert_eq!(s.sampling.max_new_tokens, 3072);
-        for key in ["prompts_per_step", "temperature", "max_response_tokens"] {
-            let mut missing = params.clone();
-            missing["rollout"].as_object_mut().unwrap().remove(key);
-            let err = settings(&missing)
-                .err()
-                .expect("a missing parameter is an error");
-            assert_eq!(
-                err.to_string(),
-                format!("the rollout node's parameter `rollout.{key}` is missing")
-            );
-        }
-    }
+    use super::draw;
 
     #[test]
     fn draws_without_replacement_within_an_epoch() {

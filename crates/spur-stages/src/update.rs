@@ -1,75 +1,20 @@
 //! The `update` stage: one GRPO step on a scored rollout, then a checkpoint.
 
-use serde_json::{json, Value};
+use serde_json::Value;
+use spur_core::node_params::UpdateNodeParams;
 use spur_plan::{Role, StageKind};
 use spur_rl::{Rollout, RolloutGroup, RolloutSample, TrainConfig};
 
-use crate::model::{self, failed, LoadedPolicy, WeightsAt, POLICY_DIR, TRAINER_DIR};
-use crate::param::Params;
+use crate::model::{self, failed, LoadedPolicy, Training, WeightsAt, POLICY_DIR, TRAINER_DIR};
 use crate::reward::{Rewards, REWARDS_FILE};
 use crate::rollout::{RolloutArtifact, ROLLOUT_FILE};
 use crate::{NodeContext, Stage, StageError};
 
 pub struct UpdateStage;
 
-/// The trainer's configuration from the node's params: `update` (the run's update params),
-/// `rollout` (the temperature and response cap of the rollouts it trains on) and `seed`.
-pub fn train_config(params: &Value) -> Result<TrainConfig, StageError> {
-    let p = Params::new(StageKind::Update, params);
-    let aggregation = match p.one_of(
-        "update.aggregation",
-        &["token_mean", "seq_mean", "seq_sum_const"],
-    )? {
-        "seq_sum_const" => "token_sum_const",
-        other => other,
-    };
-    let schedule = match p.one_of("update.lr_schedule", &["constant", "cosine"])? {
-        // Both counts are GRPO steps, as the trainer's schedule is.
-        "cosine" => json!({
-            "kind": "warmup_cosine",
-            "warmup_steps": p.u64("update.warmup_steps")?,
-            "total_steps": p.u64("update.total_steps")?,
-            "min_lr_ratio": 0.0,
-        }),
-        _ => json!({"kind": "constant"}),
-    };
-    // Dr. GRPO's constant is the run's response cap unless set.
-    let norm_length = match p.optional("update.norm_length") {
-        Some(_) => p.u64("update.norm_length")?,
-        None => p.u64("rollout.max_response_tokens")?,
-    };
-    // Greedy rollouts (T = 0) carry the plain log-softmax as their log-probs (the engine's
-    // convention): score them at T = 1.
-    let sampled_at = p.f64("rollout.temperature")?;
-    let temperature = if sampled_at == 0.0 { 1.0 } else { sampled_at };
-    let cfg = json!({
-        "objective": {
-            "eps_low": p.f64("update.eps_low")?,
-            "eps_high": p.f64("update.eps_high")?,
-            "clip": p.value("update.clip")?,
-            "advantage": p.str("update.advantage")?,
-            "aggregation": aggregation,
-            "norm_length": norm_length,
-            "kl_coef": p.f64("update.kl_coef")?,
-            "kl_estimator": p.str("update.kl_estimator")?,
-            "entropy_coef": p.f64("update.entropy_coef")?,
-        },
-        "optimizer": {
-            "lr": p.f64("update.lr")?,
-            "beta1": p.f64("update.beta1")?,
-            "beta2": p.f64("update.beta2")?,
-            "weight_decay": p.f64("update.weight_decay")?,
-            "max_grad_norm": p.f64("update.grad_clip")?,
-            "schedule": schedule,
-            "moments": p.str("update.moments")?,
-        },
-        "mini_batch": p.u64("update.mini_batch")?,
-        "micro_batch": p.u64("update.micro_batch")?,
-        "seed": p.u64("seed")?,
-        "temperature": temperature,
-    });
-    let cfg: TrainConfig =
-        serde_json::from_value(cfg).map_err(|e| failed(format!("update parameters: {e}")))?;
+/// The trainer of an update node, validated.
+pub fn train_config(params: &UpdateNodeParams) -> Result<TrainConfig, StageError> {
+    let cfg = TrainConfig::from(params);
     cfg.validate()
         .map_err(|e| failed(format!("update parameters: {e}")))?;
     Ok(cfg)
@@ -105,7 +50,7 @@ impl Stage for UpdateStage {
     }
 
     fn run(&self, ctx: &mut NodeContext<'_>) -> Result<Value, StageError> {
-        let params = ctx.node.params.clone();
+        let params: UpdateNodeParams = ctx.params()?;
         let cfg = train_config(&params)?;
         let read = |role: Role, file: &str| -> Result<std::path::PathBuf, StageError> {
             Ok(ctx
@@ -144,11 +89,15 @@ impl Stage for UpdateStage {
         let node = ctx.node.id;
         let step = u64::from(ctx.node.step);
         let reference = if cfg.objective.kl_coef > 0.0 {
-            Some(model::ensure_reference(ctx)?)
+            Some(model::ensure_reference(ctx, params.model.precision)?)
         } else {
             None
         };
-        let policy = model::ensure_policy(ctx, Some(&cfg))?;
+        let training = Training {
+            config: &cfg,
+            checkpoint_activations: params.update.checkpoint_activations,
+        };
+        let policy = model::ensure_policy(ctx, params.model.precision, Some(training))?;
         let trainer = policy
             .trainer
             .as_mut()
@@ -195,7 +144,7 @@ mod tests {
 
     /// The params of the first update node the plan makes for an experiment whose `defaults`
     /// block is `defaults` (YAML lines, indented by two spaces).
-    fn update_params(defaults: &str) -> Value {
+    fn update_params(defaults: &str) -> UpdateNodeParams {
         let dir = tempfile::tempdir().unwrap();
         let file = |name: &str| {
             let path = dir.path().join(name);
@@ -219,7 +168,7 @@ mod tests {
             .iter()
             .find(|n| n.kind == StageKind::Update)
             .unwrap();
-        node.params.as_ref().clone()
+        spur_core::node_params::from_value(StageKind::Update, &node.params).unwrap()
     }
 
     #[test]
@@ -228,7 +177,7 @@ mod tests {
             "  rollout: {max_response_tokens: 512}\n  update: {aggregation: seq_sum_const}\n",
         ))
         .unwrap();
-        assert_eq!(cfg.objective.aggregation, Aggregation::TokenSumConst);
+        assert_eq!(cfg.objective.aggregation, Aggregation::SeqSumConst);
         assert_eq!(cfg.objective.norm_length, 512);
         let cfg = train_config(&update_params(
             "  rollout: {max_response_tokens: 512}\n  update: {aggregation: seq_sum_const, norm_length: 1000}\n",
@@ -264,22 +213,28 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_update_parameter_is_an_error() {
-        let params = update_params("  update: {lr_schedule: cosine}\n");
-        for (path, key) in [
-            ("update", "lr"),
-            ("update", "total_steps"),
-            ("update", "moments"),
-            ("rollout", "temperature"),
-            ("rollout", "max_response_tokens"),
-        ] {
-            let mut missing = params.clone();
-            missing[path].as_object_mut().unwrap().remove(key);
-            let err = train_config(&missing).expect_err("missing parameter");
-            assert_eq!(
-                err.to_string(),
-                format!("the update node's parameter `{path}.{key}` is missing")
-            );
-        }
+    fn update_parameters_of_another_shape_are_refused() {
+        let params = spur_core::node_params::to_value(&update_params(""));
+        let mut misspelt = params.clone();
+        misspelt["update"]["learning_rate"] = serde_json::json!(1e-6);
+        let err =
+            spur_core::node_params::from_value::<UpdateNodeParams>(StageKind::Update, &misspelt)
+                .unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `learning_rate`"),
+            "{err}"
+        );
+        let mut missing = params;
+        missing["rollout"]
+            .as_object_mut()
+            .unwrap()
+            .remove("temperature");
+        let err =
+            spur_core::node_params::from_value::<UpdateNodeParams>(StageKind::Update, &missing)
+                .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the update node's parameters: missing field `temperature`"
+        );
     }
 }

@@ -18,6 +18,7 @@
 
 mod hashing;
 mod manifest;
+mod record;
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -30,6 +31,9 @@ use spur_core::Hash;
 
 pub use hashing::{hash_file, hash_reader};
 pub use manifest::{Artifact, NodeManifest};
+pub use record::{
+    ExperimentRef, GitState, Host, NodeEntry, NodeState, Provenance, RunRecord, RunStatus,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -39,6 +43,11 @@ pub enum StoreError {
     Corrupted { id: String, problem: String },
     #[error("{path}: invalid manifest: {source}")]
     Manifest {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: not a run record this spur can read ({source}); `spur run` rewrites it")]
+    Record {
         path: PathBuf,
         source: serde_json::Error,
     },
@@ -386,17 +395,17 @@ impl Store {
         self.root.join("runs").join(format!("{run_id}.json"))
     }
 
-    pub fn write_run_record(&self, run_id: &str, record: &serde_json::Value) -> Result<()> {
+    pub fn write_run_record(&self, run_id: &str, record: &RunRecord) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(record).expect("records serialise");
         write_atomic(&self.run_record_path(run_id), &bytes)
     }
 
-    pub fn read_run_record(&self, run_id: &str) -> Result<Option<serde_json::Value>> {
+    pub fn read_run_record(&self, run_id: &str) -> Result<Option<RunRecord>> {
         let path = self.run_record_path(run_id);
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
-                .map_err(|source| StoreError::Manifest { path, source }),
+                .map_err(|source| StoreError::Record { path, source }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(&path)(e)),
         }

@@ -2,17 +2,15 @@
 
 use std::path::Path;
 
-use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use spur_store::{GitState, Host, Provenance};
 
 /// spur's own dependency pins, embedded at build time.
-const CARGO_LOCK: &[u8] = include_bytes!("../Cargo.lock");
+const CARGO_LOCK: &[u8] = include_bytes!("../../../Cargo.lock");
 
-/// Git state of the workspace holding `path` (null outside a repository).
-pub fn git(path: &Path) -> Value {
-    let Ok(repo) = git2::Repository::discover(path) else {
-        return Value::Null;
-    };
+/// Git state of the workspace holding `path` (`None` outside a repository).
+pub fn git(path: &Path) -> Option<GitState> {
+    let repo = git2::Repository::discover(path).ok()?;
     let head = repo.head().ok();
     let commit = head
         .as_ref()
@@ -41,12 +39,12 @@ pub fn git(path: &Path) -> Value {
         Ok(hex::encode(h.finalize()))
     })()
     .ok();
-    json!({
-        "commit": commit,
-        "branch": branch,
-        "dirty": dirty,
-        "diff_sha256": if dirty { diff_sha256 } else { None },
-        "workdir": repo.workdir().map(|p| p.display().to_string()),
+    Some(GitState {
+        commit,
+        branch,
+        dirty,
+        diff_sha256: if dirty { diff_sha256 } else { None },
+        workdir: repo.workdir().map(|p| p.display().to_string()),
     })
 }
 
@@ -60,34 +58,36 @@ fn first_line_of(path: &str, key: &str) -> Option<String> {
 }
 
 /// The GPUs `nvidia-smi` reports, if any.
-fn accelerators() -> Value {
+fn accelerators() -> Vec<String> {
     let out = std::process::Command::new("nvidia-smi")
         .args(["--query-gpu=name,driver_version", "--format=csv,noheader"])
         .output();
     match out {
-        Ok(o) if o.status.success() => {
-            let gpus: Vec<String> = String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect();
-            json!(gpus)
-        }
-        _ => json!([]),
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
-/// Everything about this build and machine that a record pins.
-pub fn build_and_host() -> Value {
-    json!({
-        "spur_version": env!("CARGO_PKG_VERSION"),
-        "cargo_lock_sha256": hex::encode(Sha256::digest(CARGO_LOCK)),
-        "host": {
-            "name": std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).ok(),
-            "cpu": first_line_of("/proc/cpuinfo", "model name"),
-            "cores": std::thread::available_parallelism().map(|n| n.get()).ok(),
-            "os": std::env::consts::OS,
-            "arch": std::env::consts::ARCH,
+/// Everything about this build and machine that a record pins; `git` and `inputs` are the
+/// experiment's, filled in by the caller.
+pub fn build_and_host() -> Provenance {
+    Provenance {
+        spur_version: env!("CARGO_PKG_VERSION").to_string(),
+        cargo_lock_sha256: hex::encode(Sha256::digest(CARGO_LOCK)),
+        host: Host {
+            name: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .ok(),
+            cpu: first_line_of("/proc/cpuinfo", "model name"),
+            cores: std::thread::available_parallelism().map(|n| n.get()).ok(),
+            os: std::env::consts::OS.to_string(),
+            arch: std::env::consts::ARCH.to_string(),
         },
-        "accelerators": accelerators(),
-    })
+        accelerators: accelerators(),
+        git: None,
+        inputs: Default::default(),
+    }
 }

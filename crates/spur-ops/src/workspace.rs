@@ -119,15 +119,3 @@ pub fn nodes_of(plan: &Plan, runs: &[usize]) -> Vec<u32> {
 pub fn cached(store: &Store) -> Result<HashSet<Hash>> {
     store.cached_ids().context("cannot list the cache")
 }
-
-/// Errors for people: spec problems print as-is, others with their causes.
-pub fn render_error(e: &anyhow::Error) -> String {
-    if let Some(spec) = e.downcast_ref::<spur_spec::SpecErrors>() {
-        return spec.to_string();
-    }
-    let mut s = format!("error: {e}");
-    for cause in e.chain().skip(1) {
-        s.push_str(&format!("\n  caused by: {cause}"));
-    }
-    s
-}
