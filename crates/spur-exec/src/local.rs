@@ -8,7 +8,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Instant, SystemTime};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use spur_plan::{Hash, Role};
+use spur_plan::{Hash, Node, Role};
 use spur_stages::{interrupt, InputDir, NodeContext, Resource, Session};
 use spur_store::{NodeManifest, StoreError};
 
@@ -335,21 +335,7 @@ impl<'a> State<'a> {
         if store.is_cached(&node.id) {
             return reused();
         }
-        // A node directory without a manifest is no entry, but would block
-        // publishing this one: move it aside.
-        if let Some(dest) = store.quarantine(&node.id).map_err(|e| e.to_string())? {
-            let why = "its directory has no manifest".to_string();
-            tracing::warn!(
-                "cache entry {} is corrupted: {why}; moved to {}, recomputing",
-                node.id.hex(),
-                dest.display()
-            );
-            self.outcome
-                .lock()
-                .expect("outcome lock")
-                .corrupted
-                .push((node.id, why));
-        }
+        self.quarantine_orphan(node)?;
         let stage =
             self.job.registry.get(node.kind).ok_or_else(|| {
                 spur_stages::StageError::Unavailable { kind: node.kind }.to_string()
@@ -362,16 +348,7 @@ impl<'a> State<'a> {
         self.progress
             .worker(format!("{label}: {} step {}", node.kind, node.step));
 
-        let mut inputs = Vec::with_capacity(node.inputs.len());
-        for input in &node.inputs {
-            let dep = &plan.nodes[input.node as usize];
-            self.ensure_input(input.node, devices)?;
-            inputs.push(InputDir {
-                role: input.role,
-                node: dep.id,
-                out: store.out_dir(&dep.id),
-            });
-        }
+        let inputs = self.input_dirs(node, devices)?;
         let staging = store.stage(&node.id).map_err(|e| e.to_string())?;
         let out = staging.out();
         let log = out.parent().expect("staging has a parent").join("log");
@@ -399,28 +376,11 @@ impl<'a> State<'a> {
             )
         })?;
         let manifest = NodeManifest {
-            id: node.id.hex(),
-            kind: node.kind.name().to_string(),
-            version: node.version,
-            step: node.step,
-            inputs: node
-                .inputs
-                .iter()
-                .map(|i| plan.nodes[i.node as usize].id.hex())
-                .collect(),
-            externals: node
-                .externals
-                .iter()
-                .map(|&e| plan.externals[e as usize].hash.hex())
-                .collect(),
-            params: (*node.params).clone(),
             metrics,
             started_at,
             finished_at: now(),
             seconds: started.elapsed().as_secs_f64(),
-            host: host(),
-            spur_version: env!("CARGO_PKG_VERSION").to_string(),
-            ..Default::default()
+            ..self.manifest_of(node)
         };
         store
             .publish(staging, manifest, &stage.declared_outputs(node))
@@ -444,6 +404,74 @@ impl<'a> State<'a> {
             )
         });
         Ok(())
+    }
+
+    /// A node directory without a manifest is no entry, but would block publishing this one:
+    /// it is moved aside (and reported as corrupted).
+    fn quarantine_orphan(&self, node: &Node) -> Result<(), String> {
+        let Some(dest) = self
+            .job
+            .store
+            .quarantine(&node.id)
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
+        let why = "its directory has no manifest".to_string();
+        tracing::warn!(
+            "cache entry {} is corrupted: {why}; moved to {}, recomputing",
+            node.id.hex(),
+            dest.display()
+        );
+        self.outcome
+            .lock()
+            .expect("outcome lock")
+            .corrupted
+            .push((node.id, why));
+        Ok(())
+    }
+
+    /// The published directories of `node`'s inputs, each made readable first.
+    fn input_dirs(&self, node: &Node, devices: &[String]) -> Result<Vec<InputDir>, String> {
+        let plan = self.job.plan;
+        node.inputs
+            .iter()
+            .map(|input| {
+                let dep = &plan.nodes[input.node as usize];
+                self.ensure_input(input.node, devices)?;
+                Ok(InputDir {
+                    role: input.role,
+                    node: dep.id,
+                    out: self.job.store.out_dir(&dep.id),
+                })
+            })
+            .collect()
+    }
+
+    /// What `node`'s manifest records of its identity and origin (the run's times and
+    /// metrics are the caller's).
+    fn manifest_of(&self, node: &Node) -> NodeManifest {
+        let plan = self.job.plan;
+        NodeManifest {
+            id: node.id.hex(),
+            kind: node.kind.name().to_string(),
+            version: node.version,
+            step: node.step,
+            inputs: node
+                .inputs
+                .iter()
+                .map(|i| plan.nodes[i.node as usize].id.hex())
+                .collect(),
+            externals: node
+                .externals
+                .iter()
+                .map(|&e| plan.externals[e as usize].hash.hex())
+                .collect(),
+            params: (*node.params).clone(),
+            host: host(),
+            spur_version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        }
     }
 
     /// Make input node `n` readable. It is verified before use; a corrupted

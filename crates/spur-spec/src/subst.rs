@@ -1,5 +1,7 @@
 //! `${name}` references in strings.
 
+use std::collections::BTreeSet;
+
 use serde_json::Value;
 
 /// The names referenced by `${…}` in `s`, in order (duplicates kept).
@@ -94,5 +96,16 @@ mod tests {
             substitute_str("${nope}", &mut lookup),
             Err("nope".to_string())
         );
+    }
+}
+
+/// All `${name}` references in any string of a YAML value.
+pub(crate) fn yaml_refs(v: &serde_yaml::Value, out: &mut BTreeSet<String>) {
+    match v {
+        serde_yaml::Value::String(s) => out.extend(references(s)),
+        serde_yaml::Value::Sequence(items) => items.iter().for_each(|i| yaml_refs(i, out)),
+        serde_yaml::Value::Mapping(m) => m.values().for_each(|i| yaml_refs(i, out)),
+        serde_yaml::Value::Tagged(t) => yaml_refs(&t.value, out),
+        _ => {}
     }
 }
