@@ -316,6 +316,22 @@ fn unknown_reference_and_unknown_stage() {
 }
 
 #[test]
+fn commands_beside_models_need_a_pipeline() {
+    let err = error_for(
+        "grid:\n",
+        "commands:\n  note:\n    run: echo ${seed}\ngrid:\n",
+    );
+    assert_has(
+        &err,
+        &[
+            "these commands are in no pipeline",
+            "exp.yaml:19:1",
+            "pipeline: [rollout, reward, update, eval, note]",
+        ],
+    );
+}
+
+#[test]
 fn several_problems_are_reported_together() {
     let ws = Workspace::new();
     ws.write(

@@ -2,15 +2,16 @@
 //! the shape of Hugging Face `generate`: `batch` greedy sequences of one prompt, prefill
 //! included, each decoded to `--max-tokens`. It is the measurement `scripts/gpu-check.sh` sets
 //! against PyTorch/transformers on the same GPU; `spur bench models` times the model's own
-//! prefill and decode steps instead.
+//! prefill and decode steps instead. The measurement is `spur_lm::bench::measure_generation`;
+//! this file loads the engine, parses arguments and prints.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use serde_json::json;
-use spur_lm::engine::{GenerationRequest, SamplingParams};
-use spur_lm::memory::{self, PeakMemory};
+use spur_lm::bench::measure_generation;
+use spur_lm::memory;
 use spur_lm::{DType, LoadOptions, Precision};
 
 #[derive(clap::Args, Debug)]
@@ -104,44 +105,14 @@ pub fn run(args: GenerateBench) -> Result<ExitCode> {
         args.device,
         prompt_ids.len()
     );
-    let request = |n: usize| GenerationRequest {
-        prompt_ids: prompt_ids.clone(),
-        n,
-        params: SamplingParams {
-            temperature: 0.0,
-            max_new_tokens: args.max_tokens,
-            ..SamplingParams::default()
-        },
-    };
-    // One short run first: CUDA kernels load and the allocators fill on first use.
-    engine.generate(&[GenerationRequest {
-        params: SamplingParams {
-            max_new_tokens: 4,
-            ..request(1).params
-        },
-        ..request(1)
-    }])?;
-    let mut rows = Vec::new();
-    for &batch in &args.batches {
-        device.synchronize()?;
-        let peak = PeakMemory::start(&device);
-        let start = Instant::now();
-        let completions = engine.generate(&[request(batch)])?;
-        let seconds = start.elapsed().as_secs_f64();
-        let peak_memory = peak.finish();
-        let tokens: usize = completions.iter().map(|c| c.token_ids.len()).sum();
-        let tok_s = tokens as f64 / seconds;
-        eprintln!("batch {batch}: {tokens} tokens in {seconds:.2} s, {tok_s:.1} tok/s");
-        rows.push(json!({
-            "batch": batch,
-            "tokens": tokens,
-            "seconds": seconds,
-            "tok_s": tok_s,
-            "peak_memory_bytes": peak_memory,
-            "estimated_memory_bytes": estimate(batch),
-            "first_token_ids": completions.first().map(|c| c.token_ids.clone()),
-        }));
-    }
+    let rows = measure_generation(
+        engine.as_ref(),
+        &device,
+        &prompt_ids,
+        &args.batches,
+        args.max_tokens,
+        estimate,
+    )?;
     if args.json {
         let out = json!({
             "engine": engine.name(),

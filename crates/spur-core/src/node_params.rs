@@ -29,6 +29,20 @@ pub fn from_value<T: DeserializeOwned>(kind: StageKind, params: &Value) -> Resul
     })
 }
 
+/// Whether `params` read as the struct of `kind`'s stage: the plan and the stages agree on
+/// every node.
+pub fn check(kind: StageKind, params: &Value) -> Result<(), ParamsError> {
+    match kind {
+        StageKind::Rollout => from_value::<RolloutNodeParams>(kind, params).map(drop),
+        StageKind::Reward => from_value::<RewardNodeParams>(kind, params).map(drop),
+        StageKind::Update => from_value::<UpdateNodeParams>(kind, params).map(drop),
+        StageKind::Eval => from_value::<EvalNodeParams>(kind, params).map(drop),
+        StageKind::Label => from_value::<LabelNodeParams>(kind, params).map(drop),
+        StageKind::Probe => from_value::<ProbeNodeParams>(kind, params).map(drop),
+        StageKind::Command => from_value::<CommandNodeParams>(kind, params).map(drop),
+    }
+}
+
 /// Parameters that do not read as their stage's struct: a plan from another version of spur,
 /// or a hand-edited one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -13,6 +13,7 @@
 //! - [`tokenizer`], [`template`]: tokenizers and prompt templates.
 //! - [`engine`]: the generation trait and the candle implementation.
 
+pub mod bench;
 pub mod config;
 mod decode_attention;
 mod decode_matmul;

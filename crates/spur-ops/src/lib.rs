@@ -8,11 +8,13 @@
 //!   status its nodes and the outcome decide ([`spur_store::RunStatus::after`]).
 //! - [`record`]: writing and refreshing the typed run records ([`spur_store::RunRecord`]).
 //! - [`provenance`]: where a result came from (git state, Cargo.lock, host, GPUs).
+//! - [`bench`]: the planning benchmark (`spur bench plan`).
 //! - [`memory`]: the peak-memory estimates `spur plan --json` prints and the check `spur run`
 //!   makes before any work.
 //!
 //! Errors are `anyhow` with context, as cargo's ops are: they end at the command line.
 
+pub mod bench;
 pub mod memory;
 pub mod provenance;
 pub mod record;

@@ -315,4 +315,58 @@ mod tests {
         assert_eq!(digest(&a), Hash(Sha256::digest(want).into()));
         assert_eq!(digest(&Value::Object(b)), digest(&a));
     }
+
+    /// Every node the plan makes, of every stage kind, reads back as its stage's parameter
+    /// struct, with nothing left over.
+    #[test]
+    fn every_nodes_params_read_as_its_stages_struct() {
+        let dir = std::env::temp_dir().join(format!("spur-plan-kinds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["m.gguf", "train.jsonl", "test.jsonl", "prep.py"] {
+            std::fs::write(dir.join(name), name).unwrap();
+        }
+        let text = "\
+models:
+  m: {sources: [{path: m.gguf}], template: custom, template_text: 'Q: {problem}'}
+datasets:
+  train: {sources: [{path: train.jsonl}], limit: 4, problem_field: question}
+  test: {sources: [{path: test.jsonl}], offset: 1}
+rewards:
+  gt: {kind: ground_truth}
+  mv: {kind: majority_vote, label_samples: 4}
+  inc: {kind: incorrect}
+  one: {kind: one_shot, example: {problem: '1+1', answer: '2'}}
+  mine: {kind: command, command: 'python3 r.py ${update.lr}'}
+  rnd: {kind: random, gamma: '${g}'}
+defaults:
+  model: m
+  train_data: train
+  steps: 2
+  precision: bf16
+  update: {lr_schedule: cosine, warmup_steps: 1, kl_coef: 0.1, moments: bf16}
+  probe: {dataset: test, prompts: 2}
+  evals:
+    test: {dataset: test, samples: 4, temperature: 0.6, grader: strict}
+pipeline: [rollout, reward, update, eval, prep]
+commands:
+  prep:
+    run: python3 ${inputs.script} --seed ${seed} --out ${out}/x
+    inputs: {script: prep.py}
+    outputs: [x]
+    per_step: true
+grid:
+  reward: [gt, mv, inc, one, mine, rnd]
+  g: [0.25]
+";
+        let exp = spur_spec::parse(text, &dir.join("exp.yaml")).unwrap();
+        let plan = plan(&exp, &|_| 1, &|_: &std::path::Path| Ok(Hash([0; 32]))).unwrap();
+        let mut kinds = std::collections::BTreeSet::new();
+        for node in &plan.nodes {
+            spur_core::node_params::check(node.kind, &node.params)
+                .unwrap_or_else(|e| panic!("{e}: {}", node.params));
+            kinds.insert(node.kind);
+        }
+        assert_eq!(kinds.len(), StageKind::ALL.len(), "{kinds:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -6,6 +6,10 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
+    /// Loading or running a model (`spur bench update`).
+    #[error(transparent)]
+    Model(#[from] spur_lm::Error),
+
     /// The policy's forward pass failed.
     #[error("policy forward pass: {0}")]
     Policy(#[source] Box<dyn std::error::Error + Send + Sync>),

@@ -12,6 +12,7 @@
 //!   on one worker or data-parallel over several ([`collective`] sums their gradients);
 //! - [`checkpoint`]: weights, optimiser moments, RNG state and step on disk.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod collective;
 mod error;

@@ -76,16 +76,18 @@ pub struct Run {
 }
 
 impl Run {
-    /// Resolve `${name}`: an axis first, then a parameter path.
+    /// Resolve `${name}`: an axis first, then a parameter path, as written in the file (a value
+    /// keeps the form it was written in), else at its default.
     pub fn lookup(&self, name: &str) -> Option<Value> {
         if let Some(v) = self.cell.get(name) {
             return Some(v.clone());
         }
-        let mut cur = &self.tree;
-        for part in name.split('.') {
-            cur = cur.get(part)?;
-        }
-        Some(cur.clone())
+        let at = |tree: &Value| {
+            name.split('.')
+                .try_fold(tree, |cur, part| cur.get(part))
+                .cloned()
+        };
+        at(&self.tree).or_else(|| at(&to_json(&self.params)))
     }
 
     /// `key=value,…` label used in progress output and `--only`.

@@ -353,7 +353,27 @@ fn check_pipeline(
         None if !file.commands.is_empty() && file.models.is_empty() => {
             file.commands.keys().cloned().collect()
         }
-        None => BUILTIN_STAGES.iter().map(|s| s.to_string()).collect(),
+        None => {
+            // Without a pipeline, a file with models runs the built-in stages only: commands
+            // defined beside them would silently never run.
+            if !file.commands.is_empty() {
+                let mut stages: Vec<&str> = BUILTIN_STAGES.to_vec();
+                stages.extend(file.commands.keys().map(String::as_str));
+                errors.push(
+                    ctx.err(
+                        "commands",
+                        true,
+                        "these commands are in no pipeline: with models and no `pipeline:`, \
+                         only the built-in stages run",
+                    )
+                    .with_hint(Some(format!(
+                        "list the stages to run, e.g. `pipeline: [{}]`",
+                        stages.join(", ")
+                    ))),
+                );
+            }
+            BUILTIN_STAGES.iter().map(|s| s.to_string()).collect()
+        }
     };
     if listed.is_empty() {
         errors.push(

@@ -90,3 +90,28 @@ fn free_axis_through_reference() {
         .collect();
     assert_eq!(g, [0.0, 0.3]);
 }
+
+/// `${path}` reads a parameter as written, or at its default when the file leaves it out: a
+/// command may name `rollout.temperature` without the file restating the paper's 1.0.
+#[test]
+fn references_read_parameters_written_or_at_their_defaults() {
+    let text = with(&format!(
+        "{DEFAULTS}  update: {{lr: 2}}\n\
+         commands:\n  note:\n    run: echo ${{rollout.temperature}} ${{update.lr}}\n\
+         pipeline: [rollout, reward, update, eval, note]\n"
+    ))
+    .replace(
+        "rnd: {kind: random, gamma: 0.5}",
+        "rnd: {kind: command, command: 'score --t ${rollout.temperature}'}",
+    )
+    .replace("  reward: gt\n", "  reward: rnd\n");
+    let exp = parse(&text).unwrap();
+    let run = &exp.runs[0];
+    assert_eq!(
+        run.lookup("rollout.temperature"),
+        Some(serde_json::json!(1.0))
+    );
+    // Written as the integer 2: kept so, as a command sees it.
+    assert_eq!(run.lookup("update.lr"), Some(serde_json::json!(2)));
+    assert_eq!(run.lookup("update.no_such_key"), None);
+}

@@ -196,20 +196,20 @@ fn resolve(
             errs.into_iter().for_each(|e| r.report_new(e));
         }
     }
-    let reward = match (scope.uses.trains, &params.reward) {
-        (true, Some(name)) => file.rewards.get(name).and_then(|def| {
-            resolve_reward(ctx, name, def, &cell.values, &tree)
-                .map_err(|e| r.report(e))
-                .ok()
-        }),
-        _ => None,
-    };
-    Some(Run {
+    let reward_name = params.reward.clone().filter(|_| scope.uses.trains);
+    let mut run = Run {
         cell: cell.values,
         params,
         tree,
-        reward,
-    })
+        reward: None,
+    };
+    if let Some(def) = reward_name.as_ref().and_then(|n| file.rewards.get(n)) {
+        let name = reward_name.as_deref().unwrap_or_default();
+        run.reward = resolve_reward(ctx, name, def, &run)
+            .map_err(|e| r.report(e))
+            .ok();
+    }
+    Some(run)
 }
 
 /// The names a run must have (`model`, `train_data`, `reward`) and its evaluations' datasets.
@@ -285,11 +285,10 @@ fn resolve_reward(
     ctx: &Ctx,
     name: &str,
     def: &RewardDef,
-    cell: &IndexMap<String, Value>,
-    tree: &Value,
+    run: &Run,
 ) -> Result<RewardSpec, SpecError> {
     let key = format!("rewards.{name}");
-    let mut lookup = |n: &str| cell.get(n).cloned().or_else(|| get_path(tree, n).cloned());
+    let mut lookup = |n: &str| run.lookup(n);
     let gamma = match &def.gamma {
         None => None,
         Some(written) => {

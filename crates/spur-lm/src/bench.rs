@@ -1,0 +1,268 @@
+//! Speed measurements of models and engines, the library half of `spur bench models`,
+//! `spur bench generate` and the matrix-product peak `spur bench update` reports its
+//! utilisation against. They measure what this crate does, so they live here; the commands
+//! parse arguments and print, and the scripts that set them beside llama.cpp, transformers and
+//! PyTorch (`scripts/bench-vs-llamacpp.sh`, `scripts/gpu-check.sh`) read their JSON.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::engine::{CandleEngine, Engine, GenerationRequest, SamplingParams};
+use crate::memory::PeakMemory;
+use crate::{KvCache, LoadOptions, LoadedModel, ModelFiles, Precision, PromptTemplate, Result};
+
+/// Best matrix-product throughput of `dtype` over a few square sizes on `device`, in FLOP/s.
+pub fn matmul_peak(device: &Device, dtype: DType) -> Result<f64> {
+    let sizes: &[usize] = if device.is_cpu() {
+        &[512, 1024, 2048]
+    } else {
+        &[4096, 8192]
+    };
+    let mut best = 0.0f64;
+    for &n in sizes {
+        let a = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+        let b = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+        a.matmul(&b)?; // warm-up
+        device.synchronize()?;
+        let reps = if device.is_cpu() {
+            (4096 / n).max(2)
+        } else {
+            20
+        };
+        for _ in 0..3 {
+            let t = Instant::now();
+            for _ in 0..reps {
+                a.matmul(&b)?;
+            }
+            device.synchronize()?;
+            let flops = 2.0 * (n * n * n) as f64 * reps as f64;
+            best = best.max(flops / t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(best)
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// What `spur bench models` measures of one set of weights, in the shape llama.cpp's
+/// `llama-bench` and `llama-batched-bench` do: one prompt, then `steps` greedy decode steps
+/// for each of `batch` copies of it.
+pub struct ModelBench {
+    pub device: Device,
+    /// Decode batch sizes, each one timed run.
+    pub batches: Vec<usize>,
+    /// Decode steps per sequence.
+    pub steps: usize,
+    /// Also time the whole candle engine (sampling at T = 1) at the largest batch.
+    pub engine: bool,
+}
+
+/// Aggregate decode speed at one batch size.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeRun {
+    pub batch: usize,
+    pub tok_s: f64,
+}
+
+/// The candle engine's end-to-end sampling speed (prefill included).
+#[derive(Clone, Debug, Serialize)]
+pub struct EngineRun {
+    pub samples: usize,
+    pub tokens: usize,
+    pub tok_s: f64,
+}
+
+/// One set of weights, measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelMeasurement {
+    /// `f32`, `bf16` or `quantized`.
+    pub precision: &'static str,
+    pub load_s: f64,
+    pub prompt_tokens: usize,
+    /// Best of three batch-1 prefills.
+    pub prefill_tok_s: f64,
+    pub decode: Vec<DecodeRun>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineRun>,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl ModelBench {
+    /// Loads `files` in `precision` and times the prefill of `problem` in the model's chat
+    /// template, then decoding (and the engine, when asked). Progress goes to stderr.
+    pub fn measure(
+        &self,
+        files: &ModelFiles,
+        precision: Precision,
+        problem: &str,
+    ) -> Result<ModelMeasurement> {
+        let options = LoadOptions {
+            precision,
+            device: self.device.clone(),
+            ..LoadOptions::default()
+        };
+        let started = Instant::now();
+        let loaded = crate::load_files(files.clone(), &options)?;
+        let load_s = started.elapsed().as_secs_f64();
+        let prompt = PromptTemplate::Chat { system: None }.render(&loaded.tokenizer, problem)?;
+        let ids = loaded.tokenizer.encode(&prompt)?;
+        let (prefill_tok_s, cache) = prefill(&loaded, &ids)?;
+        eprintln!(
+            "{precision:?}: prefill of {} tokens: {prefill_tok_s:.0} tok/s",
+            ids.len()
+        );
+        let mut decode_runs = Vec::new();
+        for &batch in &self.batches {
+            let tok_s = decode(&loaded, &cache, batch, self.steps)?;
+            eprintln!("{precision:?}: decode batch {batch}: {tok_s:.1} tok/s");
+            decode_runs.push(DecodeRun { batch, tok_s });
+        }
+        let prompt_tokens = ids.len();
+        let engine = if self.engine {
+            Some(self.engine_run(loaded, ids)?)
+        } else {
+            None
+        };
+        Ok(ModelMeasurement {
+            precision: match precision {
+                Precision::F32 => "f32",
+                Precision::Bf16 => "bf16",
+                Precision::Quantized => "quantized",
+            },
+            load_s,
+            prompt_tokens,
+            prefill_tok_s,
+            decode: decode_runs,
+            engine,
+            peak_rss_bytes: peak_rss_bytes(),
+        })
+    }
+
+    /// The candle engine sampling `steps` tokens at T = 1 for the largest batch.
+    fn engine_run(&self, loaded: LoadedModel, prompt_ids: Vec<u32>) -> Result<EngineRun> {
+        let batch = self.batches.iter().copied().max().unwrap_or(1);
+        let LoadedModel {
+            model, tokenizer, ..
+        } = loaded;
+        let engine = CandleEngine::new(Arc::new(model), Arc::new(tokenizer)).with_max_batch(batch);
+        let request = GenerationRequest {
+            prompt_ids,
+            n: batch,
+            params: SamplingParams {
+                temperature: 1.0,
+                max_new_tokens: self.steps,
+                seed: 1,
+                ..SamplingParams::default()
+            },
+        };
+        let start = Instant::now();
+        let out = engine.generate(&[request])?;
+        let tokens: usize = out.iter().map(|c| c.token_ids.len()).sum();
+        Ok(EngineRun {
+            samples: batch,
+            tokens,
+            tok_s: tokens as f64 / start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Best of three prefills of `ids` at batch 1 (the first warms caches and thread pools).
+fn prefill(loaded: &LoadedModel, ids: &[u32]) -> Result<(f64, KvCache)> {
+    let input = Tensor::new(ids, loaded.model.device())?.unsqueeze(0)?;
+    let mut best = 0f64;
+    let mut cache = None;
+    for _ in 0..3 {
+        let mut c = loaded.model.new_cache(1, ids.len())?;
+        let start = Instant::now();
+        loaded.model.forward_cached(&input, &mut c)?;
+        best = best.max(ids.len() as f64 / start.elapsed().as_secs_f64());
+        cache = Some(c);
+    }
+    Ok((best, cache.expect("three prefills ran")))
+}
+
+/// Aggregate tokens/s of `steps` greedy decode steps for `batch` copies of the prompt.
+fn decode(loaded: &LoadedModel, prompt: &KvCache, batch: usize, steps: usize) -> Result<f64> {
+    let rows: Vec<&KvCache> = (0..batch).map(|_| prompt).collect();
+    let mut cache = KvCache::stack(&rows, steps)?;
+    // A newline token as the first input: every row then follows its own greedy path.
+    let newline = loaded.tokenizer.encode("\n")?.first().copied().unwrap_or(0);
+    let mut next = vec![newline; batch];
+    let start = Instant::now();
+    for _ in 0..steps {
+        let input = Tensor::new(next.as_slice(), loaded.model.device())?.unsqueeze(1)?;
+        let logits = loaded.model.forward_cached(&input, &mut cache)?;
+        next = logits.argmax(1)?.to_vec1::<u32>()?;
+    }
+    Ok((batch * steps) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// One timed generation of `spur bench generate`.
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerationRun {
+    pub batch: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub tok_s: f64,
+    /// Device memory in use at its peak (the process's resident high-water mark on a CPU).
+    pub peak_memory_bytes: Option<u64>,
+    /// The memory model's figure for the candle engine at this batch.
+    pub estimated_memory_bytes: Option<u64>,
+    /// The first sequence's tokens, to compare with another framework's greedy output.
+    pub first_token_ids: Option<Vec<u32>>,
+}
+
+/// End-to-end greedy generation in the shape of Hugging Face `generate`: for each batch size,
+/// that many sequences of one prompt, prefill included, each `max_tokens` long. A short run
+/// first loads kernels and fills allocators. `estimate` gives the memory model's figure for a
+/// batch. Progress goes to stderr.
+pub fn measure_generation(
+    engine: &dyn Engine,
+    device: &Device,
+    prompt_ids: &[u32],
+    batches: &[usize],
+    max_tokens: usize,
+    estimate: impl Fn(usize) -> Option<u64>,
+) -> Result<Vec<GenerationRun>> {
+    let request = |n: usize, max_new_tokens: usize| GenerationRequest {
+        prompt_ids: prompt_ids.to_vec(),
+        n,
+        params: SamplingParams {
+            temperature: 0.0,
+            max_new_tokens,
+            ..SamplingParams::default()
+        },
+    };
+    engine.generate(&[request(1, 4)])?;
+    let mut runs = Vec::with_capacity(batches.len());
+    for &batch in batches {
+        device.synchronize()?;
+        let peak = PeakMemory::start(device);
+        let start = Instant::now();
+        let completions = engine.generate(&[request(batch, max_tokens)])?;
+        let seconds = start.elapsed().as_secs_f64();
+        let peak_memory_bytes = peak.finish();
+        let tokens: usize = completions.iter().map(|c| c.token_ids.len()).sum();
+        let tok_s = tokens as f64 / seconds;
+        eprintln!("batch {batch}: {tokens} tokens in {seconds:.2} s, {tok_s:.1} tok/s");
+        runs.push(GenerationRun {
+            batch,
+            tokens,
+            seconds,
+            tok_s,
+            peak_memory_bytes,
+            estimated_memory_bytes: estimate(batch),
+            first_token_ids: completions.first().map(|c| c.token_ids.clone()),
+        });
+    }
+    Ok(runs)
+}
