@@ -281,6 +281,71 @@ impl Sequence {
     }
 }
 
+/// How many trailing tokens can hold a stop string of `params` (decoded after each token).
+fn stop_window(params: &SamplingParams) -> usize {
+    params
+        .stop_strings
+        .iter()
+        .map(|s| s.len())
+        .max()
+        .unwrap_or(0)
+        + 2
+}
+
+/// The sequences waiting for a row, in (prompt, sample) order, and the prefilled caches of the
+/// prompts they start from: each prompt is prefilled once, when its first sample starts.
+struct Queue<'a, I: Iterator<Item = (usize, usize)>> {
+    requests: &'a [GenerationRequest],
+    model: &'a Transformer,
+    tokenizer: &'a Tokenizer,
+    waiting: std::iter::Peekable<I>,
+    prefills: HashMap<usize, (KvCache, Vec<f32>)>,
+}
+
+impl<I: Iterator<Item = (usize, usize)>> Queue<'_, I> {
+    /// The next waiting sequence, with its first token sampled from its prompt's logits. One
+    /// that ends on that token (an EOS, a one-token cap) goes to `done` and the next is taken.
+    fn next(&mut self, done: &mut Vec<Sequence>) -> Result<Option<Sequence>> {
+        while let Some((p, s)) = self.waiting.next() {
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.prefills.entry(p) {
+                slot.insert(CandleEngine::prefill(
+                    self.model,
+                    &self.requests[p].prompt_ids,
+                )?);
+            }
+            let params = &self.requests[p].params;
+            let mut seq = Sequence {
+                prompt_index: p,
+                sample_index: s,
+                rng: SeqRng::new(params.seed, s as u64),
+                tokens: Vec::new(),
+                logprobs: Vec::new(),
+                finish: None,
+            };
+            let (token, logprob) =
+                choose_token(&self.prefills[&p].1, params, || seq.rng.next_f64());
+            seq.push(token, logprob, params, self.tokenizer, stop_window(params))?;
+            if seq.finish.is_none() {
+                return Ok(Some(seq));
+            }
+            done.push(seq);
+        }
+        Ok(None)
+    }
+
+    /// The prefilled cache of a started sequence's prompt (until [`Queue::forget_started`]).
+    fn prompt(&self, seq: &Sequence) -> &KvCache {
+        &self.prefills[&seq.prompt_index].0
+    }
+
+    /// Drops the prefills no waiting sequence starts from: sequences start in prompt order,
+    /// so only the next one's prompt is still needed.
+    fn forget_started(&mut self) {
+        let next = self.waiting.peek().map(|&(p, _)| p);
+        self.prefills.retain(|&p, _| Some(p) == next);
+    }
+}
+
 impl CandleEngine {
     /// Sequences decoded together unless [`CandleEngine::with_max_batch`] says otherwise.
     pub const DEFAULT_MAX_BATCH: usize = 32;
@@ -348,80 +413,86 @@ impl CandleEngine {
             .enumerate()
             .flat_map(|(p, r)| (0..r.n).map(move |s| (p, s)))
             .collect();
-        let stop_window =
-            |p: &SamplingParams| p.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0) + 2;
-        let mut done = Vec::with_capacity(order.len());
-        let mut prefills: HashMap<usize, (KvCache, Vec<f32>)> = HashMap::new();
-        for chunk in order.chunks(self.max_batch) {
-            // Prefill each prompt once, however many of its samples the chunk holds.
-            prefills.retain(|&p, _| p >= chunk[0].0);
-            for &(p, _) in chunk {
-                if let std::collections::hash_map::Entry::Vacant(slot) = prefills.entry(p) {
-                    slot.insert(Self::prefill(model, &requests[p].prompt_ids)?);
-                }
+        // Continuous batching: up to `max_batch` sequences decode together, and a finished
+        // sequence's row goes to the next waiting one, so the batch stays full while any
+        // wait. With no more sequences than `max_batch`, nothing joins later.
+        let mut queue = Queue {
+            requests,
+            model,
+            tokenizer,
+            waiting: order.into_iter().peekable(),
+            prefills: HashMap::new(),
+        };
+        let mut done: Vec<Sequence> = Vec::new();
+        let mut active: Vec<Sequence> = Vec::new();
+        while active.len() < self.max_batch {
+            match queue.next(&mut done)? {
+                Some(q) => active.push(q),
+                None => break,
             }
-            let mut seqs = Vec::with_capacity(chunk.len());
-            for &(p, s) in chunk {
-                let params = &requests[p].params;
-                let mut seq = Sequence {
-                    prompt_index: p,
-                    sample_index: s,
-                    rng: SeqRng::new(params.seed, s as u64),
-                    tokens: Vec::new(),
-                    logprobs: Vec::new(),
-                    finish: None,
-                };
-                let (token, logprob) = choose_token(&prefills[&p].1, params, || seq.rng.next_f64());
-                seq.push(token, logprob, params, tokenizer, stop_window(params))?;
-                seqs.push(seq);
-            }
-            let mut active: Vec<usize> = (0..seqs.len())
-                .filter(|&i| seqs[i].finish.is_none())
-                .collect();
-            if active.is_empty() {
-                done.extend(seqs);
-                continue;
-            }
-            let rows: Vec<&KvCache> = active
-                .iter()
-                .map(|&i| &prefills[&seqs[i].prompt_index].0)
-                .collect();
+        }
+        if !active.is_empty() {
+            let rows: Vec<&KvCache> = active.iter().map(|q| queue.prompt(q)).collect();
             let mut cache = KvCache::stack(&rows, 64)?;
+            queue.forget_started();
             while !active.is_empty() {
                 let last: Vec<u32> = active
                     .iter()
-                    .map(|&i| seqs[i].tokens[seqs[i].tokens.len() - 1])
+                    .map(|q| q.tokens[q.tokens.len() - 1])
                     .collect();
                 let input = Tensor::new(last, model.device())?.unsqueeze(1)?;
                 let logits = model
                     .forward_cached(&input, &mut cache)?
                     .to_dtype(DType::F32)?
                     .to_vec2::<f32>()?;
-                // Each sequence's uniform draw, from its own stream (greedy choices ignore it);
-                // then the softmaxes over the vocabulary in parallel, which on one thread cost
-                // a tenth of a batch-64 step.
-                let draws: Vec<f64> = active.iter().map(|&i| seqs[i].rng.next_f64()).collect();
+                // Each sequence's uniform draw, from its own stream (greedy choices ignore
+                // it); then the softmaxes over the vocabulary in parallel, which on one
+                // thread cost a tenth of a batch-64 step.
+                let draws: Vec<f64> = active.iter_mut().map(|q| q.rng.next_f64()).collect();
                 let choices: Vec<(u32, f32)> = (active.par_iter().zip(&logits).zip(draws))
-                    .map(|((&i, row), draw)| {
-                        choose_token(row, &requests[seqs[i].prompt_index].params, || draw)
+                    .map(|((q, row), draw)| {
+                        choose_token(row, &requests[q.prompt_index].params, || draw)
                     })
                     .collect();
-                for (&i, (token, logprob)) in active.iter().zip(choices) {
-                    let params = &requests[seqs[i].prompt_index].params;
-                    seqs[i].push(token, logprob, params, tokenizer, stop_window(params))?;
+                for (q, (token, logprob)) in active.iter_mut().zip(choices) {
+                    let params = &requests[q.prompt_index].params;
+                    q.push(token, logprob, params, tokenizer, stop_window(params))?;
                 }
-                let keep: Vec<usize> = (0..active.len())
-                    .filter(|&r| seqs[active[r]].finish.is_none())
-                    .collect();
+                if active.iter().all(|q| q.finish.is_none()) {
+                    continue;
+                }
+                // Finished rows go to waiting sequences while any wait; the rest leave.
+                let mut keep = Vec::with_capacity(active.len());
+                let mut joined = false;
+                for r in 0..active.len() {
+                    if active[r].finish.is_some() {
+                        let Some(next) = queue.next(&mut done)? else {
+                            continue;
+                        };
+                        cache.replace_row(r, queue.prompt(&next))?;
+                        done.push(std::mem::replace(&mut active[r], next));
+                        joined = true;
+                    }
+                    keep.push(r);
+                }
+                queue.forget_started();
                 if keep.len() < active.len() {
-                    active = keep.iter().map(|&r| active[r]).collect();
+                    let (running, finished): (Vec<_>, Vec<_>) = std::mem::take(&mut active)
+                        .into_iter()
+                        .enumerate()
+                        .partition(|(r, _)| keep.contains(r));
+                    done.extend(finished.into_iter().map(|(_, q)| q));
+                    active = running.into_iter().map(|(_, q)| q).collect();
                     if !active.is_empty() {
                         cache.retain_rows(&keep)?;
                     }
                 }
+                if joined {
+                    cache.trim_left()?;
+                }
             }
-            done.extend(seqs);
         }
+        done.sort_by_key(|q| (q.prompt_index, q.sample_index));
         done.into_iter()
             .map(|seq| {
                 let text_ids = match seq.finish {

@@ -52,7 +52,9 @@ pub use tokenizer::Tokenizer;
 /// 4: decode matmuls with spur's f32 kernel, vectorised attention sums.
 /// 5: candle's fused RMS norm in CPU KV-cache passes.
 /// 6: spur's fused RMS norm, rotary embedding and SwiGLU in passes without a cache (scoring).
-pub const NUMERICS_VERSION: u32 = 6;
+/// 7: continuous batching in the candle engine: beyond `max_batch` sequences, waiting ones
+///    take finished ones' rows, so batch shapes (and with them the rounding) differ.
+pub const NUMERICS_VERSION: u32 = 7;
 
 /// The device a spec names: `cpu`, `cuda` (device 0), `cuda:N`, or `auto` (CUDA device 0
 /// when this build has CUDA and the machine a GPU, else the CPU).

@@ -389,6 +389,62 @@ impl KvCache {
         Ok(())
     }
 
+    /// Puts the single-row cache `row` in row `r`'s place, in place (continuous batching: a
+    /// waiting sequence takes the row of a finished one). A row longer than the batch widens
+    /// every row's left padding, which copies the cache; otherwise only the row is written.
+    pub fn replace_row(&mut self, r: usize, row: &KvCache) -> Result<()> {
+        if row.batch_size() != 1 || row.layers.len() != self.layers.len() || r >= self.pad.len() {
+            return Err(Error::Request(format!(
+                "cannot put a {}-row cache in row {r} of a {}-row batch",
+                row.batch_size(),
+                self.pad.len()
+            )));
+        }
+        if row.len > self.len {
+            let widen = row.len - self.len;
+            let capacity = self.capacity.max(row.len + (self.capacity - self.len));
+            for (k, v) in self.layers.iter_mut() {
+                *k = pad_columns(&k.narrow(2, 0, self.len)?, widen, capacity)?;
+                *v = pad_columns(&v.narrow(2, 0, self.len)?, widen, capacity)?;
+            }
+            self.pad.iter_mut().for_each(|p| *p += widen);
+            (self.len, self.capacity) = (row.len, capacity);
+        }
+        let left = self.len - row.len;
+        for ((k, v), (rk, rv)) in self.layers.iter_mut().zip(&row.layers) {
+            k.slice_set(
+                &pad_columns(&rk.narrow(2, 0, row.len)?, left, self.capacity)?,
+                0,
+                r,
+            )?;
+            v.slice_set(
+                &pad_columns(&rv.narrow(2, 0, row.len)?, left, self.capacity)?,
+                0,
+                r,
+            )?;
+        }
+        self.pad[r] = left + row.pad[0];
+        Ok(())
+    }
+
+    /// Drops the leading columns that every row pads, once they are at least half the
+    /// columns (so the copy it costs is paid rarely): after rows leave and join, attention
+    /// then spans mostly columns some row still reads.
+    pub fn trim_left(&mut self) -> Result<()> {
+        let drop = self.pad.iter().copied().min().unwrap_or(0);
+        if drop == 0 || 2 * drop < self.len {
+            return Ok(());
+        }
+        let keep = self.len - drop;
+        for (k, v) in self.layers.iter_mut() {
+            *k = pad_columns(&k.narrow(2, drop, keep)?, 0, self.capacity)?;
+            *v = pad_columns(&v.narrow(2, drop, keep)?, 0, self.capacity)?;
+        }
+        self.pad.iter_mut().for_each(|p| *p -= drop);
+        self.len = keep;
+        Ok(())
+    }
+
     /// Keeps only the given rows, in that order (drops finished sequences from a batch).
     pub fn retain_rows(&mut self, rows: &[usize]) -> Result<()> {
         let device = self.layers[0].0.device().clone();

@@ -184,6 +184,62 @@ fn left_padded_batch_decodes_like_single_rows() {
     }
 }
 
+/// Rows that take finished rows' places in a running batch (continuous batching), shorter or
+/// longer than it, and the batch trimmed of the columns no row reads, decode as they would
+/// alone.
+#[test]
+fn rows_joining_a_running_batch_decode_like_single_rows() {
+    for arch in ARCHS {
+        let (_dir, loaded) = checkpoint(arch, DType::F32);
+        let model = &loaded.model;
+        let prefilled = |p: &[u32]| {
+            let mut c = model.new_cache(1, p.len()).unwrap();
+            model.forward_cached(&tokens(&[p]), &mut c).unwrap();
+            c
+        };
+        let last_logits = |seq: &[u32]| {
+            let full = model.forward(&tokens(&[seq])).unwrap().squeeze(0).unwrap();
+            full.get(seq.len() - 1).unwrap()
+        };
+        let check = |out: &Tensor, rows: &[Vec<u32>]| {
+            for (i, seq) in rows.iter().enumerate() {
+                let d = max_diff(&out.get(i).unwrap(), &last_logits(seq));
+                assert!(d < 1e-4, "{arch:?}: row {i} differs by {d}");
+            }
+        };
+        let (a, b, e): (&[u32], &[u32], &[u32]) = (&[5, 6, 7, 8], &[9, 10, 11], &[12, 13]);
+        let mut batch = KvCache::stack(&[&prefilled(a), &prefilled(b), &prefilled(e)], 2).unwrap();
+        let step = Tensor::new(&[[21u32], [22], [23]], &Device::Cpu).unwrap();
+        model.forward_cached(&step, &mut batch).unwrap();
+        // Rows 0 and 2 finish: a shorter prompt and a longer one than the batch take them.
+        let (c, d): (&[u32], &[u32]) = (&[100], &[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        batch.replace_row(0, &prefilled(c)).unwrap();
+        batch.replace_row(2, &prefilled(d)).unwrap();
+        assert_eq!(
+            (batch.row_len(0), batch.row_len(1), batch.row_len(2)),
+            (1, 4, 9)
+        );
+        let next = Tensor::new(&[[31u32], [32], [33]], &Device::Cpu).unwrap();
+        let out = model.forward_cached(&next, &mut batch).unwrap();
+        let mut rows = vec![
+            [c, &[31]].concat(),
+            [b, &[22, 32]].concat(),
+            [d, &[33]].concat(),
+        ];
+        check(&out, &rows);
+        // The long row leaves: the columns only it read are trimmed away.
+        batch.retain_rows(&[0, 1]).unwrap();
+        rows.pop();
+        batch.trim_left().unwrap();
+        assert_eq!(batch.len(), 5);
+        let next = Tensor::new(&[[41u32], [42]], &Device::Cpu).unwrap();
+        let out = model.forward_cached(&next, &mut batch).unwrap();
+        rows[0].push(41);
+        rows[1].push(42);
+        check(&out, &rows);
+    }
+}
+
 fn engine(loaded: LoadedModel, max_batch: usize) -> CandleEngine {
     CandleEngine::new(Arc::new(loaded.model), Arc::new(loaded.tokenizer)).with_max_batch(max_batch)
 }
