@@ -89,6 +89,12 @@ fn main() -> ExitCode {
         .without_time()
         .init();
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Run(_) | Command::ExecNode(_) | Command::Gc(_)
+    ) {
+        die_quietly_on_a_closed_pipe();
+    }
     let cache = cli.cache.unwrap_or_else(|| PathBuf::from("cache"));
     let result = match cli.command {
         Command::Run(a) => commands::run::run(a, &cache),
@@ -111,6 +117,17 @@ fn main() -> ExitCode {
             eprintln!("{}", render_error(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `spur status | head` ends as `ls | head` does: a write to a closed pipe ends the process
+/// (SIGPIPE's default action), instead of Rust's ignored signal and a panic on the failed
+/// write. Not for the commands that change the cache or run children (`run`, `exec-node`,
+/// `gc`): they finish what they started and report through their exit status.
+fn die_quietly_on_a_closed_pipe() {
+    // SAFETY: restores a signal's default disposition before any other thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

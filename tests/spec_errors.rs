@@ -57,6 +57,31 @@ fn good_file_plans() {
     assert_eq!(plan["runs"].as_array().unwrap().len(), 4);
 }
 
+/// A printing command whose reader stops early (`| head`) ends quietly, as `ls | head` does.
+#[test]
+fn a_closed_pipe_ends_a_printing_command_quietly() {
+    let ws = Workspace::new();
+    // Enough runs that the plan fills the pipe before `head` closes it.
+    let seeds: Vec<String> = (1..=400).map(|s| s.to_string()).collect();
+    ws.write(
+        "exp.yaml",
+        &GOOD.replace("seed: [1, 2]", &format!("seed: [{}]", seeds.join(", "))),
+    );
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' plan exp.yaml --json | head -c 1 >/dev/null",
+            env!("CARGO_BIN_EXE_spur")
+        ))
+        .current_dir(ws.path("."))
+        .env("SPUR_CACHE", ws.cache())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+}
+
 #[test]
 fn yaml_syntax_error() {
     let err = error_for("  steps: 2\n", "  steps: [2\n");
