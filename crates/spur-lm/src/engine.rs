@@ -463,7 +463,6 @@ impl CandleEngine {
                 }
                 // Finished rows go to waiting sequences while any wait; the rest leave.
                 let mut keep = Vec::with_capacity(active.len());
-                let mut joined = false;
                 for r in 0..active.len() {
                     if active[r].finish.is_some() {
                         let Some(next) = queue.next(&mut done)? else {
@@ -471,7 +470,6 @@ impl CandleEngine {
                         };
                         cache.replace_row(r, queue.prompt(&next))?;
                         done.push(std::mem::replace(&mut active[r], next));
-                        joined = true;
                     }
                     keep.push(r);
                 }
@@ -486,9 +484,6 @@ impl CandleEngine {
                     if !active.is_empty() {
                         cache.retain_rows(&keep)?;
                     }
-                }
-                if joined {
-                    cache.trim_left()?;
                 }
             }
         }

@@ -374,8 +374,14 @@ impl KvCache {
         })
     }
 
-    /// Makes room for at least `additional` more columns, growing the buffers geometrically.
+    /// Makes room for at least `additional` more columns: first by dropping the leading
+    /// columns every row pads (rows that left, or joined after others), then by growing the
+    /// buffers geometrically. So a batch whose rows come and go stays about as wide as its
+    /// longest row.
     pub fn reserve(&mut self, additional: usize) -> Result<()> {
+        if self.len + additional > self.capacity {
+            self.trim_left()?;
+        }
         let needed = self.len + additional;
         if needed <= self.capacity {
             return Ok(());
@@ -427,12 +433,12 @@ impl KvCache {
         Ok(())
     }
 
-    /// Drops the leading columns that every row pads, once they are at least half the
-    /// columns (so the copy it costs is paid rarely): after rows leave and join, attention
-    /// then spans mostly columns some row still reads.
+    /// Drops the leading columns that every row pads. Positions do not move (each row's
+    /// length is kept), so decoding goes on as before; [`KvCache::reserve`] does it when the
+    /// buffers are full, which is when the copy it costs buys room.
     pub fn trim_left(&mut self) -> Result<()> {
         let drop = self.pad.iter().copied().min().unwrap_or(0);
-        if drop == 0 || 2 * drop < self.len {
+        if drop == 0 {
             return Ok(());
         }
         let keep = self.len - drop;
