@@ -158,6 +158,33 @@ fn bench_generate_reports_each_batch() {
     }
     // Greedy: the first sequence is the same whatever the batch.
     assert_eq!(runs[0]["first_token_ids"], runs[1]["first_token_ids"]);
+    assert!(runs[0]["static_tok_s"].is_null(), "not asked for");
+
+    // Sampled, through the engine's rows and as static batches of 2.
+    let out = ws.ok(&[
+        "bench",
+        "generate",
+        "--device",
+        "cpu",
+        "--batches",
+        "5",
+        "--max-tokens",
+        "6",
+        "--max-sequences",
+        "2",
+        "--temperature",
+        "1",
+        "--seed",
+        "3",
+        "--compare-static",
+        "--prompt",
+        "What is 2+2?",
+        "--json",
+    ]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["temperature"], 1.0);
+    let run = &report["runs"][0];
+    assert!(run["static_tok_s"].as_f64().unwrap() > 0.0, "{run}");
 
     let err = ws.fails(&["bench", "generate", "--prompt", "x", "--batches", "0"]);
     assert!(err.contains("at least 1"), "{err}");

@@ -2,7 +2,7 @@
 //! the shape of Hugging Face `generate`: `batch` greedy sequences of one prompt, prefill
 //! included, each decoded to `--max-tokens`. It is the measurement `scripts/gpu-check.sh` sets
 //! against PyTorch/transformers on the same GPU; `spur bench models` times the model's own
-//! prefill and decode steps instead. The measurement is `spur_lm::bench::measure_generation`;
+//! prefill and decode steps instead. The measurement is `spur_lm::bench::Generation`;
 //! this file loads the engine, parses arguments and prints.
 
 use std::process::ExitCode;
@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use serde_json::json;
-use spur_lm::bench::measure_generation;
+use spur_lm::bench::Generation;
 use spur_lm::memory;
 use spur_lm::{DType, LoadOptions, Precision};
 
@@ -46,6 +46,17 @@ pub struct GenerateBench {
     /// and KV cache over the f32 master weights, as a trained policy samples).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub precision: String,
+    /// Sampling temperature; 0 decodes greedily (every sequence then has the same length).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Seed of sampled runs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also time each batch as static batches of `--max-sequences` rows, one after the other
+    /// (each decoding until its longest sequence ends, as Hugging Face `generate` batches):
+    /// the measure of continuous batching, with `--temperature` above 0.
+    #[arg(long)]
+    pub compare_static: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -105,14 +116,17 @@ pub fn run(args: GenerateBench) -> Result<ExitCode> {
         args.device,
         prompt_ids.len()
     );
-    let rows = measure_generation(
-        engine.as_ref(),
-        &device,
-        &prompt_ids,
-        &args.batches,
-        args.max_tokens,
-        estimate,
-    )?;
+    let generation = Generation {
+        prompt_ids: &prompt_ids,
+        batches: &args.batches,
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+        static_rows: args
+            .compare_static
+            .then(|| args.max_sequences.unwrap_or(largest)),
+    };
+    let rows = generation.measure(engine.as_ref(), &device, estimate)?;
     if args.json {
         let out = json!({
             "engine": engine.name(),
@@ -123,6 +137,7 @@ pub fn run(args: GenerateBench) -> Result<ExitCode> {
             "load_s": load_s,
             "prompt_tokens": prompt_ids.len(),
             "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
             "runs": rows,
         });
         println!("{out}");

@@ -219,50 +219,102 @@ pub struct GenerationRun {
     pub estimated_memory_bytes: Option<u64>,
     /// The first sequence's tokens, to compare with another framework's greedy output.
     pub first_token_ids: Option<Vec<u32>>,
+    /// With [`Generation::static_rows`]: tokens/s of the same number of sequences generated
+    /// as static batches of that many rows, one after the other, each until its longest
+    /// sequence ends (as Hugging Face `generate` batches), for the ratio to `tok_s`.
+    pub static_tok_s: Option<f64>,
 }
 
-/// End-to-end greedy generation in the shape of Hugging Face `generate`: for each batch size,
-/// that many sequences of one prompt, prefill included, each `max_tokens` long. A short run
-/// first loads kernels and fills allocators. `estimate` gives the memory model's figure for a
-/// batch. Progress goes to stderr.
-pub fn measure_generation(
-    engine: &dyn Engine,
-    device: &Device,
-    prompt_ids: &[u32],
-    batches: &[usize],
-    max_tokens: usize,
-    estimate: impl Fn(usize) -> Option<u64>,
-) -> Result<Vec<GenerationRun>> {
-    let request = |n: usize, max_new_tokens: usize| GenerationRequest {
-        prompt_ids: prompt_ids.to_vec(),
-        n,
-        params: SamplingParams {
-            temperature: 0.0,
-            max_new_tokens,
-            ..SamplingParams::default()
-        },
-    };
-    engine.generate(&[request(1, 4)])?;
-    let mut runs = Vec::with_capacity(batches.len());
-    for &batch in batches {
-        device.synchronize()?;
-        let peak = PeakMemory::start(device);
-        let start = Instant::now();
-        let completions = engine.generate(&[request(batch, max_tokens)])?;
-        let seconds = start.elapsed().as_secs_f64();
-        let peak_memory_bytes = peak.finish();
-        let tokens: usize = completions.iter().map(|c| c.token_ids.len()).sum();
-        let tok_s = tokens as f64 / seconds;
-        eprintln!("batch {batch}: {tokens} tokens in {seconds:.2} s, {tok_s:.1} tok/s");
-        runs.push(GenerationRun {
-            batch,
-            tokens,
-            seconds,
-            tok_s,
-            peak_memory_bytes,
-            estimated_memory_bytes: estimate(batch),
-            first_token_ids: completions.first().map(|c| c.token_ids.clone()),
-        });
+/// What `spur bench generate` times: for each batch size, that many sequences of one prompt,
+/// prefill included, each up to `max_tokens` long.
+pub struct Generation<'a> {
+    pub prompt_ids: &'a [u32],
+    pub batches: &'a [usize],
+    pub max_tokens: usize,
+    /// 0 decodes greedily (every sequence the same length); above it, sampled sequences end
+    /// at different lengths, which is what continuous batching is for.
+    pub temperature: f64,
+    pub seed: u64,
+    /// Also time each batch as static batches of this many rows.
+    pub static_rows: Option<usize>,
+}
+
+impl Generation<'_> {
+    fn request(&self, n: usize, max_new_tokens: usize, seed: u64) -> GenerationRequest {
+        GenerationRequest {
+            prompt_ids: self.prompt_ids.to_vec(),
+            n,
+            params: SamplingParams {
+                temperature: self.temperature,
+                max_new_tokens,
+                seed,
+                ..SamplingParams::default()
+            },
+        }
     }
-    Ok(runs)
+
+    /// Times each batch on `engine`. A short run first loads kernels and fills allocators.
+    /// `estimate` gives the memory model's figure for a batch. Progress goes to stderr.
+    pub fn measure(
+        &self,
+        engine: &dyn Engine,
+        device: &Device,
+        estimate: impl Fn(usize) -> Option<u64>,
+    ) -> Result<Vec<GenerationRun>> {
+        engine.generate(&[self.request(1, 4, self.seed)])?;
+        let mut runs = Vec::with_capacity(self.batches.len());
+        for &batch in self.batches {
+            device.synchronize()?;
+            let peak = PeakMemory::start(device);
+            let start = Instant::now();
+            let completions =
+                engine.generate(&[self.request(batch, self.max_tokens, self.seed)])?;
+            let seconds = start.elapsed().as_secs_f64();
+            let peak_memory_bytes = peak.finish();
+            let tokens: usize = completions.iter().map(|c| c.token_ids.len()).sum();
+            let tok_s = tokens as f64 / seconds;
+            eprintln!("batch {batch}: {tokens} tokens in {seconds:.2} s, {tok_s:.1} tok/s");
+            let static_tok_s = match self.static_rows {
+                Some(rows) => Some(self.static_batches(engine, device, batch, rows)?),
+                None => None,
+            };
+            runs.push(GenerationRun {
+                batch,
+                tokens,
+                seconds,
+                tok_s,
+                peak_memory_bytes,
+                estimated_memory_bytes: estimate(batch),
+                first_token_ids: completions.first().map(|c| c.token_ids.clone()),
+                static_tok_s,
+            });
+        }
+        Ok(runs)
+    }
+
+    /// Tokens/s of `batch` sequences as static batches of `rows`, one call each (so no row
+    /// is refilled); each batch draws with its own seed.
+    fn static_batches(
+        &self,
+        engine: &dyn Engine,
+        device: &Device,
+        batch: usize,
+        rows: usize,
+    ) -> Result<f64> {
+        let rows = rows.max(1);
+        let (mut tokens, mut seconds) = (0usize, 0f64);
+        for (k, start) in (0..batch).step_by(rows).enumerate() {
+            let n = rows.min(batch - start);
+            device.synchronize()?;
+            let t = Instant::now();
+            let out =
+                engine.generate(&[self.request(n, self.max_tokens, self.seed + 1 + k as u64)])?;
+            device.synchronize()?;
+            seconds += t.elapsed().as_secs_f64();
+            tokens += out.iter().map(|c| c.token_ids.len()).sum::<usize>();
+        }
+        let tok_s = tokens as f64 / seconds;
+        eprintln!("batch {batch} as static batches of {rows}: {tokens} tokens, {tok_s:.1} tok/s");
+        Ok(tok_s)
+    }
 }
