@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::params::{
-    Engine, GraderName, OneShotExample, Precision, ProbeParams, RolloutParams, TemplateKind,
-    UpdateParams,
+    Engine, EvalParams, GraderName, OneShotExample, Precision, ProbeParams, RolloutParams,
+    TemplateKind, UpdateParams,
 };
 use crate::StageKind;
 
@@ -199,6 +199,20 @@ pub struct EvalSettings {
     pub seed: u64,
     /// The grader behind the headline `accuracy`.
     pub grader: GraderName,
+}
+
+impl From<&EvalParams> for EvalSettings {
+    fn from(e: &EvalParams) -> Self {
+        EvalSettings {
+            dataset: e.dataset.clone(),
+            temperature: e.temperature,
+            top_p: e.top_p,
+            samples: e.samples,
+            max_tokens: e.max_tokens,
+            seed: e.seed,
+            grader: e.grader,
+        }
+    }
 }
 
 /// `eval`: one evaluation of one policy.

@@ -475,12 +475,12 @@ impl CandleEngine {
                 }
                 queue.forget_started();
                 if keep.len() < active.len() {
+                    // Rows that took a waiting sequence hold an unfinished one now.
                     let (running, finished): (Vec<_>, Vec<_>) = std::mem::take(&mut active)
                         .into_iter()
-                        .enumerate()
-                        .partition(|(r, _)| keep.contains(r));
-                    done.extend(finished.into_iter().map(|(_, q)| q));
-                    active = running.into_iter().map(|(_, q)| q).collect();
+                        .partition(|q| q.finish.is_none());
+                    done.extend(finished);
+                    active = running;
                     if !active.is_empty() {
                         cache.retain_rows(&keep)?;
                     }

@@ -168,15 +168,7 @@ impl RunCtx<'_> {
         let model = &self.exp.models[run.params.model.as_deref().unwrap_or_default()];
         let params = EvalNodeParams {
             name: name.to_string(),
-            eval: EvalSettings {
-                dataset: e.dataset.clone(),
-                temperature: e.temperature,
-                top_p: e.top_p,
-                samples: e.samples,
-                max_tokens: e.max_tokens,
-                seed: e.seed,
-                grader: e.grader,
-            },
+            eval: EvalSettings::from(e),
             dataset: dataset_view(self.exp, ds),
             // Only evaluations use the model's `engine`.
             model: ModelView {

@@ -20,8 +20,8 @@ use spur_lm::LoadOptions;
 
 use crate::trainer::StepTimings;
 use crate::{
-    moment_dtype, scoring_logprobs, splitmix64, AdamConfig, Error, Policy, Result, Rollout,
-    RolloutGroup, RolloutSample, TrainConfig, Trainer,
+    load_precision, precision_dtype, scoring_logprobs, splitmix64, AdamConfig, Error, Policy,
+    Result, Rollout, RolloutGroup, RolloutSample, TrainConfig, Trainer,
 };
 
 /// The step to measure.
@@ -121,10 +121,7 @@ impl UpdateBench {
         spur_lm::allow_tf32(self.tf32);
         let options = LoadOptions {
             device: spur_lm::device(&self.device)?,
-            precision: match self.precision {
-                Precision::F32 => spur_lm::Precision::F32,
-                Precision::Bf16 => spur_lm::Precision::Bf16,
-            },
+            precision: load_precision(self.precision),
             ..LoadOptions::default()
         };
         let device = options.device.clone();
@@ -175,7 +172,7 @@ impl UpdateBench {
                 logit_positions: self.completion_tokens + 1,
                 compute: model.compute_dtype(),
                 checkpoint_activations: self.checkpoint_activations,
-                moments: moment_dtype(self.moments),
+                moments: precision_dtype(self.moments),
                 entropy_bonus: cfg.objective.entropy_coef > 0.0,
             },
             &device,

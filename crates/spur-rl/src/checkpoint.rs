@@ -173,14 +173,14 @@ impl Trainer {
                 &format!("m.{name}"),
                 var.as_tensor(),
             )?
-            .to_dtype(crate::optim::moment_dtype(opt.config().moments))?;
+            .to_dtype(crate::optim::precision_dtype(opt.config().moments))?;
             opt.v[i] = get(
                 &moments,
                 OPTIMIZER_FILE,
                 &format!("v.{name}"),
                 var.as_tensor(),
             )?
-            .to_dtype(crate::optim::moment_dtype(opt.config().moments))?;
+            .to_dtype(crate::optim::precision_dtype(opt.config().moments))?;
             if opt.master[i].is_some() {
                 let key = format!("master.{name}");
                 opt.master[i] = Some(

@@ -31,7 +31,7 @@ pub use objective::{
     group_advantages, micro_batch_objective, sample_std, Advantage, Aggregation, KlEstimator,
     MicroBatch, MicroBatchOutput, MiniBatchShape, ObjectiveConfig, TokenStats,
 };
-pub use optim::{moment_dtype, Adam, AdamConfig, LrSchedule};
+pub use optim::{load_precision, precision_dtype, Adam, AdamConfig, LrSchedule};
 pub use policy::{
     scoring_logprobs, scoring_logprobs_entropy, sequence_logprobs, training_logprobs, Backprop,
     Policy, SeqLogprobs, Tempered,

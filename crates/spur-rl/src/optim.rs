@@ -31,11 +31,20 @@ pub struct AdamConfig {
     pub moments: Precision,
 }
 
-/// The candle dtype Adam stores its moments in.
-pub fn moment_dtype(moments: Precision) -> DType {
-    match moments {
+/// A precision setting as candle's dtype: what Adam stores its moments in, what a policy
+/// computes in.
+pub fn precision_dtype(precision: Precision) -> DType {
+    match precision {
         Precision::F32 => DType::F32,
         Precision::Bf16 => DType::BF16,
+    }
+}
+
+/// A policy's compute precision as spur-lm loads a model in.
+pub fn load_precision(precision: Precision) -> spur_lm::Precision {
+    match precision {
+        Precision::F32 => spur_lm::Precision::F32,
+        Precision::Bf16 => spur_lm::Precision::Bf16,
     }
 }
 
@@ -177,7 +186,7 @@ impl Adam {
         let mut m = Vec::with_capacity(vars.len());
         let mut v = Vec::with_capacity(vars.len());
         let mut master = Vec::with_capacity(vars.len());
-        let moments = moment_dtype(cfg.moments);
+        let moments = precision_dtype(cfg.moments);
         for var in vars {
             m.push(Tensor::zeros(var.shape(), moments, var.device())?);
             v.push(Tensor::zeros(var.shape(), moments, var.device())?);
@@ -254,7 +263,7 @@ impl Adam {
                 }
                 None => var.set(&next)?,
             }
-            let moments = moment_dtype(self.cfg.moments);
+            let moments = precision_dtype(self.cfg.moments);
             self.m[i] = m.to_dtype(moments)?;
             self.v[i] = v.to_dtype(moments)?;
         }

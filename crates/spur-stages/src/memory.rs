@@ -11,6 +11,7 @@ use spur_core::params::{Engine, Precision};
 use spur_lm::memory::{rollout_bytes, update_bytes, MemoryEstimate, UpdateShape};
 use spur_lm::{CandleEngine, DType, Device, ModelConfig, PromptTemplate, Tokenizer};
 use spur_plan::{External, ExternalKind, Node, Plan, Role, StageKind};
+use spur_rl::precision_dtype;
 
 use crate::{data, model};
 
@@ -201,14 +202,6 @@ impl PromptSet {
     }
 }
 
-/// The dtype a precision setting stores or computes in.
-fn dtype(precision: Precision) -> DType {
-    match precision {
-        Precision::F32 => DType::F32,
-        Precision::Bf16 => DType::BF16,
-    }
-}
-
 /// The `update` node whose trainer state a node's session holds, if any.
 fn trainer_update(plan: &Plan, node: u32) -> Option<UpdateNodeParams> {
     let n = &plan.nodes[node as usize];
@@ -232,10 +225,10 @@ pub fn estimate(
 ) -> Option<NodeMemory> {
     let n = &plan.nodes[node as usize];
     let params = ModelNode::of(n)?;
-    let compute = dtype(params.precision());
+    let compute = precision_dtype(params.precision());
     let trainer = trainer_update(plan, node);
     let moments = match (&params, &trainer) {
-        (ModelNode::Update(p), _) | (_, Some(p)) => dtype(p.update.moments),
+        (ModelNode::Update(p), _) | (_, Some(p)) => precision_dtype(p.update.moments),
         _ => DType::F32,
     };
     let (work, checkpoint, micro_batch) = match &params {

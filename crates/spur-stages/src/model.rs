@@ -72,18 +72,10 @@ pub(crate) fn model_spec(ext: &External) -> Result<String, StageError> {
 fn load_options(ctx: &NodeContext<'_>, precision: Precision) -> LoadOptions {
     LoadOptions {
         device: node_device(ctx.devices),
-        precision: compute_precision(precision),
+        precision: spur_rl::load_precision(precision),
         cache_dir: std::env::var_os("SPUR_MODEL_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(spur_lm::default_cache_dir),
-    }
-}
-
-/// The dtype a policy computes in, as spur-lm names it.
-pub fn compute_precision(precision: Precision) -> spur_lm::Precision {
-    match precision {
-        Precision::F32 => spur_lm::Precision::F32,
-        Precision::Bf16 => spur_lm::Precision::Bf16,
     }
 }
 
