@@ -9,7 +9,7 @@
 #    (site-packages/nvidia/cu13/lib) on LD_LIBRARY_PATH, checks that every library resolves.
 # 2. CPU vs CUDA: tiny random-weight Qwen2 and Llama checkpoints; `spur sample` greedy and
 #    seeded (T=1) on both devices in f32, and greedy in bf16, compared token by token and
-#    log-prob by log-prob.
+#    log-prob by log-prob; one update step's gradient norm on both devices.
 # 3. Update step, Qwen2.5-Math-1.5B shapes: `spur bench update` in bf16 (with and without
 #    activation checkpointing) and f32 against the same GRPO step in PyTorch (bf16 autocast
 #    over f32 master weights, and f32), with peak memory beside the memory model's estimate.
@@ -119,6 +119,20 @@ compare() { # DIR A_DEVICE A_ENGINE B_DEVICE B_ENGINE [flags...]
         && python3 "$helper" compare-samples "$work/a.jsonl" "$work/b.jsonl"
 }
 
+compare_update() { # DIR: one update step's gradient norm on the CPU and on $device, f32
+    local args=(bench update --model "$1" --rollouts 4 --prompt-tokens 40 --completion-tokens 96
+                --micro-batch 2 --json)
+    timeout "$step_timeout" "$spur" "${args[@]}" --device cpu >"$work/a.json" \
+        && timeout "$step_timeout" "$spur" "${args[@]}" --device "$device" >"$work/b.json" \
+        && python3 - "$work/a.json" "$work/b.json" <<'PY'
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:3])
+gap = abs(a["grad_norm"] - b["grad_norm"]) / abs(a["grad_norm"])
+print(json.dumps({"cpu_grad_norm": a["grad_norm"], "device_grad_norm": b["grad_norm"],
+                  "relative_gap": gap, "agree_1e-4": gap <= 1e-4}))
+PY
+}
+
 python3 - "$work/prompts.jsonl" <<'EOF'
 import json, sys
 prompts = ["What is 2 + 2?", "Express the quotient $413_5 \\div 2_5$ in base 5.",
@@ -141,6 +155,9 @@ for tiny in tiny-qwen2 tiny-llama; do
     # bf16 compute: the CPU multiplies bf16 operands in f32 and rounds (tensor cores' sums).
     precision=bf16 step "cpu-vs-cuda-bf16:$tiny:greedy" compare "$work/$tiny" cpu candle \
         "$device" candle --temperature 0
+    # The training path (packed attention, chunked head log-probs, Adam): the gradient norm of
+    # one update step on both devices.
+    step "cpu-vs-cuda-update:$tiny" compare_update "$work/$tiny"
 done
 
 echo "== $shape"

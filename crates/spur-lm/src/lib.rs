@@ -6,9 +6,12 @@
 //!   weights (or quantised GGUF weights for fast sampling) and a KV cache; f32 or bf16
 //!   compute, optional activation checkpointing, training and scoring passes over packed
 //!   sequences ([`PackedSequences`]).
-//! - [`token_logprobs`]: the sampled token's log-prob as one op with its own backward pass.
+//! - [`token_logprobs`]: the sampled token's log-prob as one op with its own backward pass;
+//!   [`head_logprobs`]: the same straight from the last hidden states, chunk by chunk, without
+//!   every position's logits at once.
 //! - [`train_ops`]: the training passes' RMS norm, rotary embedding and SwiGLU gating, each
-//!   one op with its own backward pass.
+//!   one op with its own backward pass; [`train_attention`]: their causal attention over
+//!   packed sequences, likewise, in memory linear in the sequence length.
 //! - [`memory`]: peak-memory estimates from a model's shapes, and measured peaks.
 //! - [`tokenizer`], [`template`]: tokenizers and prompt templates.
 //! - [`engine`]: the generation trait and the candle implementation.
@@ -20,13 +23,17 @@ mod decode_matmul;
 mod decode_silu;
 pub mod engine;
 pub mod error;
+pub mod head_logprobs;
 pub mod memory;
 pub mod model;
 mod quant;
 pub mod source;
 pub mod template;
+#[cfg(test)]
+mod test_util;
 pub mod token_logprobs;
 pub mod tokenizer;
+pub mod train_attention;
 pub mod train_ops;
 pub mod weights;
 
@@ -39,6 +46,7 @@ pub use engine::{
     FinishReason, GenerationRequest, SamplingParams,
 };
 pub use error::{Error, Result};
+pub use head_logprobs::TokenLogprobs;
 pub use model::{KvCache, LayerTape, PackedSequences, Transformer};
 pub use source::{default_cache_dir, resolve, ModelFiles};
 pub use template::PromptTemplate;
@@ -54,7 +62,9 @@ pub use tokenizer::Tokenizer;
 /// 6: spur's fused RMS norm, rotary embedding and SwiGLU in passes without a cache (scoring).
 /// 7: continuous batching in the candle engine: beyond `max_batch` sequences, waiting ones
 ///    take finished ones' rows, so batch shapes (and with them the rounding) differ.
-pub const NUMERICS_VERSION: u32 = 7;
+/// 8: passes without a cache (scoring, training): the fused packed attention on the CPU, and
+///    the sampled tokens' log-probs from the chunked head (`head_logprobs`) on every device.
+pub const NUMERICS_VERSION: u32 = 8;
 
 /// The device a spec names: `cpu`, `cuda` (device 0), `cuda:N`, or `auto` (CUDA device 0
 /// when this build has CUDA and the machine a GPU, else the CPU).

@@ -85,8 +85,9 @@ fn size(dtype: DType) -> u64 {
 ///
 /// `emulated`: bf16 on the CPU, whose products keep f32 copies of both operands and of the
 /// result (`model.rs`'s `matmul`). `fused`: the CPU, where `train_ops`' RMS norm, rotary
-/// embedding and SwiGLU keep only their inputs and write one output each, and the micro-batch
-/// is packed (each sequence's q, k and v sliced out for its attention, the outputs joined).
+/// embedding and SwiGLU keep only their inputs and write one output each, and
+/// `train_attention`'s packed attention keeps its output and one f32 log-sum-exp per query and
+/// head instead of the scores.
 fn layer_activation_bytes(
     c: &ModelConfig,
     batch: u64,
@@ -136,23 +137,27 @@ fn layer_activation_bytes(
         2 * norm(d)
     };
     bytes += linear(q, d, bias) + 2 * linear(kv, d, bias) + linear(d, q, false);
-    bytes += if fused {
-        // q, k, v: contiguous copies; q and k rotated; each sequence's slices of q, k and v,
-        // and the joined attention output.
-        rows * cs * (q + 2 * kv + q + kv + q + 2 * kv + q)
+    if fused {
+        // q, k, v: contiguous copies; q and k rotated; the attention's output, already in the
+        // output projection's layout, and its log-sum-exps.
+        bytes += rows * cs * (q + 2 * kv + q + kv + q);
+        bytes += rows * c.num_attention_heads as u64 * f32s;
     } else {
         // q and k: contiguous copy, rotary (four products and sums, one concatenation), and
         // k's second contiguous copy; v: one contiguous copy.
-        rows * cs * (5 * q + 6 * kv + kv)
-    };
-    // Scores: product, (f32 cast), scale, mask, softmax's shift, exp and division, (cast back).
-    bytes += scores * (cs + 5 * f32s + if bf16 { f32s + cs } else { 0 });
-    if emulated {
-        // The scores' and the probabilities' products: f32 operands and results.
-        bytes += f32s * (2 * scores + rows * (2 * q + 2 * kv));
+        bytes += rows * cs * (5 * q + 6 * kv + kv);
+        // Scores: product, (f32 cast), scale, mask, softmax's shift, exp and division, (cast
+        // back).
+        bytes += scores * (cs + 5 * f32s + if bf16 { f32s + cs } else { 0 });
+        if emulated {
+            // The scores' and the probabilities' products: f32 operands and results.
+            bytes += f32s * (2 * scores + rows * (2 * q + 2 * kv));
+        }
+        // The attention output's transposed copy.
+        bytes += rows * cs * q;
     }
-    // The attention output's transposed copy, the residual sums.
-    bytes += rows * cs * (q + 2 * d);
+    // The residual sums.
+    bytes += rows * cs * 2 * d;
     // MLP: gate, up, the gating (fused: one output; composite: silu and the product), down.
     let gating = if fused { 1 } else { 2 };
     bytes += linear(inter, d, false) * 2 + rows * inter * cs * gating + linear(d, inter, false);
@@ -183,11 +188,20 @@ pub fn update_bytes(config: &ModelConfig, shape: &UpdateShape, device: &Device) 
     // gradients directly, and the peak is the forward pass's activations (both measured on
     // SmolLM2-135M on the CPU, docs/performance.md).
     let backward_extra = |bytes: u64| if fused { bytes } else { bytes * 5 / 4 };
-    // One layer is differentiated at a time; its softmax's backward pass holds about eight f32
-    // tensors of the attention scores' size (each op's gradient, its zeros and sum; measured on
-    // the tiny test models, where attention dominates).
-    let scores = b * config.num_attention_heads as u64 * t * t;
-    let attention_backward = 8 * 4 * scores;
+    // One layer is differentiated at a time. Fused, its attention's backward pass holds f32
+    // copies of q, k, v, the output and its gradient, and the gradients of q, k and v twice
+    // (its tasks' and their scatter); composite, its softmax's backward pass holds about eight
+    // f32 tensors of the attention scores' size (each op's gradient, its zeros and sum;
+    // measured on the tiny test models, where attention dominates).
+    let attention_backward = if fused {
+        let (q, kv) = (
+            (config.num_attention_heads * config.head_dim) as u64,
+            (config.num_key_value_heads * config.head_dim) as u64,
+        );
+        4 * b * t * (5 * q + 6 * kv)
+    } else {
+        8 * 4 * b * config.num_attention_heads as u64 * t * t
+    };
     let layer_stack = attention_backward
         + if shape.checkpoint_activations {
             // Each layer's input, the top leaf, and one layer's graph while it is recomputed.
@@ -198,24 +212,26 @@ pub fn update_bytes(config: &ModelConfig, shape: &UpdateShape, device: &Device) 
     // Embedding rows (f32 gather, cast), final norm over the logit positions.
     let logit_rows = b * shape.logit_positions as u64;
     let edges = b * t * d * (4 + if bf16 { cs } else { 0 }) + logit_rows * d * 5 * 4;
-    // Vocabulary-sized, per logit: the head's product (in the compute dtype), kept for the
-    // backward pass, which makes six more of its size at the peak (the fused log-prob's
-    // gradient, the zeros and sums candle accumulates it in, the reshapes' copies; measured).
-    // An entropy bonus takes candle's composite ops instead: an f32 cast, log-softmax's three
-    // results and seven f32 gradients.
+    // The head. Without an entropy bonus, `head_logprobs` computes the logits a block at a
+    // time: its backward pass holds about five f32 tensors of one block (the recomputed
+    // logits, the probabilities, the logits' gradient and its casts), and the head weight's
+    // gradient in the compute dtype. An entropy bonus takes whole logits and candle's
+    // composite ops instead: per logit, the head's product (kept for the backward pass), an
+    // f32 cast, log-softmax's three results and seven f32 gradients.
     let head_weight = if bf16 { vocab * d * cs } else { 0 };
-    let per_logit = if shape.entropy_bonus {
-        cs + 4 + 3 * 4 + 7 * 4
+    let vocab_part = if shape.entropy_bonus {
+        logit_rows * vocab * (cs + 4 + 3 * 4 + 7 * 4)
     } else {
-        7 * cs
-    };
-    let vocab_part = logit_rows * vocab * per_logit + head_weight;
+        5 * (logit_rows * vocab * 4).min(crate::head_logprobs::CHUNK_BYTES as u64) + vocab * d * cs
+    } + head_weight;
     let activations = layer_stack + edges + vocab_part;
 
     // Peak of the backward pass: everything above at once. Peak of Adam: weights, gradients,
-    // moments and about six temporaries of the tensor being updated.
+    // moments, and on GPUs about six temporaries of the tensor being updated (the CPU updates
+    // in place, spur-rl's `adam_cpu`).
     let backward_peak = weights + gradients + optimizer + activations;
-    let adam_peak = weights + gradients + optimizer + 6 * 4 * largest;
+    let adam_transients = if device.is_cpu() { 0 } else { 6 * 4 * largest };
+    let adam_peak = weights + gradients + optimizer + adam_transients;
     let runtime = runtime_bytes(device);
     MemoryEstimate {
         weights,

@@ -34,6 +34,9 @@ use crate::decode_silu::SiluMul;
 use crate::error::{Error, Result};
 use crate::quant::QuantMatrix;
 use crate::train_ops::{self, RopeStyle};
+use crate::head_logprobs::{self, TokenLogprobs};
+use crate::token_logprobs;
+use crate::train_attention;
 
 /// Up to this many rows a decoding pass's dense matmul on the CPU uses spur's decode kernel
 /// ([`crate::decode_matmul`]); above, `gemm`'s packed micro-kernel is faster.
@@ -62,7 +65,7 @@ enum Linear {
 /// `a · b` in the operands' dtype. candle's CPU matmul has no bf16 kernel, so there bf16
 /// operands are multiplied in f32 and the result rounded back to bf16: bf16 inputs with f32
 /// sums, what bf16 tensor cores compute, so CPU tests exercise the GPU's arithmetic.
-fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.dtype() == DType::BF16 && a.device().is_cpu() {
         let product = a.to_dtype(DType::F32)?.matmul(&b.to_dtype(DType::F32)?)?;
         return Ok(product.to_dtype(DType::BF16)?);
@@ -226,6 +229,8 @@ enum Attend {
     /// none across. `causal` is the causal mask of the longest; each sequence uses its top-left
     /// corner.
     Packed { lengths: Vec<usize>, causal: Tensor },
+    /// The same through [`train_attention::packed_attention`], one op that holds no scores.
+    PackedFused { lengths: Vec<usize> },
 }
 
 /// What a pass runs over: the tokens, their rotary tables, which keys each query attends to,
@@ -974,6 +979,11 @@ impl Transformer {
             return layer.o.forward(&out, decoding);
         }
         let out = match attend {
+            Attend::PackedFused { lengths } => {
+                // Already [b, t, heads · hd].
+                let out = train_attention::packed_attention(&q, &k, &v, lengths)?;
+                return layer.o.forward(&out, decoding);
+            }
             Attend::Mask(mask) => scaled_attention(&q, &k, &v, mask, decoding)?,
             Attend::Packed { lengths, causal } => {
                 let mut outs = Vec::with_capacity(lengths.len());
@@ -1116,14 +1126,20 @@ impl Transformer {
     /// stays within it.
     fn packed_inputs(&self, batch: &PackedSequences) -> Result<PassInputs> {
         let positions: Vec<usize> = batch.lengths.iter().flat_map(|&n| 0..n).collect();
-        let longest = batch.lengths.iter().copied().max().unwrap_or(0);
+        let lengths = batch.lengths.clone();
+        let attend = if train_attention::has_kernel(&self.device, self.compute) {
+            Attend::PackedFused { lengths }
+        } else {
+            let longest = lengths.iter().copied().max().unwrap_or(0);
+            Attend::Packed {
+                lengths,
+                causal: self.causal_mask(longest)?,
+            }
+        };
         Ok(PassInputs {
             tokens: batch.tokens.clone(),
             rope_cs: self.rope_tables(&[positions])?,
-            attend: Attend::Packed {
-                lengths: batch.lengths.clone(),
-                causal: self.causal_mask(longest)?,
-            },
+            attend,
             logit_rows: Some(batch.logit_rows.clone()),
         })
     }
@@ -1142,6 +1158,12 @@ impl Transformer {
     /// Logits of the last layer's output `x` ([b, t, hidden]) in the compute dtype: at every
     /// position ([b, t, vocab]), or at rows `logit_rows` of the flattened positions ([n, vocab]).
     fn head(&self, x: &Tensor, logit_rows: Option<&Tensor>) -> Result<Tensor> {
+        self.lm_head.forward(&self.final_norm(x, logit_rows)?, false)
+    }
+
+    /// The final norm of the last layer's output `x` ([b, t, hidden]), at every position or at
+    /// rows `logit_rows` of the flattened positions ([n, hidden]).
+    fn final_norm(&self, x: &Tensor, logit_rows: Option<&Tensor>) -> Result<Tensor> {
         let x = match logit_rows {
             None => x.clone(),
             Some(rows) => {
@@ -1149,8 +1171,32 @@ impl Transformer {
                 x.reshape((b * t, hidden))?.index_select(rows, 0)?
             }
         };
-        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps, false)?;
-        self.lm_head.forward(&x, false)
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps, false)
+    }
+
+    /// Log-probs of `targets` (u32 [n]) under the head's logits of the normed states `h`
+    /// ([n, hidden]) divided by `temperature`, and with `entropy` their entropies: chunk by
+    /// chunk ([`head_logprobs`]) for a dense head without bias (every trainable model's),
+    /// from whole logits otherwise.
+    fn head_logprobs(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        temperature: f64,
+        entropy: bool,
+    ) -> Result<TokenLogprobs> {
+        if let Linear::Dense { weight, bias: None } = &self.lm_head {
+            let weight = weight.to_dtype(h.dtype())?;
+            return head_logprobs::linear_token_logprobs(h, &weight, targets, temperature, entropy);
+        }
+        let logits = self.lm_head.forward(h, false)?.to_dtype(DType::F32)?;
+        let logits = (logits / temperature)?;
+        Ok(TokenLogprobs {
+            logprobs: token_logprobs::token_logprobs(&logits, targets)?,
+            entropies: entropy
+                .then(|| token_logprobs::entropies(&logits.detach()))
+                .transpose()?,
+        })
     }
 
     /// [`Transformer::forward_packed`] for a pass whose gradient will be taken, with logits in
@@ -1162,25 +1208,51 @@ impl Transformer {
         batch: &PackedSequences,
     ) -> Result<(Tensor, Option<LayerTape<'_>>)> {
         crate::on_compute_pool(|| {
-            let pass = self.packed_inputs(batch)?;
-            if !self.checkpoint_activations {
-                let x = self.run_layers(&pass, None)?;
-                return Ok((self.head(&x, pass.logit_rows.as_ref())?, None));
-            }
-            let mut inputs = Vec::with_capacity(self.layers.len());
-            let x = self.detached_layers(&pass, |x| inputs.push(x.clone()))?;
-            let top = Var::from_tensor(&x)?;
-            let logits = self.head(top.as_tensor(), pass.logit_rows.as_ref())?;
-            Ok((
-                logits,
-                Some(LayerTape {
-                    model: self,
-                    pass,
-                    inputs,
-                    top,
-                }),
-            ))
+            let (x, rows, tape) = self.layers_for_gradient(batch)?;
+            Ok((self.head(&x, Some(&rows))?, tape))
         })
+    }
+
+    /// The log-probs of `targets` (u32 [n], the tokens the positions `batch` asks for predict)
+    /// at `temperature`, for a pass whose gradient will be taken, as
+    /// [`Transformer::forward_for_gradient`] but without the logits of every position at once
+    /// ([`head_logprobs`]). With `entropy`, also the entropies (detached).
+    pub fn token_logprobs_for_gradient(
+        &self,
+        batch: &PackedSequences,
+        targets: &Tensor,
+        temperature: f64,
+        entropy: bool,
+    ) -> Result<(TokenLogprobs, Option<LayerTape<'_>>)> {
+        crate::on_compute_pool(|| {
+            let (x, rows, tape) = self.layers_for_gradient(batch)?;
+            let h = self.final_norm(&x, Some(&rows))?;
+            Ok((self.head_logprobs(&h, targets, temperature, entropy)?, tape))
+        })
+    }
+
+    /// The decoder layers over `batch` for a pass whose gradient will be taken: the last
+    /// layer's output, the logit rows, and with checkpointing the tape to differentiate it by.
+    fn layers_for_gradient(
+        &self,
+        batch: &PackedSequences,
+    ) -> Result<(Tensor, Tensor, Option<LayerTape<'_>>)> {
+        let pass = self.packed_inputs(batch)?;
+        let rows = batch.logit_rows.clone();
+        if !self.checkpoint_activations {
+            return Ok((self.run_layers(&pass, None)?, rows, None));
+        }
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let x = self.detached_layers(&pass, |x| inputs.push(x.clone()))?;
+        let top = Var::from_tensor(&x)?;
+        let x = top.as_tensor().clone();
+        let tape = LayerTape {
+            model: self,
+            pass,
+            inputs,
+            top,
+        };
+        Ok((x, rows, Some(tape)))
     }
 
     /// [`Transformer::forward_packed`] without a gradient: each layer's graph is dropped as
@@ -1192,6 +1264,24 @@ impl Transformer {
             let pass = self.packed_inputs(batch)?;
             let x = self.detached_layers(&pass, |_| {})?;
             Ok(self.head(&x, pass.logit_rows.as_ref())?.detach())
+        })
+    }
+
+    /// [`Transformer::forward_no_grad`]'s log-probs of `targets` at `temperature` (and with
+    /// `entropy` their entropies), computed as [`Transformer::token_logprobs_for_gradient`]
+    /// computes them, chunk by chunk: the same numbers, without a gradient.
+    pub fn token_logprobs_no_grad(
+        &self,
+        batch: &PackedSequences,
+        targets: &Tensor,
+        temperature: f64,
+        entropy: bool,
+    ) -> Result<TokenLogprobs> {
+        crate::on_compute_pool(|| {
+            let pass = self.packed_inputs(batch)?;
+            let x = self.detached_layers(&pass, |_| {})?;
+            let h = self.final_norm(&x, pass.logit_rows.as_ref())?;
+            self.head_logprobs(&h, targets, temperature, entropy)
         })
     }
 

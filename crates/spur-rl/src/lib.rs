@@ -7,11 +7,13 @@
 //! - [`loss_json`]: `spur loss`, the objective for log-probs given as JSON (same code path);
 //! - [`policy`]: the small trait a trainable model implements, and per-token log-probs from logits
 //!   ([`lm`] implements it for spur-lm's transformer);
-//! - [`optim`]: Adam(W) with f32 moments, gradient-norm clipping and learning-rate schedules;
+//! - [`optim`]: Adam(W) with f32 or bf16 moments, gradient-norm clipping and learning-rate
+//!   schedules (on the CPU updated in place, `adam_cpu`);
 //! - [`trainer`]: one GRPO step over a scored rollout (mini-batches, micro-batches, metrics),
 //!   on one worker or data-parallel over several ([`collective`] sums their gradients);
 //! - [`checkpoint`]: weights, optimiser moments, RNG state and step on disk.
 
+mod adam_cpu;
 pub mod bench;
 pub mod checkpoint;
 pub mod collective;

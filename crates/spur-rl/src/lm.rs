@@ -2,8 +2,7 @@
 //! optimizer update is what the next rollout samples from.
 
 use candle_core::{Device, Tensor, Var};
-use spur_lm::PackedSequences;
-use spur_lm::Transformer;
+use spur_lm::{LayerTape, PackedSequences, TokenLogprobs, Transformer};
 
 use crate::policy::{Backprop, Policy};
 use crate::{Error, Result};
@@ -27,16 +26,45 @@ impl Policy for Transformer {
         let (logits, tape) = self
             .forward_for_gradient(batch)
             .map_err(|e| Error::Policy(Box::new(e)))?;
-        let backprop = match tape {
-            None => Backprop::Graph,
-            Some(tape) => Backprop::Staged(Box::new(move |loss| {
-                tape.backward(loss).map_err(|e| Error::Policy(Box::new(e)))
-            })),
-        };
-        Ok((logits, backprop))
+        Ok((logits, backprop(tape)))
+    }
+
+    fn scoring_token_logprobs(
+        &self,
+        batch: &PackedSequences,
+        targets: &Tensor,
+        temperature: f64,
+        entropy: bool,
+    ) -> Result<Option<TokenLogprobs>> {
+        self.token_logprobs_no_grad(batch, targets, temperature, entropy)
+            .map(Some)
+            .map_err(|e| Error::Policy(Box::new(e)))
+    }
+
+    fn training_token_logprobs(
+        &self,
+        batch: &PackedSequences,
+        targets: &Tensor,
+        temperature: f64,
+        entropy: bool,
+    ) -> Result<Option<(TokenLogprobs, Backprop<'_>)>> {
+        let (tokens, tape) = self
+            .token_logprobs_for_gradient(batch, targets, temperature, entropy)
+            .map_err(|e| Error::Policy(Box::new(e)))?;
+        Ok(Some((tokens, backprop(tape))))
     }
 
     fn device(&self) -> Device {
         Transformer::device(self).clone()
+    }
+}
+
+/// How to differentiate a training pass: its own graph, or the checkpointed layers' tape.
+fn backprop(tape: Option<LayerTape<'_>>) -> Backprop<'_> {
+    match tape {
+        None => Backprop::Graph,
+        Some(tape) => Backprop::Staged(Box::new(move |loss| {
+            tape.backward(loss).map_err(|e| Error::Policy(Box::new(e)))
+        })),
     }
 }

@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use spur_core::params::{LrSchedule as ScheduleKind, Precision, UpdateParams};
 
+use crate::adam_cpu::{self, AdamStep};
 use crate::{Error, Result};
 
 /// Adam's ε (the paper's; not an experiment setting).
@@ -235,38 +236,57 @@ impl Adam {
             1.0
         };
         let bias1 = 1.0 - b1.powi(self.t as i32);
-        let bias2_sqrt = (1.0 - b2.powi(self.t as i32)).sqrt();
-        let step_size = lr / bias1;
+        let wd = self.cfg.weight_decay;
+        let step = AdamStep {
+            clip: (clip < 1.0).then_some(clip),
+            beta1: b1,
+            beta2: b2,
+            decay: (wd > 0.0).then(|| 1.0 - lr * wd),
+            bias2_sqrt: (1.0 - b2.powi(self.t as i32)).sqrt(),
+            eps: self.cfg.eps,
+            step_size: lr / bias1,
+        };
         for (i, var) in vars.iter().enumerate() {
-            let mut g = grads[i].to_dtype(DType::F32)?;
-            if clip < 1.0 {
-                g = (g * clip)?;
-            }
-            let m = ((self.m[i].to_dtype(DType::F32)? * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((self.v[i].to_dtype(DType::F32)? * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let denom = ((v.sqrt()? / bias2_sqrt)? + self.cfg.eps)?;
-            let weight = match &self.master[i] {
-                Some(w) => w.clone(),
-                None => var.as_tensor().detach(),
-            };
-            let wd = self.cfg.weight_decay;
-            let decayed = if wd > 0.0 {
-                (weight * (1.0 - lr * wd))?
+            let (weight, grad) = (var.as_tensor(), &grads[i]);
+            if self.master[i].is_none() && adam_cpu::applies(weight, grad, &self.m[i], &self.v[i])
+            {
+                adam_cpu::step(weight, grad, &self.m[i], &self.v[i], &step)?;
             } else {
-                weight
-            };
-            let next = (decayed - (m.div(&denom)? * step_size)?)?;
-            match &mut self.master[i] {
-                Some(w) => {
-                    var.set(&next.to_dtype(var.dtype())?)?;
-                    *w = next;
-                }
-                None => var.set(&next)?,
+                self.composite_update(i, var, grad, &step)?;
             }
-            let moments = precision_dtype(self.cfg.moments);
-            self.m[i] = m.to_dtype(moments)?;
-            self.v[i] = v.to_dtype(moments)?;
         }
+        Ok(())
+    }
+
+    /// Var `i`'s update through candle's ops (devices and dtypes without the in-place passes).
+    fn composite_update(&mut self, i: usize, var: &Var, grad: &Tensor, s: &AdamStep) -> Result<()> {
+        let (b1, b2) = (s.beta1, s.beta2);
+        let mut g = grad.to_dtype(DType::F32)?;
+        if let Some(clip) = s.clip {
+            g = (g * clip)?;
+        }
+        let m = ((self.m[i].to_dtype(DType::F32)? * b1)? + (&g * (1.0 - b1))?)?;
+        let v = ((self.v[i].to_dtype(DType::F32)? * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+        let denom = ((v.sqrt()? / s.bias2_sqrt)? + s.eps)?;
+        let weight = match &self.master[i] {
+            Some(w) => w.clone(),
+            None => var.as_tensor().detach(),
+        };
+        let decayed = match s.decay {
+            Some(d) => (weight * d)?,
+            None => weight,
+        };
+        let next = (decayed - (m.div(&denom)? * s.step_size)?)?;
+        match &mut self.master[i] {
+            Some(w) => {
+                var.set(&next.to_dtype(var.dtype())?)?;
+                *w = next;
+            }
+            None => var.set(&next)?,
+        }
+        let moments = precision_dtype(self.cfg.moments);
+        self.m[i] = m.to_dtype(moments)?;
+        self.v[i] = v.to_dtype(moments)?;
         Ok(())
     }
 }
@@ -285,6 +305,62 @@ mod tests {
             },
             ..AdamConfig::default()
         }
+    }
+
+    /// Three steps of one var through the in-place passes and through candle's ops.
+    fn three_steps(moments: Precision, in_place: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let init: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+        let var = Var::from_vec(init, (10, 100), &candle_core::Device::Cpu).unwrap();
+        let cfg = AdamConfig {
+            lr: 1e-2,
+            weight_decay: 0.1,
+            max_grad_norm: 1.0,
+            moments,
+            ..AdamConfig::default()
+        };
+        let mut adam = Adam::new(cfg, std::slice::from_ref(&var)).unwrap();
+        for step in 0..3u32 {
+            let g: Vec<f32> = (0..1000)
+                .map(|i| ((i * 13 + step as usize * 7) % 29) as f32 / 29.0 - 0.45)
+                .collect();
+            let g = Tensor::from_vec(g, (10, 100), &candle_core::Device::Cpu).unwrap();
+            // A norm above the clip, so that the gradient is scaled.
+            let norm = grad_norm(std::slice::from_ref(&g)).unwrap() * 3.0;
+            if in_place {
+                adam.step(std::slice::from_ref(&var), &[g], norm, 1e-2).unwrap();
+            } else {
+                adam.t += 1;
+                let (t, cfg) = (adam.t as i32, &adam.cfg);
+                let step = AdamStep {
+                    clip: Some(1.0 / (norm + 1e-6)),
+                    beta1: cfg.beta1,
+                    beta2: cfg.beta2,
+                    decay: Some(1.0 - 1e-2 * 0.1),
+                    bias2_sqrt: (1.0 - cfg.beta2.powi(t)).sqrt(),
+                    eps: cfg.eps,
+                    step_size: 1e-2 / (1.0 - cfg.beta1.powi(t)),
+                };
+                adam.composite_update(0, &var, &g, &step).unwrap();
+            }
+        }
+        let flat = |t: &Tensor| {
+            let t = t.to_dtype(DType::F32).unwrap();
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        (flat(var.as_tensor()), flat(&adam.m[0]), flat(&adam.v[0]))
+    }
+
+    #[test]
+    fn in_place_updates_equal_candles_ops() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (a, b) = (three_steps(Precision::F32, true), three_steps(Precision::F32, false));
+        assert_eq!(bits(&a.0), bits(&b.0), "weights");
+        assert_eq!(bits(&a.1), bits(&b.1), "first moments");
+        assert_eq!(bits(&a.2), bits(&b.2), "second moments");
+        // bf16 moments: the weight's pass reads them rounded.
+        let (a, b) = (three_steps(Precision::Bf16, true), three_steps(Precision::Bf16, false));
+        let gap = a.0.iter().zip(&b.0).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(gap < 1e-4, "bf16 moments: weights differ by {gap}");
     }
 
     #[test]

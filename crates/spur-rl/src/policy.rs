@@ -6,7 +6,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
-use spur_lm::PackedSequences;
+use spur_lm::{PackedSequences, TokenLogprobs};
 
 use crate::{Error, Result};
 
@@ -33,6 +33,34 @@ pub trait Policy: Sync {
     /// [`Backprop::Staged`] that recomputes what it dropped.
     fn training_logits(&self, batch: &PackedSequences) -> Result<(Tensor, Backprop<'_>)> {
         Ok((self.forward_logits(batch)?, Backprop::Graph))
+    }
+
+    /// The log-probs of `targets` (u32 `[n]`, the tokens the positions of `batch` predict)
+    /// under the logits divided by `temperature`, with their entropies when `entropy` is set,
+    /// without a gradient and without the logits of every position at once. `None`: the policy
+    /// has no such pass, and callers take [`Policy::scoring_logits`]. A policy that has one
+    /// must also have [`Policy::training_token_logprobs`], computing the same numbers.
+    fn scoring_token_logprobs(
+        &self,
+        _batch: &PackedSequences,
+        _targets: &Tensor,
+        _temperature: f64,
+        _entropy: bool,
+    ) -> Result<Option<TokenLogprobs>> {
+        Ok(None)
+    }
+
+    /// [`Policy::scoring_token_logprobs`] for a pass whose gradient will be taken (the
+    /// entropies stay detached), with how to take it. `None`: callers take
+    /// [`Policy::training_logits`].
+    fn training_token_logprobs(
+        &self,
+        _batch: &PackedSequences,
+        _targets: &Tensor,
+        _temperature: f64,
+        _entropy: bool,
+    ) -> Result<Option<(TokenLogprobs, Backprop<'_>)>> {
+        Ok(None)
     }
 
     fn device(&self) -> Device;
@@ -82,6 +110,30 @@ impl Policy for Tempered<'_> {
         Ok((self.scale(logits)?, backprop))
     }
 
+    fn scoring_token_logprobs(
+        &self,
+        batch: &PackedSequences,
+        targets: &Tensor,
+        temperature: f64,
+        entropy: bool,
+    ) -> Result<Option<TokenLogprobs>> {
+        let temperature = temperature * self.temperature;
+        self.policy
+            .scoring_token_logprobs(batch, targets, temperature, entropy)
+    }
+
+    fn training_token_logprobs(
+        &self,
+        batch: &PackedSequences,
+        targets: &Tensor,
+        temperature: f64,
+        entropy: bool,
+    ) -> Result<Option<(TokenLogprobs, Backprop<'_>)>> {
+        let temperature = temperature * self.temperature;
+        self.policy
+            .training_token_logprobs(batch, targets, temperature, entropy)
+    }
+
     fn device(&self) -> Device {
         self.policy.device()
     }
@@ -126,6 +178,12 @@ pub struct SeqLogprobs {
     pub mask: Tensor,
 }
 
+/// What a pass gives per position: the logits, or the policy's own token log-probs.
+enum Scores {
+    Logits(Tensor),
+    Tokens(TokenLogprobs),
+}
+
 /// log π(completion token k | prompt, completion[..k]) for each `(prompt, completion)` pair,
 /// with one forward pass over the packed concatenations. Neither part may be empty.
 pub fn sequence_logprobs(
@@ -133,15 +191,15 @@ pub fn sequence_logprobs(
     seqs: &[(&[u32], &[u32])],
     entropy: Entropy,
 ) -> Result<SeqLogprobs> {
-    scored(policy, seqs, entropy, |batch| policy.forward_logits(batch))
+    scored(policy, seqs, entropy, |batch, _| {
+        Ok(Scores::Logits(policy.forward_logits(batch)?))
+    })
 }
 
-/// [`sequence_logprobs`] without a gradient (detached), through [`Policy::scoring_logits`].
+/// [`sequence_logprobs`] without a gradient (detached), through
+/// [`Policy::scoring_token_logprobs`] or else [`Policy::scoring_logits`].
 pub fn scoring_logprobs(policy: &dyn Policy, seqs: &[(&[u32], &[u32])]) -> Result<Tensor> {
-    let scored = scored(policy, seqs, Entropy::Skip, |batch| {
-        policy.scoring_logits(batch)
-    })?;
-    Ok(scored.logprobs)
+    Ok(scoring(policy, seqs, Entropy::Skip)?.logprobs)
 }
 
 /// [`scoring_logprobs`] with the per-token entropy of the policy's distribution, for metrics.
@@ -149,22 +207,47 @@ pub fn scoring_logprobs_entropy(
     policy: &dyn Policy,
     seqs: &[(&[u32], &[u32])],
 ) -> Result<SeqLogprobs> {
-    scored(policy, seqs, Entropy::Metric, |batch| {
-        policy.scoring_logits(batch)
+    scoring(policy, seqs, Entropy::Metric)
+}
+
+fn scoring(
+    policy: &dyn Policy,
+    seqs: &[(&[u32], &[u32])],
+    entropy: Entropy,
+) -> Result<SeqLogprobs> {
+    scored(policy, seqs, entropy, |batch, targets| {
+        let wanted = entropy == Entropy::Metric;
+        Ok(
+            match policy.scoring_token_logprobs(batch, targets, 1.0, wanted)? {
+                Some(tokens) => Scores::Tokens(tokens),
+                None => Scores::Logits(policy.scoring_logits(batch)?),
+            },
+        )
     })
 }
 
-/// [`sequence_logprobs`] for a pass whose gradient will be taken, with how to take it.
+/// [`sequence_logprobs`] for a pass whose gradient will be taken, with how to take it: through
+/// [`Policy::training_token_logprobs`] unless the entropy is trained (an entropy bonus
+/// differentiates the whole distribution), through [`Policy::training_logits`] otherwise.
 pub fn training_logprobs<'p>(
     policy: &'p dyn Policy,
     seqs: &[(&[u32], &[u32])],
     entropy: Entropy,
 ) -> Result<(SeqLogprobs, Backprop<'p>)> {
     let mut backprop = Backprop::Graph;
-    let logprobs = scored(policy, seqs, entropy, |batch| {
+    let logprobs = scored(policy, seqs, entropy, |batch, targets| {
+        if entropy != Entropy::Trainable {
+            let wanted = entropy == Entropy::Metric;
+            if let Some((tokens, how)) =
+                policy.training_token_logprobs(batch, targets, 1.0, wanted)?
+            {
+                backprop = how;
+                return Ok(Scores::Tokens(tokens));
+            }
+        }
         let (logits, how) = policy.training_logits(batch)?;
         backprop = how;
-        Ok(logits)
+        Ok(Scores::Logits(logits))
     })?;
     Ok((logprobs, backprop))
 }
@@ -173,7 +256,7 @@ fn scored(
     policy: &dyn Policy,
     seqs: &[(&[u32], &[u32])],
     entropy: Entropy,
-    logits_from: impl FnOnce(&PackedSequences) -> Result<Tensor>,
+    score: impl FnOnce(&PackedSequences, &Tensor) -> Result<Scores>,
 ) -> Result<SeqLogprobs> {
     if seqs.is_empty() {
         return Err(Error::Rollout("no sequences to score".into()));
@@ -216,14 +299,37 @@ fn scored(
     let mask = Tensor::from_vec(mask, (b, width), &device)?;
     let targets = Tensor::from_vec(targets, n, &device)?;
 
-    let logits = logits_from(&batch)?;
+    let (token_logp, entropy) = match score(&batch, &targets)? {
+        Scores::Tokens(tokens) => (tokens.logprobs, tokens.entropies),
+        Scores::Logits(logits) => from_logits(&logits, &targets, entropy)?,
+    };
+    let padded = |per_token: Tensor| -> Result<Tensor> {
+        let zero = Tensor::zeros(1, per_token.dtype(), &device)?;
+        Ok(Tensor::cat(&[per_token, zero], 0)?
+            .index_select(&index, 0)?
+            .reshape((b, width))?)
+    };
+    Ok(SeqLogprobs {
+        logprobs: padded(token_logp)?,
+        entropy: entropy.map(padded).transpose()?,
+        mask,
+    })
+}
+
+/// The targets' log-probs `[n]` under `logits` `[n, vocab]`, and the entropies `entropy` asks
+/// for.
+fn from_logits(
+    logits: &Tensor,
+    targets: &Tensor,
+    entropy: Entropy,
+) -> Result<(Tensor, Option<Tensor>)> {
     let fused = matches!(logits.dtype(), DType::F32 | DType::BF16);
-    let (token_logp, entropy) = if entropy == Entropy::Trainable || !fused {
+    Ok(if entropy == Entropy::Trainable || !fused {
         // The entropy bonus differentiates the whole distribution, and the fused op reads
         // f32 and bf16 only (f64 policies are for exact tests): candle's composite ops.
         let logits = match logits.dtype() {
             DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
-            _ => logits,
+            _ => logits.clone(),
         };
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let token_logp = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
@@ -237,7 +343,7 @@ fn scored(
         (token_logp, h)
     } else {
         // One fused op: no vocabulary-sized tensor besides the logits is kept.
-        let token_logp = spur_lm::token_logprobs::token_logprobs(&logits, &targets)
+        let token_logp = spur_lm::token_logprobs::token_logprobs(logits, targets)
             .map_err(|e| Error::Policy(Box::new(e)))?;
         let h = match entropy {
             Entropy::Metric => Some(
@@ -247,16 +353,5 @@ fn scored(
             _ => None,
         };
         (token_logp, h)
-    };
-    let padded = |per_token: Tensor| -> Result<Tensor> {
-        let zero = Tensor::zeros(1, per_token.dtype(), &device)?;
-        Ok(Tensor::cat(&[per_token, zero], 0)?
-            .index_select(&index, 0)?
-            .reshape((b, width))?)
-    };
-    Ok(SeqLogprobs {
-        logprobs: padded(token_logp)?,
-        entropy: entropy.map(padded).transpose()?,
-        mask,
     })
 }

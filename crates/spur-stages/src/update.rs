@@ -30,8 +30,9 @@ impl Stage for UpdateStage {
         // 3: sampled-token log-probs from one fused op (rounding differs from log_softmax).
         // 4: lr schedule in GRPO steps; Dr. GRPO's norm_length from the response cap;
         //    scoring at the rollouts' temperature.
+        // 5: Adam in place on the CPU (with bf16 moments the weights read them rounded).
         // Scores through spur-lm's forward pass: numerics changes are spur_lm::NUMERICS_VERSION.
-        crate::numerics_stage_version(4, spur_lm::NUMERICS_VERSION)
+        crate::numerics_stage_version(5, spur_lm::NUMERICS_VERSION)
     }
 
     fn resource(&self, _node: &spur_plan::Node) -> crate::Resource {
