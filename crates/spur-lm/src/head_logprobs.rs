@@ -25,11 +25,21 @@ use crate::token_logprobs::{entropies, token_logprobs};
 pub(crate) const CHUNK_BYTES: usize = 32 << 20;
 
 /// Per-token results of a scoring or training pass: log p(target) under softmax(logits / T),
-/// f32 `[n]`, and with them, when asked for, the distribution's entropy (detached).
+/// f32 `[n]`, and with them, when asked for, the distribution's entropy.
 #[derive(Clone, Debug)]
 pub struct TokenLogprobs {
     pub logprobs: Tensor,
     pub entropies: Option<Tensor>,
+}
+
+/// Whether and how a pass computes the per-token entropy of the distribution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entropy {
+    Skip,
+    /// As a metric: no gradient.
+    Metric,
+    /// For an entropy bonus: differentiable, like the log-probs.
+    Trainable,
 }
 
 /// How many rows a forward chunk and how many vocabulary entries a backward block take.
@@ -51,14 +61,14 @@ impl Chunking {
 
 /// log p(targets[i]) under softmax(h[i] · weightᵀ / temperature) for `h` `[n, hidden]` and the
 /// head's `weight` `[vocab, hidden]`, both in the pass's dtype (f32 or bf16); `targets` u32
-/// `[n]`. With `entropy`, also each row's entropy (no gradient). The log-probs are
-/// differentiable with respect to `h` and `weight` when either is tracked.
+/// `[n]`. Unless `entropy` is `Skip`, also each row's entropy. The log-probs, and trainable
+/// entropies, are differentiable with respect to `h` and `weight` when either is tracked.
 pub fn linear_token_logprobs(
     h: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
     temperature: f64,
-    entropy: bool,
+    entropy: Entropy,
 ) -> Result<TokenLogprobs> {
     let chunking = Chunking::new(h.dim(0)?, weight.dim(0)?);
     chunked(h, weight, targets, temperature, entropy, chunking)
@@ -69,7 +79,7 @@ fn chunked(
     weight: &Tensor,
     targets: &Tensor,
     temperature: f64,
-    entropy: bool,
+    entropy: Entropy,
     chunking: Chunking,
 ) -> Result<TokenLogprobs> {
     let (n, hidden) = h.dims2()?;
@@ -95,29 +105,44 @@ fn chunked(
         // log Σ exp = x[target] − log p(target), from the same rounded logits.
         let picked = logits.gather(&t.unsqueeze(1)?.contiguous()?, 1)?.squeeze(1)?;
         lse.push((picked.to_dtype(DType::F32)? - &lp)?);
-        if entropy {
+        if entropy != Entropy::Skip {
             ents.push(entropies(&logits)?);
         }
         logprobs.push(lp);
     }
     let logprobs = Tensor::cat(&logprobs, 0)?;
-    let entropies = entropy.then(|| Tensor::cat(&ents, 0)).transpose()?;
+    let entropies = (entropy != Entropy::Skip)
+        .then(|| Tensor::cat(&ents, 0))
+        .transpose()?;
     if !(h.track_op() || weight.track_op()) {
         return Ok(TokenLogprobs {
             logprobs,
             entropies,
         });
     }
-    let op = LinearLogprob {
+    let mut op = LinearLogprob {
         targets: targets.clone(),
         temperature,
         lse: Tensor::cat(&lse, 0)?,
+        entropies: None,
         chunking,
     };
-    Ok(TokenLogprobs {
-        logprobs: h.apply_op3(weight, &logprobs, op)?,
-        entropies,
-    })
+    match entropies {
+        Some(entropies) if entropy == Entropy::Trainable => {
+            // One op for both: [n, 2], log-probs then entropies.
+            let both = Tensor::stack(&[&logprobs, &entropies], 1)?;
+            op.entropies = Some(entropies);
+            let both = h.apply_op3(weight, &both, op)?;
+            Ok(TokenLogprobs {
+                logprobs: both.narrow(1, 0, 1)?.squeeze(1)?,
+                entropies: Some(both.narrow(1, 1, 1)?.squeeze(1)?),
+            })
+        }
+        entropies => Ok(TokenLogprobs {
+            logprobs: h.apply_op3(weight, &logprobs, op)?,
+            entropies,
+        }),
+    }
 }
 
 /// `h · weightᵀ / temperature` in the operands' dtype (the scaling as the tempered policy's).
@@ -129,14 +154,17 @@ fn scaled_logits(h: &Tensor, weight: &Tensor, temperature: f64) -> candle_core::
     logits.affine(1.0 / temperature, 0.0)
 }
 
-/// `(h, weight, log-probs computed beforehand)` → the log-probs, with the backward pass of
-/// [`linear_token_logprobs`]. The forward pass is a copy: the log-probs were computed in chunks
-/// outside the op, which only attaches the gradient.
+/// `(h, weight, log-probs computed beforehand)` → the log-probs (`[n]`, or `[n, 2]` with the
+/// trainable entropies beside them), with the backward pass of [`linear_token_logprobs`]. The
+/// forward pass is a copy: the values were computed in chunks outside the op, which only
+/// attaches the gradient.
 struct LinearLogprob {
     targets: Tensor,
     temperature: f64,
     /// f32 `[n]`: each row's log Σ exp(logits / T), from the forward pass.
     lse: Tensor,
+    /// f32 `[n]`: each row's entropy, when the output carries it as a second column.
+    entropies: Option<Tensor>,
     chunking: Chunking,
 }
 
@@ -179,9 +207,10 @@ impl CustomOp3 for LinearLogprob {
         Ok((logprobs.try_clone(layout)?, layout.shape().clone()))
     }
 
-    /// For each block of the vocabulary: its logits recomputed, p = exp(logits / T − lse), the
-    /// logits' gradient g · (onehot(target) − p) / T, and from it the hidden states' gradient
-    /// (summed over blocks) and the block's rows of the weight's gradient.
+    /// For each block of the vocabulary: its logits z (divided by T) recomputed,
+    /// p = exp(z − lse), the logits' gradient (g · (onehot(target) − p) − e · p · (z − lse + H))
+    /// / T for the gradients g of the log-probs and e of the entropies H, and from it the hidden
+    /// states' gradient (summed over blocks) and the block's rows of the weight's gradient.
     fn bwd(
         &self,
         h: &Tensor,
@@ -193,23 +222,37 @@ impl CustomOp3 for LinearLogprob {
         let (h, weight) = (h.detach(), weight.detach());
         let (n, vocab) = (h.dim(0)?, weight.dim(0)?);
         let inv_t = 1.0 / self.temperature;
-        // g / T per row, as a column, and its negation.
-        let g = grad.to_dtype(DType::F32)?.affine(inv_t, 0.0)?.unsqueeze(1)?;
+        // g / T and e / T per row, as columns.
+        let grad = grad.to_dtype(DType::F32)?.affine(inv_t, 0.0)?;
+        let (g, e) = match &self.entropies {
+            None => (grad.unsqueeze(1)?, None),
+            Some(_) => (grad.narrow(1, 0, 1)?, Some(grad.narrow(1, 1, 1)?)),
+        };
         let minus_g = g.neg()?;
         let lse = self.lse.unsqueeze(1)?;
+        // H − lse per row, for the entropies' term.
+        let h_minus_lse = match &self.entropies {
+            Some(entropies) => Some((entropies - &self.lse)?.unsqueeze(1)?),
+            None => None,
+        };
         let targets = self.targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-        let g_rows = g.squeeze(1)?.to_vec1::<f32>()?;
+        let g_rows = g.squeeze(1)?.contiguous()?.to_vec1::<f32>()?;
         let dweight = Tensor::zeros(weight.shape(), weight.dtype(), weight.device())?;
         let mut dh: Option<Tensor> = None;
         for start in (0..vocab).step_by(self.chunking.vocab) {
             let len = self.chunking.vocab.min(vocab - start);
             let block = weight.narrow(0, start, len)?;
             let logits = scaled_logits(&h, &block, self.temperature)?;
-            let p = logits
-                .to_dtype(DType::F32)?
-                .broadcast_sub(&lse)?
-                .exp()?;
-            let dlogits = p.broadcast_mul(&minus_g)?;
+            let z = logits.to_dtype(DType::F32)?;
+            let p = z.broadcast_sub(&lse)?.exp()?;
+            let dlogits = match (&e, &h_minus_lse) {
+                (Some(e), Some(h_minus_lse)) => {
+                    // −p · (g + e · (z − lse + H))
+                    let coef = z.broadcast_add(h_minus_lse)?.broadcast_mul(e)?;
+                    (p * coef.broadcast_add(&g)?)?.neg()?
+                }
+                _ => p.broadcast_mul(&minus_g)?,
+            };
             // + g / T at each row's target, where it falls in this block.
             let (index, source): (Vec<u32>, Vec<f32>) = targets
                 .iter()
@@ -275,7 +318,7 @@ mod tests {
             w.as_tensor().to_dtype(dtype).unwrap(),
         );
         if fused {
-            let out = chunked(&h, &w, t, temperature, true, SMALL).unwrap();
+            let out = chunked(&h, &w, t, temperature, Entropy::Trainable, SMALL).unwrap();
             return (out.logprobs, out.entropies.unwrap());
         }
         let logits = scaled_logits(&h, &w, temperature)
@@ -297,13 +340,18 @@ mod tests {
         (picked, entropy)
     }
 
-    fn loss(logprobs: &Tensor) -> Tensor {
+    /// Σ lp ⊙ r + Σ H ⊙ r' for fixed random r, r' (an entropy bonus's kind of loss).
+    fn loss((logprobs, entropies): (&Tensor, Option<&Tensor>)) -> Tensor {
         let r = random(logprobs.dims(), 99, 1.0);
-        (logprobs * r).unwrap().sum_all().unwrap()
+        let l = (logprobs * r).unwrap().sum_all().unwrap();
+        match entropies {
+            Some(h) => (l + (h * random(h.dims(), 98, 1.0)).unwrap().sum_all().unwrap()).unwrap(),
+            None => l,
+        }
     }
 
-    fn grads(vars: &(Var, Var, Tensor), logprobs: &Tensor) -> [Tensor; 2] {
-        let store = loss(logprobs).backward().unwrap();
+    fn grads(vars: &(Var, Var, Tensor), out: (&Tensor, Option<&Tensor>)) -> [Tensor; 2] {
+        let store = loss(out).backward().unwrap();
         [&vars.0, &vars.1].map(|v| store.get(v.as_tensor()).expect("a gradient").clone())
     }
 
@@ -317,8 +365,8 @@ mod tests {
                 let what = format!("T={temperature} {dtype:?}");
                 assert!(rel_diff(&lp, &lp_ref) <= tolerance, "{what} log-probs");
                 assert!(rel_diff(&ent, &ent_ref) <= tolerance, "{what} entropies");
-                let ours = grads(&vars, &lp);
-                let theirs = grads(&vars, &lp_ref);
+                let ours = grads(&vars, (&lp, Some(&ent)));
+                let theirs = grads(&vars, (&lp_ref, Some(&ent_ref)));
                 for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
                     let d = rel_diff(a, b);
                     assert!(d <= 2.0 * tolerance, "{what} gradient {i}: {d}");
@@ -330,7 +378,12 @@ mod tests {
     #[test]
     fn gradients_match_central_differences() {
         let vars = inputs();
-        let analytic = grads(&vars, &apply(&vars, DType::F32, 0.7, true).0);
+        let both = |vars: &(Var, Var, Tensor)| {
+            let (lp, ent) = apply(vars, DType::F32, 0.7, true);
+            loss((&lp, Some(&ent)))
+        };
+        let store = both(&vars).backward().unwrap();
+        let analytic = [&vars.0, &vars.1].map(|v| store.get(v.as_tensor()).unwrap().clone());
         for (var, grad) in [&vars.0, &vars.1].into_iter().zip(&analytic) {
             let base = to_vec(var.as_tensor());
             let grad = to_vec(grad);
@@ -341,8 +394,7 @@ mod tests {
                     values[i] += delta;
                     var.set(&Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap())
                         .unwrap();
-                    let l = loss(&apply(&vars, DType::F32, 0.7, true).0);
-                    l.to_scalar::<f32>().unwrap() as f64
+                    both(&vars).to_scalar::<f32>().unwrap() as f64
                 };
                 let numeric = (at(h) - at(-h)) / (2.0 * h as f64);
                 var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
@@ -362,9 +414,10 @@ mod tests {
         let vars = inputs();
         let (h, w) = (vars.0.as_tensor(), vars.1.as_tensor());
         let run = |chunking: Chunking| {
-            let lp = chunked(h, w, &vars.2, 1.0, false, chunking).unwrap().logprobs;
-            let mut all = vec![to_vec(&lp)];
-            all.extend(grads(&vars, &lp).iter().map(to_vec));
+            let out = chunked(h, w, &vars.2, 1.0, Entropy::Trainable, chunking).unwrap();
+            let ent = out.entropies.unwrap();
+            let mut all = vec![to_vec(&out.logprobs), to_vec(&ent)];
+            all.extend(grads(&vars, (&out.logprobs, Some(&ent))).iter().map(to_vec));
             all
         };
         let small = run(SMALL);
@@ -379,11 +432,11 @@ mod tests {
     #[test]
     fn untracked_inputs_give_detached_log_probs_and_bad_shapes_are_errors() {
         let (h, w, t) = inputs();
-        let out = linear_token_logprobs(&h.as_tensor().detach(), &w.as_tensor().detach(), &t, 1.0, false)
+        let out = linear_token_logprobs(&h.as_tensor().detach(), &w.as_tensor().detach(), &t, 1.0, Entropy::Skip)
             .unwrap();
         assert!(!out.logprobs.track_op());
         assert!(out.entropies.is_none());
-        let err = linear_token_logprobs(h.as_tensor(), &w.as_tensor().t().unwrap(), &t, 1.0, false)
+        let err = linear_token_logprobs(h.as_tensor(), &w.as_tensor().t().unwrap(), &t, 1.0, Entropy::Skip)
             .unwrap_err()
             .to_string();
         assert!(err.contains("do not match"), "{err}");

@@ -46,7 +46,7 @@ pub use engine::{
     FinishReason, GenerationRequest, SamplingParams,
 };
 pub use error::{Error, Result};
-pub use head_logprobs::TokenLogprobs;
+pub use head_logprobs::{Entropy, TokenLogprobs};
 pub use model::{KvCache, LayerTape, PackedSequences, Transformer};
 pub use source::{default_cache_dir, resolve, ModelFiles};
 pub use template::PromptTemplate;

@@ -212,18 +212,16 @@ pub fn update_bytes(config: &ModelConfig, shape: &UpdateShape, device: &Device) 
     // Embedding rows (f32 gather, cast), final norm over the logit positions.
     let logit_rows = b * shape.logit_positions as u64;
     let edges = b * t * d * (4 + if bf16 { cs } else { 0 }) + logit_rows * d * 5 * 4;
-    // The head. Without an entropy bonus, `head_logprobs` computes the logits a block at a
-    // time: its backward pass holds about five f32 tensors of one block (the recomputed
-    // logits, the probabilities, the logits' gradient and its casts), and the head weight's
-    // gradient in the compute dtype. An entropy bonus takes whole logits and candle's
-    // composite ops instead: per logit, the head's product (kept for the backward pass), an
-    // f32 cast, log-softmax's three results and seven f32 gradients.
+    // The head (`head_logprobs`): the logits are computed a chunk of rows at a time, and
+    // the backward pass holds about five f32 tensors of one block of the vocabulary (the
+    // recomputed logits, the probabilities, the logits' gradient and its casts; seven with an
+    // entropy bonus, whose gradient needs two more), and the head weight's gradient in the
+    // compute dtype; in bf16 the weight's cast too.
     let head_weight = if bf16 { vocab * d * cs } else { 0 };
-    let vocab_part = if shape.entropy_bonus {
-        logit_rows * vocab * (cs + 4 + 3 * 4 + 7 * 4)
-    } else {
-        5 * (logit_rows * vocab * 4).min(crate::head_logprobs::CHUNK_BYTES as u64) + vocab * d * cs
-    } + head_weight;
+    let blocks = if shape.entropy_bonus { 7 } else { 5 };
+    let vocab_part = blocks * (logit_rows * vocab * 4).min(crate::head_logprobs::CHUNK_BYTES as u64)
+        + vocab * d * cs
+        + head_weight;
     let activations = layer_stack + edges + vocab_part;
 
     // Peak of the backward pass: everything above at once. Peak of Adam: weights, gradients,

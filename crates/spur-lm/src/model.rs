@@ -34,8 +34,7 @@ use crate::decode_silu::SiluMul;
 use crate::error::{Error, Result};
 use crate::quant::QuantMatrix;
 use crate::train_ops::{self, RopeStyle};
-use crate::head_logprobs::{self, TokenLogprobs};
-use crate::token_logprobs;
+use crate::head_logprobs::{self, Entropy, TokenLogprobs};
 use crate::train_attention;
 
 /// Up to this many rows a decoding pass's dense matmul on the CPU uses spur's decode kernel
@@ -1175,27 +1174,33 @@ impl Transformer {
     }
 
     /// Log-probs of `targets` (u32 [n]) under the head's logits of the normed states `h`
-    /// ([n, hidden]) divided by `temperature`, and with `entropy` their entropies: chunk by
+    /// ([n, hidden]) divided by `temperature`, and the entropies `entropy` asks for: chunk by
     /// chunk ([`head_logprobs`]) for a dense head without bias (every trainable model's),
-    /// from whole logits otherwise.
+    /// from whole logits through candle's ops otherwise.
     fn head_logprobs(
         &self,
         h: &Tensor,
         targets: &Tensor,
         temperature: f64,
-        entropy: bool,
+        entropy: Entropy,
     ) -> Result<TokenLogprobs> {
         if let Linear::Dense { weight, bias: None } = &self.lm_head {
             let weight = weight.to_dtype(h.dtype())?;
             return head_logprobs::linear_token_logprobs(h, &weight, targets, temperature, entropy);
         }
-        let logits = self.lm_head.forward(h, false)?.to_dtype(DType::F32)?;
-        let logits = (logits / temperature)?;
+        let logits = (self.lm_head.forward(h, false)?.to_dtype(DType::F32)? / temperature)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let logprobs = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+        let entropy_of = |logp: Tensor| -> Result<Tensor> {
+            Ok(logp.exp()?.mul(&logp)?.sum(D::Minus1)?.neg()?)
+        };
         Ok(TokenLogprobs {
-            logprobs: token_logprobs::token_logprobs(&logits, targets)?,
-            entropies: entropy
-                .then(|| token_logprobs::entropies(&logits.detach()))
-                .transpose()?,
+            logprobs,
+            entropies: match entropy {
+                Entropy::Skip => None,
+                Entropy::Metric => Some(entropy_of(logp.detach())?),
+                Entropy::Trainable => Some(entropy_of(logp)?),
+            },
         })
     }
 
@@ -1216,13 +1221,13 @@ impl Transformer {
     /// The log-probs of `targets` (u32 [n], the tokens the positions `batch` asks for predict)
     /// at `temperature`, for a pass whose gradient will be taken, as
     /// [`Transformer::forward_for_gradient`] but without the logits of every position at once
-    /// ([`head_logprobs`]). With `entropy`, also the entropies (detached).
+    /// ([`head_logprobs`]), and the entropies `entropy` asks for.
     pub fn token_logprobs_for_gradient(
         &self,
         batch: &PackedSequences,
         targets: &Tensor,
         temperature: f64,
-        entropy: bool,
+        entropy: Entropy,
     ) -> Result<(TokenLogprobs, Option<LayerTape<'_>>)> {
         crate::on_compute_pool(|| {
             let (x, rows, tape) = self.layers_for_gradient(batch)?;
@@ -1281,6 +1286,7 @@ impl Transformer {
             let pass = self.packed_inputs(batch)?;
             let x = self.detached_layers(&pass, |_| {})?;
             let h = self.final_norm(&x, pass.logit_rows.as_ref())?;
+            let entropy = if entropy { Entropy::Metric } else { Entropy::Skip };
             self.head_logprobs(&h, targets, temperature, entropy)
         })
     }

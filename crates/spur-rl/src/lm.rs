@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor, Var};
 use spur_lm::{LayerTape, PackedSequences, TokenLogprobs, Transformer};
 
-use crate::policy::{Backprop, Policy};
+use crate::policy::{Backprop, Entropy, Policy};
 use crate::{Error, Result};
 
 impl Policy for Transformer {
@@ -46,7 +46,7 @@ impl Policy for Transformer {
         batch: &PackedSequences,
         targets: &Tensor,
         temperature: f64,
-        entropy: bool,
+        entropy: Entropy,
     ) -> Result<Option<(TokenLogprobs, Backprop<'_>)>> {
         let (tokens, tape) = self
             .token_logprobs_for_gradient(batch, targets, temperature, entropy)

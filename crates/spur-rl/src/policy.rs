@@ -50,15 +50,15 @@ pub trait Policy: Sync {
         Ok(None)
     }
 
-    /// [`Policy::scoring_token_logprobs`] for a pass whose gradient will be taken (the
-    /// entropies stay detached), with how to take it. `None`: callers take
-    /// [`Policy::training_logits`].
+    /// [`Policy::scoring_token_logprobs`] for a pass whose gradient will be taken, with the
+    /// entropies `entropy` asks for (trainable ones differentiable too), and how to take it.
+    /// `None`: callers take [`Policy::training_logits`].
     fn training_token_logprobs(
         &self,
         _batch: &PackedSequences,
         _targets: &Tensor,
         _temperature: f64,
-        _entropy: bool,
+        _entropy: Entropy,
     ) -> Result<Option<(TokenLogprobs, Backprop<'_>)>> {
         Ok(None)
     }
@@ -127,7 +127,7 @@ impl Policy for Tempered<'_> {
         batch: &PackedSequences,
         targets: &Tensor,
         temperature: f64,
-        entropy: bool,
+        entropy: Entropy,
     ) -> Result<Option<(TokenLogprobs, Backprop<'_>)>> {
         let temperature = temperature * self.temperature;
         self.policy
@@ -160,14 +160,7 @@ impl Backprop<'_> {
 }
 
 /// Whether and how to compute the per-token entropy of the policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Entropy {
-    Skip,
-    /// As a metric: computed from detached log-probs, no gradient.
-    Metric,
-    /// For the entropy bonus: part of the graph.
-    Trainable,
-}
+pub use spur_lm::Entropy;
 
 /// Log-probs of the completion tokens of a batch, left-aligned and padded: all `[batch, T]`
 /// with T the longest completion (at least 1).
@@ -227,8 +220,7 @@ fn scoring(
 }
 
 /// [`sequence_logprobs`] for a pass whose gradient will be taken, with how to take it: through
-/// [`Policy::training_token_logprobs`] unless the entropy is trained (an entropy bonus
-/// differentiates the whole distribution), through [`Policy::training_logits`] otherwise.
+/// [`Policy::training_token_logprobs`], or else [`Policy::training_logits`].
 pub fn training_logprobs<'p>(
     policy: &'p dyn Policy,
     seqs: &[(&[u32], &[u32])],
@@ -236,14 +228,9 @@ pub fn training_logprobs<'p>(
 ) -> Result<(SeqLogprobs, Backprop<'p>)> {
     let mut backprop = Backprop::Graph;
     let logprobs = scored(policy, seqs, entropy, |batch, targets| {
-        if entropy != Entropy::Trainable {
-            let wanted = entropy == Entropy::Metric;
-            if let Some((tokens, how)) =
-                policy.training_token_logprobs(batch, targets, 1.0, wanted)?
-            {
-                backprop = how;
-                return Ok(Scores::Tokens(tokens));
-            }
+        if let Some((tokens, how)) = policy.training_token_logprobs(batch, targets, 1.0, entropy)? {
+            backprop = how;
+            return Ok(Scores::Tokens(tokens));
         }
         let (logits, how) = policy.training_logits(batch)?;
         backprop = how;

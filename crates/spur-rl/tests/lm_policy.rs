@@ -269,19 +269,20 @@ fn checkpointed_layers_give_the_whole_graphs_gradients() {
     }
 }
 
-/// Without an entropy bonus a training pass takes the log-probs chunk by chunk from the last
-/// hidden states (`spur_lm::head_logprobs`): the same log-probs, entropies and gradients as
-/// whole logits through candle's ops, with and without checkpointing, tied head or not, at the
-/// rollouts' temperature; and the same log-probs, to the bit, as the scoring pass.
+/// A training pass takes the log-probs chunk by chunk from the last hidden states
+/// (`spur_lm::head_logprobs`): the same log-probs, entropies and gradients as whole logits
+/// through candle's ops, with the entropy as a metric or trained by a bonus, with and without
+/// checkpointing, tied head or not, at the rollouts' temperature; and the same log-probs, to
+/// the bit, as the scoring pass.
 #[test]
 fn chunked_head_log_probs_train_like_whole_logits() {
-    let objective = |scored: &SeqLogprobs, old: &Tensor| {
+    let objective = |scored: &SeqLogprobs, old: &Tensor, entropy_coef: f64| {
         let adv = Tensor::new(&[1.0f32, -0.5, 0.8], &Device::Cpu).unwrap();
         let mb = MicroBatch {
             logprobs: &scored.logprobs,
             old_logprobs: old,
             ref_logprobs: None,
-            entropy: None,
+            entropy: scored.entropy.as_ref(),
             mask: &scored.mask,
             advantages: &adv,
         };
@@ -289,27 +290,30 @@ fn chunked_head_log_probs_train_like_whole_logits() {
             micro_batches: 1,
             sequences: SEQS.len(),
         };
-        micro_batch_objective(&ObjectiveConfig::default(), &mb, shape)
-            .unwrap()
-            .loss
+        let cfg = ObjectiveConfig {
+            entropy_coef,
+            ..ObjectiveConfig::default()
+        };
+        micro_batch_objective(&cfg, &mb, shape).unwrap().loss
     };
-    for (arch, tie) in [(Architecture::Llama, true), (Architecture::Qwen2, false)] {
+    let cases = [
+        (Architecture::Llama, true, Entropy::Metric, 0.0),
+        (Architecture::Qwen2, false, Entropy::Metric, 0.0),
+        (Architecture::Qwen2, false, Entropy::Trainable, 0.05),
+    ];
+    for (arch, tie, entropy, coef) in cases {
         for checkpoint in [false, true] {
             let mut model = tiny(arch, tie, 31);
             model.set_activation_checkpointing(checkpoint);
             let policy = spur_rl::Tempered::new(&model, 0.7);
             let old = old_logprobs(&model);
-            let what = format!("{arch:?} tied {tie} checkpointing {checkpoint}");
+            let what = format!("{arch:?} tied {tie} {entropy:?} checkpointing {checkpoint}");
 
             // Whole logits: `sequence_logprobs` takes `forward_logits`.
-            let whole = sequence_logprobs(&policy, &SEQS, Entropy::Skip).unwrap();
-            let whole_grads = objective(&whole, &old).backward().unwrap();
-            let whole_entropy = sequence_logprobs(&policy, &SEQS, Entropy::Metric)
-                .unwrap()
-                .entropy
-                .unwrap();
+            let whole = sequence_logprobs(&policy, &SEQS, entropy).unwrap();
+            let whole_grads = objective(&whole, &old, coef).backward().unwrap();
 
-            let (chunked, backprop) = training_logprobs(&policy, &SEQS, Entropy::Metric).unwrap();
+            let (chunked, backprop) = training_logprobs(&policy, &SEQS, entropy).unwrap();
             let scoring = spur_rl::scoring_logprobs(&policy, &SEQS).unwrap();
             let bits = |t: &Tensor| -> Vec<u32> {
                 let rows = t.to_vec2::<f32>().unwrap();
@@ -317,11 +321,11 @@ fn chunked_head_log_probs_train_like_whole_logits() {
             };
             assert_eq!(bits(&chunked.logprobs), bits(&scoring), "{what}");
             assert!(relative_gap(&chunked.logprobs, &whole.logprobs) < 1e-5, "{what}");
-            let entropy = chunked.entropy.as_ref().expect("the entropy metric");
-            assert!(!entropy.track_op(), "{what}: the metric is detached");
-            assert!(relative_gap(entropy, &whole_entropy) < 1e-5, "{what}");
+            let h = chunked.entropy.as_ref().expect("entropies");
+            assert_eq!(h.track_op(), entropy == Entropy::Trainable, "{what}");
+            assert!(relative_gap(h, whole.entropy.as_ref().unwrap()) < 1e-5, "{what}");
 
-            let grads = backprop.backward(&objective(&chunked, &old)).unwrap();
+            let grads = backprop.backward(&objective(&chunked, &old, coef)).unwrap();
             for (name, var) in Policy::named_vars(&model) {
                 let a = whole_grads.get(var.as_tensor()).expect("a whole-graph gradient");
                 let b = grads.get(var.as_tensor());
