@@ -269,7 +269,10 @@ impl CustomOp3 for LinearLogprob {
                 1,
             )?;
             let dlogits = dlogits.to_dtype(h.dtype())?;
-            let part = matmul(&dlogits, &block).map_err(candle_core::Error::wrap)?;
+            // Summed in f32: bf16 partial sums over hundreds of blocks would lose digits.
+            let part = matmul(&dlogits, &block)
+                .map_err(candle_core::Error::wrap)?
+                .to_dtype(DType::F32)?;
             dh = Some(match dh {
                 Some(sum) => (sum + part)?,
                 None => part,
@@ -278,7 +281,7 @@ impl CustomOp3 for LinearLogprob {
             dweight.slice_set(&dblock.contiguous()?, 0, start)?;
         }
         let dh = match dh {
-            Some(dh) => dh,
+            Some(dh) => dh.to_dtype(h.dtype())?,
             None => h.zeros_like()?,
         };
         Ok((Some(dh), Some(dweight), None))
