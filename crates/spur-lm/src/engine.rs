@@ -306,7 +306,7 @@ impl<I: Iterator<Item = (usize, usize)>> Queue<'_, I> {
     /// The next waiting sequence, with its first token sampled from its prompt's logits. One
     /// that ends on that token (an EOS, a one-token cap) goes to `done` and the next is taken.
     fn next(&mut self, done: &mut Vec<Sequence>) -> Result<Option<Sequence>> {
-        while let Some((p, s)) = self.waiting.next() {
+        for (p, s) in self.waiting.by_ref() {
             if let std::collections::hash_map::Entry::Vacant(slot) = self.prefills.entry(p) {
                 slot.insert(CandleEngine::prefill(
                     self.model,
@@ -463,13 +463,13 @@ impl CandleEngine {
                 }
                 // Finished rows go to waiting sequences while any wait; the rest leave.
                 let mut keep = Vec::with_capacity(active.len());
-                for r in 0..active.len() {
-                    if active[r].finish.is_some() {
+                for (r, row) in active.iter_mut().enumerate() {
+                    if row.finish.is_some() {
                         let Some(next) = queue.next(&mut done)? else {
                             continue;
                         };
                         cache.replace_row(r, queue.prompt(&next))?;
-                        done.push(std::mem::replace(&mut active[r], next));
+                        done.push(std::mem::replace(row, next));
                     }
                     keep.push(r);
                 }

@@ -293,7 +293,7 @@ mod tests {
     use candle_core::{Device, Var, D};
 
     use super::*;
-    use crate::test_util::{random, rel_diff, to_vec};
+    use crate::test_util::{assert_central_differences, random, rel_diff, to_vec};
 
     const ROWS: usize = 37;
     const HIDDEN: usize = 24;
@@ -388,27 +388,7 @@ mod tests {
         let store = both(&vars).backward().unwrap();
         let analytic = [&vars.0, &vars.1].map(|v| store.get(v.as_tensor()).unwrap().clone());
         for (var, grad) in [&vars.0, &vars.1].into_iter().zip(&analytic) {
-            let base = to_vec(var.as_tensor());
-            let grad = to_vec(grad);
-            for i in (0..base.len()).step_by(41) {
-                let h = 1e-2f32;
-                let at = |delta: f32| {
-                    let mut values = base.clone();
-                    values[i] += delta;
-                    var.set(&Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    both(&vars).to_scalar::<f32>().unwrap() as f64
-                };
-                let numeric = (at(h) - at(-h)) / (2.0 * h as f64);
-                var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
-                    .unwrap();
-                let err = (numeric - grad[i] as f64).abs();
-                assert!(
-                    err <= 2e-3 * (1.0 + numeric.abs()),
-                    "element {i}: autograd {} vs numeric {numeric}",
-                    grad[i]
-                );
-            }
+            assert_central_differences(var, grad, 41, "head", || both(&vars));
         }
     }
 

@@ -38,3 +38,37 @@ pub(crate) fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
         .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     diff / scale
 }
+
+/// Asserts that `grad`, autograd's gradient of a scalar loss with respect to `var`, matches
+/// central differences of `loss` (h = 0.01) at every `stride`-th element; `var` is restored.
+pub(crate) fn assert_central_differences(
+    var: &candle_core::Var,
+    grad: &Tensor,
+    stride: usize,
+    what: &str,
+    loss: impl Fn() -> Tensor,
+) {
+    let base = to_vec(var.as_tensor());
+    let grad = to_vec(grad);
+    let set = |values: Vec<f32>| {
+        var.set(&Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap())
+            .unwrap()
+    };
+    for i in (0..base.len()).step_by(stride) {
+        let h = 1e-2f32;
+        let at = |delta: f32| {
+            let mut values = base.clone();
+            values[i] += delta;
+            set(values);
+            loss().to_scalar::<f32>().unwrap() as f64
+        };
+        let numeric = (at(h) - at(-h)) / (2.0 * h as f64);
+        set(base.clone());
+        let err = (numeric - grad[i] as f64).abs();
+        assert!(
+            err <= 2e-3 * (1.0 + numeric.abs()),
+            "{what} element {i}: autograd {} vs numeric {numeric}",
+            grad[i]
+        );
+    }
+}

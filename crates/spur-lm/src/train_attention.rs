@@ -567,7 +567,7 @@ mod tests {
     use candle_core::{Device, Var, D};
 
     use super::*;
-    use crate::test_util::{random, rel_diff, to_vec};
+    use crate::test_util::{assert_central_differences, random, rel_diff, to_vec};
 
     /// The same attention from candle's ops: each sequence sliced out, its scores masked and
     /// soft-maxed in f32, the outputs joined, [b, t, heads · hd].
@@ -677,28 +677,9 @@ mod tests {
         let vars = inputs();
         let analytic = grads(&vars, &apply(&vars, DType::F32, true));
         for (var, grad) in vars.iter().zip(&analytic) {
-            let base = to_vec(var.as_tensor());
-            let grad = to_vec(grad);
-            for i in (0..base.len()).step_by(53) {
-                let h = 1e-2f32;
-                let at = |delta: f32| {
-                    let mut values = base.clone();
-                    values[i] += delta;
-                    var.set(&Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    let l = loss(&apply(&vars, DType::F32, true));
-                    l.to_scalar::<f32>().unwrap() as f64
-                };
-                let numeric = (at(h) - at(-h)) / (2.0 * h as f64);
-                var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
-                    .unwrap();
-                let err = (numeric - grad[i] as f64).abs();
-                assert!(
-                    err <= 2e-3 * (1.0 + numeric.abs()),
-                    "element {i}: autograd {} vs numeric {numeric}",
-                    grad[i]
-                );
-            }
+            assert_central_differences(var, grad, 53, "attention", || {
+                loss(&apply(&vars, DType::F32, true))
+            });
         }
     }
 

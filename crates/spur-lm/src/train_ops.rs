@@ -627,7 +627,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
-    use crate::test_util::{random, rel_diff, to_vec};
+    use crate::test_util::{assert_central_differences, random, rel_diff, to_vec};
 
     /// Angles of per-row positions: cos and sin `[b, t, half]`, each row at its own offset.
     fn tables(b: usize, t: usize, half: usize) -> (Tensor, Tensor) {
@@ -740,28 +740,9 @@ mod tests {
                     .unwrap(),
             );
             for (var, grad) in vars.iter().zip(&grads) {
-                let base = to_vec(var.as_tensor());
-                let grad = to_vec(grad);
-                for i in (0..base.len()).step_by(7) {
-                    let h = 1e-2f32;
-                    let at = |delta: f32| {
-                        let mut v = base.clone();
-                        v[i] += delta;
-                        let t = Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap();
-                        var.set(&t).unwrap();
-                        let l = loss(&apply(case, &vars, DType::F32, true));
-                        l.to_scalar::<f32>().unwrap() as f64
-                    };
-                    let numeric = (at(h) - at(-h)) / (2.0 * h as f64);
-                    let t = Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap();
-                    var.set(&t).unwrap();
-                    let err = (numeric - grad[i] as f64).abs();
-                    assert!(
-                        err <= 2e-3 * (1.0 + numeric.abs()),
-                        "{case:?} element {i}: autograd {} vs numeric {numeric}",
-                        grad[i]
-                    );
-                }
+                assert_central_differences(var, grad, 7, &format!("{case:?}"), || {
+                    loss(&apply(case, &vars, DType::F32, true))
+                });
             }
         }
     }

@@ -241,7 +241,7 @@ impl Adam {
             clip: (clip < 1.0).then_some(clip),
             beta1: b1,
             beta2: b2,
-            decay: (wd > 0.0).then(|| 1.0 - lr * wd),
+            decay: (wd > 0.0).then_some(1.0 - lr * wd),
             bias2_sqrt: (1.0 - b2.powi(self.t as i32)).sqrt(),
             eps: self.cfg.eps,
             step_size: lr / bias1,

@@ -69,9 +69,13 @@ fn loss(policy: &Transformer, old: &Tensor) -> Tensor {
 }
 
 fn objective(scored: &SeqLogprobs, old: &Tensor) -> Tensor {
+    objective_with(scored, old, 0.01)
+}
+
+fn objective_with(scored: &SeqLogprobs, old: &Tensor, entropy_coef: f64) -> Tensor {
     let adv = Tensor::new(&[1.0f32, -0.5, 0.8], &Device::Cpu).unwrap();
     let cfg = ObjectiveConfig {
-        entropy_coef: 0.01,
+        entropy_coef,
         ..ObjectiveConfig::default()
     };
     let mb = MicroBatch {
@@ -276,26 +280,6 @@ fn checkpointed_layers_give_the_whole_graphs_gradients() {
 /// the bit, as the scoring pass.
 #[test]
 fn chunked_head_log_probs_train_like_whole_logits() {
-    let objective = |scored: &SeqLogprobs, old: &Tensor, entropy_coef: f64| {
-        let adv = Tensor::new(&[1.0f32, -0.5, 0.8], &Device::Cpu).unwrap();
-        let mb = MicroBatch {
-            logprobs: &scored.logprobs,
-            old_logprobs: old,
-            ref_logprobs: None,
-            entropy: scored.entropy.as_ref(),
-            mask: &scored.mask,
-            advantages: &adv,
-        };
-        let shape = MiniBatchShape {
-            micro_batches: 1,
-            sequences: SEQS.len(),
-        };
-        let cfg = ObjectiveConfig {
-            entropy_coef,
-            ..ObjectiveConfig::default()
-        };
-        micro_batch_objective(&cfg, &mb, shape).unwrap().loss
-    };
     let cases = [
         (Architecture::Llama, true, Entropy::Metric, 0.0),
         (Architecture::Qwen2, false, Entropy::Metric, 0.0),
@@ -311,7 +295,7 @@ fn chunked_head_log_probs_train_like_whole_logits() {
 
             // Whole logits: `sequence_logprobs` takes `forward_logits`.
             let whole = sequence_logprobs(&policy, &SEQS, entropy).unwrap();
-            let whole_grads = objective(&whole, &old, coef).backward().unwrap();
+            let whole_grads = objective_with(&whole, &old, coef).backward().unwrap();
 
             let (chunked, backprop) = training_logprobs(&policy, &SEQS, entropy).unwrap();
             let scoring = spur_rl::scoring_logprobs(&policy, &SEQS).unwrap();
@@ -325,7 +309,7 @@ fn chunked_head_log_probs_train_like_whole_logits() {
             assert_eq!(h.track_op(), entropy == Entropy::Trainable, "{what}");
             assert!(relative_gap(h, whole.entropy.as_ref().unwrap()) < 1e-5, "{what}");
 
-            let grads = backprop.backward(&objective(&chunked, &old, coef)).unwrap();
+            let grads = backprop.backward(&objective_with(&chunked, &old, coef)).unwrap();
             for (name, var) in Policy::named_vars(&model) {
                 let a = whole_grads.get(var.as_tensor()).expect("a whole-graph gradient");
                 let b = grads.get(var.as_tensor());
