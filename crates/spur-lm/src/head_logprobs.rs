@@ -94,6 +94,8 @@ fn chunked(
         )));
     }
     let (hd, wd) = (h.detach(), weight.detach());
+    // Without a gradient to take (a scoring pass), the log-sum-exps are not needed.
+    let tracked = h.track_op() || weight.track_op();
     let mut logprobs = Vec::new();
     let mut lse = Vec::new();
     let mut ents = Vec::new();
@@ -102,9 +104,13 @@ fn chunked(
         let logits = scaled_logits(&hd.narrow(0, start, len)?, &wd, temperature)?;
         let t = targets.narrow(0, start, len)?;
         let lp = token_logprobs(&logits, &t)?;
-        // log Σ exp = x[target] − log p(target), from the same rounded logits.
-        let picked = logits.gather(&t.unsqueeze(1)?.contiguous()?, 1)?.squeeze(1)?;
-        lse.push((picked.to_dtype(DType::F32)? - &lp)?);
+        if tracked {
+            // log Σ exp = x[target] − log p(target), from the same rounded logits.
+            let picked = logits
+                .gather(&t.unsqueeze(1)?.contiguous()?, 1)?
+                .squeeze(1)?;
+            lse.push((picked.to_dtype(DType::F32)? - &lp)?);
+        }
         if entropy != Entropy::Skip {
             ents.push(entropies(&logits)?);
         }
@@ -114,7 +120,7 @@ fn chunked(
     let entropies = (entropy != Entropy::Skip)
         .then(|| Tensor::cat(&ents, 0))
         .transpose()?;
-    if !(h.track_op() || weight.track_op()) {
+    if !tracked {
         return Ok(TokenLogprobs {
             logprobs,
             entropies,
@@ -415,13 +421,25 @@ mod tests {
     #[test]
     fn untracked_inputs_give_detached_log_probs_and_bad_shapes_are_errors() {
         let (h, w, t) = inputs();
-        let out = linear_token_logprobs(&h.as_tensor().detach(), &w.as_tensor().detach(), &t, 1.0, Entropy::Skip)
-            .unwrap();
+        let out = linear_token_logprobs(
+            &h.as_tensor().detach(),
+            &w.as_tensor().detach(),
+            &t,
+            1.0,
+            Entropy::Skip,
+        )
+        .unwrap();
         assert!(!out.logprobs.track_op());
         assert!(out.entropies.is_none());
-        let err = linear_token_logprobs(h.as_tensor(), &w.as_tensor().t().unwrap(), &t, 1.0, Entropy::Skip)
-            .unwrap_err()
-            .to_string();
+        let err = linear_token_logprobs(
+            h.as_tensor(),
+            &w.as_tensor().t().unwrap(),
+            &t,
+            1.0,
+            Entropy::Skip,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("do not match"), "{err}");
     }
 }

@@ -106,7 +106,6 @@ fn layer_activation_bytes(
         c.num_key_value_heads as u64 * hd,
     );
     let inter = c.intermediate_size as u64;
-    let scores = batch * c.num_attention_heads as u64 * tokens * tokens;
     let bias = c.architecture == Architecture::Qwen2;
     let olmo = c.architecture == Architecture::Olmo2;
 
@@ -146,6 +145,7 @@ fn layer_activation_bytes(
         // q and k: contiguous copy, rotary (four products and sums, one concatenation), and
         // k's second contiguous copy; v: one contiguous copy.
         bytes += rows * cs * (5 * q + 6 * kv + kv);
+        let scores = batch * c.num_attention_heads as u64 * tokens * tokens;
         // Scores: product, (f32 cast), scale, mask, softmax's shift, exp and division, (cast
         // back).
         bytes += scores * (cs + 5 * f32s + if bf16 { f32s + cs } else { 0 });
@@ -219,7 +219,8 @@ pub fn update_bytes(config: &ModelConfig, shape: &UpdateShape, device: &Device) 
     // compute dtype; in bf16 the weight's cast too.
     let head_weight = if bf16 { vocab * d * cs } else { 0 };
     let blocks = if shape.entropy_bonus { 7 } else { 5 };
-    let vocab_part = blocks * (logit_rows * vocab * 4).min(crate::head_logprobs::CHUNK_BYTES as u64)
+    let vocab_part = blocks
+        * (logit_rows * vocab * 4).min(crate::head_logprobs::CHUNK_BYTES as u64)
         + vocab * d * cs
         + head_weight;
     let activations = layer_stack + edges + vocab_part;

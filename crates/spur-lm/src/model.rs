@@ -32,10 +32,10 @@ use crate::decode_attention::DecodeAttention;
 use crate::decode_matmul::DecodeMatmul;
 use crate::decode_silu::SiluMul;
 use crate::error::{Error, Result};
-use crate::quant::QuantMatrix;
-use crate::train_ops::{self, RopeStyle};
 use crate::head_logprobs::{self, Entropy, TokenLogprobs};
+use crate::quant::QuantMatrix;
 use crate::train_attention;
+use crate::train_ops::{self, RopeStyle};
 
 /// Up to this many rows a decoding pass's dense matmul on the CPU uses spur's decode kernel
 /// ([`crate::decode_matmul`]); above, `gemm`'s packed micro-kernel is faster.
@@ -1126,7 +1126,7 @@ impl Transformer {
     fn packed_inputs(&self, batch: &PackedSequences) -> Result<PassInputs> {
         let positions: Vec<usize> = batch.lengths.iter().flat_map(|&n| 0..n).collect();
         let lengths = batch.lengths.clone();
-        let attend = if train_attention::has_kernel(&self.device, self.compute) {
+        let attend = if train_ops::has_kernels(&self.device, self.compute) {
             Attend::PackedFused { lengths }
         } else {
             let longest = lengths.iter().copied().max().unwrap_or(0);
@@ -1157,7 +1157,8 @@ impl Transformer {
     /// Logits of the last layer's output `x` ([b, t, hidden]) in the compute dtype: at every
     /// position ([b, t, vocab]), or at rows `logit_rows` of the flattened positions ([n, vocab]).
     fn head(&self, x: &Tensor, logit_rows: Option<&Tensor>) -> Result<Tensor> {
-        self.lm_head.forward(&self.final_norm(x, logit_rows)?, false)
+        self.lm_head
+            .forward(&self.final_norm(x, logit_rows)?, false)
     }
 
     /// The final norm of the last layer's output `x` ([b, t, hidden]), at every position or at
@@ -1173,10 +1174,15 @@ impl Transformer {
         rms_norm(&x, &self.norm, self.config.rms_norm_eps, false)
     }
 
+    /// Whether the head is dense without a bias (every trainable model's), the head
+    /// [`head_logprobs`] computes chunk by chunk. Quantised heads give logits only.
+    pub fn has_chunked_head(&self) -> bool {
+        matches!(self.lm_head, Linear::Dense { bias: None, .. })
+    }
+
     /// Log-probs of `targets` (u32 [n]) under the head's logits of the normed states `h`
-    /// ([n, hidden]) divided by `temperature`, and the entropies `entropy` asks for: chunk by
-    /// chunk ([`head_logprobs`]) for a dense head without bias (every trainable model's),
-    /// from whole logits through candle's ops otherwise.
+    /// ([n, hidden]) divided by `temperature`, and the entropies `entropy` asks for, chunk by
+    /// chunk ([`head_logprobs`]).
     fn head_logprobs(
         &self,
         h: &Tensor,
@@ -1184,24 +1190,13 @@ impl Transformer {
         temperature: f64,
         entropy: Entropy,
     ) -> Result<TokenLogprobs> {
-        if let Linear::Dense { weight, bias: None } = &self.lm_head {
-            let weight = weight.to_dtype(h.dtype())?;
-            return head_logprobs::linear_token_logprobs(h, &weight, targets, temperature, entropy);
-        }
-        let logits = (self.lm_head.forward(h, false)?.to_dtype(DType::F32)? / temperature)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let logprobs = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-        let entropy_of = |logp: Tensor| -> Result<Tensor> {
-            Ok(logp.exp()?.mul(&logp)?.sum(D::Minus1)?.neg()?)
+        let Linear::Dense { weight, bias: None } = &self.lm_head else {
+            return Err(Error::Request(
+                "the head is quantised or has a bias: take its logits (forward_packed)".into(),
+            ));
         };
-        Ok(TokenLogprobs {
-            logprobs,
-            entropies: match entropy {
-                Entropy::Skip => None,
-                Entropy::Metric => Some(entropy_of(logp.detach())?),
-                Entropy::Trainable => Some(entropy_of(logp)?),
-            },
-        })
+        let weight = weight.to_dtype(h.dtype())?;
+        head_logprobs::linear_token_logprobs(h, &weight, targets, temperature, entropy)
     }
 
     /// [`Transformer::forward_packed`] for a pass whose gradient will be taken, with logits in
@@ -1221,7 +1216,8 @@ impl Transformer {
     /// The log-probs of `targets` (u32 [n], the tokens the positions `batch` asks for predict)
     /// at `temperature`, for a pass whose gradient will be taken, as
     /// [`Transformer::forward_for_gradient`] but without the logits of every position at once
-    /// ([`head_logprobs`]), and the entropies `entropy` asks for.
+    /// ([`head_logprobs`]), and the entropies `entropy` asks for. Only for a model with
+    /// [`Transformer::has_chunked_head`].
     pub fn token_logprobs_for_gradient(
         &self,
         batch: &PackedSequences,
@@ -1274,7 +1270,8 @@ impl Transformer {
 
     /// [`Transformer::forward_no_grad`]'s log-probs of `targets` at `temperature` (and with
     /// `entropy` their entropies), computed as [`Transformer::token_logprobs_for_gradient`]
-    /// computes them, chunk by chunk: the same numbers, without a gradient.
+    /// computes them, chunk by chunk: the same numbers, without a gradient. Only for a model
+    /// with [`Transformer::has_chunked_head`].
     pub fn token_logprobs_no_grad(
         &self,
         batch: &PackedSequences,
@@ -1286,7 +1283,11 @@ impl Transformer {
             let pass = self.packed_inputs(batch)?;
             let x = self.detached_layers(&pass, |_| {})?;
             let h = self.final_norm(&x, pass.logit_rows.as_ref())?;
-            let entropy = if entropy { Entropy::Metric } else { Entropy::Skip };
+            let entropy = if entropy {
+                Entropy::Metric
+            } else {
+                Entropy::Skip
+            };
             self.head_logprobs(&h, targets, temperature, entropy)
         })
     }

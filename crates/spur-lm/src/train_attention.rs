@@ -34,8 +34,8 @@ const QUERY_BLOCK: usize = 64;
 /// of the batch holds sequences of `lengths` back to back (summing to t): each query attends
 /// causally within its own sequence. Query head h reads key/value head h / (heads / kv_heads).
 /// Returns [b, t, heads · hd] (the layout the output projection reads) in q's dtype.
-/// Differentiable with respect to q, k and v. CPU only, f32, bf16 or f16 (see
-/// [`has_kernel`]).
+/// Differentiable with respect to q, k and v. CPU only, f32, bf16 or f16 (where
+/// `train_ops::has_kernels`).
 pub fn packed_attention(q: &Tensor, k: &Tensor, v: &Tensor, lengths: &[usize]) -> Result<Tensor> {
     let op = PackedAttention {
         lengths: lengths.to_vec(),
@@ -43,11 +43,6 @@ pub fn packed_attention(q: &Tensor, k: &Tensor, v: &Tensor, lengths: &[usize]) -
     };
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
-}
-
-/// Whether [`packed_attention`] runs on `device` in `dtype`.
-pub fn has_kernel(device: &candle_core::Device, dtype: DType) -> bool {
-    crate::train_ops::has_kernels(device, dtype)
 }
 
 /// The op. `lse` keeps each query's log-sum-exp of its scaled scores, [b, heads, t], from the
@@ -203,7 +198,10 @@ fn product(
         }
         return;
     }
-    assert!((m - 1) * dst_stride + n <= dst.len(), "product out of its slice");
+    assert!(
+        (m - 1) * dst_stride + n <= dst.len(),
+        "product out of its slice"
+    );
     a.check(m, k);
     b.check(k, n);
     // SAFETY: the three matrices lie inside their slices (checked above); `dst` is borrowed
@@ -423,7 +421,12 @@ fn backward_task(dims: Dims, saved: &Saved<'_>, seq: Sequence, kv_head: usize) -
                 Mat::transposed(saved.k, kv_at, hd),
                 scale,
             );
-            softmax_rows(&mut p, keys, first, Some(&saved.lse[lse_at..lse_at + count]));
+            softmax_rows(
+                &mut p,
+                keys,
+                first,
+                Some(&saved.lse[lse_at..lse_at + count]),
+            );
             // dV += Pᵀ dO.
             product(
                 &mut grads.dv,
@@ -583,7 +586,13 @@ mod tests {
             let (qs, ks, vs) = (part(q), part(&k), part(&v));
             let scores = (qs.matmul(&ks.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
             let mask: Vec<f32> = (0..n * n)
-                .map(|i| if i % n > i / n { f32::NEG_INFINITY } else { 0.0 })
+                .map(|i| {
+                    if i % n > i / n {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
                 .collect();
             let mask = Tensor::from_vec(mask, (n, n), &Device::Cpu).unwrap();
             let probs =
@@ -631,7 +640,9 @@ mod tests {
     }
 
     fn apply(vars: &[Var; 3], dtype: DType, fused: bool) -> Tensor {
-        let [q, k, v] = vars.each_ref().map(|v| v.as_tensor().to_dtype(dtype).unwrap());
+        let [q, k, v] = vars
+            .each_ref()
+            .map(|v| v.as_tensor().to_dtype(dtype).unwrap());
         let out = if fused {
             packed_attention(&q, &k, &v, &LENGTHS).unwrap()
         } else {
@@ -711,7 +722,9 @@ mod tests {
         let err = packed_attention(&q, &k, &k, &[6]).unwrap_err().to_string();
         assert!(err.contains("cannot share 3 key/value heads"), "{err}");
         let k = random(&[1, 2, 6, 8], 2, 1.0);
-        let err = packed_attention(&q, &k, &k, &[4, 3]).unwrap_err().to_string();
+        let err = packed_attention(&q, &k, &k, &[4, 3])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("sequences of 7 tokens in rows of 6"), "{err}");
         let v = random(&[1, 2, 5, 8], 3, 1.0);
         let err = packed_attention(&q, &k, &v, &[6]).unwrap_err().to_string();

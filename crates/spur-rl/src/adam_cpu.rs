@@ -35,7 +35,8 @@ pub(crate) struct AdamStep {
 /// copy) from `grad` with the moments `m` and `v`: every operand contiguous from its start, the
 /// gradient f32, the moments f32 or bf16.
 pub(crate) fn applies(weight: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor) -> bool {
-    let whole = |t: &Tensor| t.device().is_cpu() && matches!(t.layout().contiguous_offsets(), Some((0, _)));
+    let whole =
+        |t: &Tensor| t.device().is_cpu() && matches!(t.layout().contiguous_offsets(), Some((0, _)));
     weight.dtype() == DType::F32
         && grad.dtype() == DType::F32
         && matches!(m.dtype(), DType::F32 | DType::BF16)
@@ -124,22 +125,24 @@ impl InplaceOp2 for Moment {
     ) -> candle_core::Result<()> {
         let g = f32s(grad, grad_layout, self.name())?;
         match moment {
-            CpuStorage::F32(m) => m
-                .par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK))
-                .for_each(|(m, g)| {
-                    for (m, &g) in m.iter_mut().zip(g) {
-                        *m = self.next(*m, g);
-                    }
-                }),
-            CpuStorage::BF16(m) => m
-                .par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK))
-                .for_each(|(m, g)| {
-                    for (m, &g) in m.iter_mut().zip(g) {
-                        *m = bf16::from_f32(self.next(m.to_f32(), g));
-                    }
-                }),
+            CpuStorage::F32(m) => {
+                m.par_chunks_mut(CHUNK)
+                    .zip(g.par_chunks(CHUNK))
+                    .for_each(|(m, g)| {
+                        for (m, &g) in m.iter_mut().zip(g) {
+                            *m = self.next(*m, g);
+                        }
+                    })
+            }
+            CpuStorage::BF16(m) => {
+                m.par_chunks_mut(CHUNK)
+                    .zip(g.par_chunks(CHUNK))
+                    .for_each(|(m, g)| {
+                        for (m, &g) in m.iter_mut().zip(g) {
+                            *m = bf16::from_f32(self.next(m.to_f32(), g));
+                        }
+                    })
+            }
             other => candle_core::bail!("adam-moment: moments of dtype {:?}", other.dtype()),
         }
         Ok(())
@@ -164,7 +167,13 @@ impl Weight {
         w - (m / denom * self.step_size + 0.0)
     }
 
-    fn apply<M: Copy + Sync>(&self, w: &mut [f32], m: &[M], v: &[M], f32_of: impl Fn(M) -> f32 + Sync) {
+    fn apply<M: Copy + Sync>(
+        &self,
+        w: &mut [f32],
+        m: &[M],
+        v: &[M],
+        f32_of: impl Fn(M) -> f32 + Sync,
+    ) {
         w.par_chunks_mut(CHUNK)
             .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
             .for_each(|(w, (m, v))| {
@@ -200,7 +209,9 @@ impl InplaceOp3 for Weight {
             (CpuStorage::BF16(m), CpuStorage::BF16(v), Some(mr), Some(vr)) => {
                 self.apply(w, &m[mr], &v[vr], bf16::to_f32)
             }
-            _ => candle_core::bail!("adam-weight: moments must be contiguous, both f32 or both bf16"),
+            _ => {
+                candle_core::bail!("adam-weight: moments must be contiguous, both f32 or both bf16")
+            }
         }
         Ok(())
     }

@@ -36,6 +36,9 @@ impl Policy for Transformer {
         temperature: f64,
         entropy: bool,
     ) -> Result<Option<TokenLogprobs>> {
+        if !self.has_chunked_head() {
+            return Ok(None);
+        }
         self.token_logprobs_no_grad(batch, targets, temperature, entropy)
             .map(Some)
             .map_err(|e| Error::Policy(Box::new(e)))
@@ -48,6 +51,9 @@ impl Policy for Transformer {
         temperature: f64,
         entropy: Entropy,
     ) -> Result<Option<(TokenLogprobs, Backprop<'_>)>> {
+        if !self.has_chunked_head() {
+            return Ok(None);
+        }
         let (tokens, tape) = self
             .token_logprobs_for_gradient(batch, targets, temperature, entropy)
             .map_err(|e| Error::Policy(Box::new(e)))?;

@@ -248,8 +248,8 @@ impl Adam {
         };
         for (i, var) in vars.iter().enumerate() {
             let (weight, grad) = (var.as_tensor(), &grads[i]);
-            if self.master[i].is_none() && adam_cpu::applies(weight, grad, &self.m[i], &self.v[i])
-            {
+            // f32 weights, the only ones the passes take, have no master copy.
+            if adam_cpu::applies(weight, grad, &self.m[i], &self.v[i]) {
                 adam_cpu::step(weight, grad, &self.m[i], &self.v[i], &step)?;
             } else {
                 self.composite_update(i, var, grad, &step)?;
@@ -309,7 +309,9 @@ mod tests {
 
     /// Three steps of one var through the in-place passes and through candle's ops.
     fn three_steps(moments: Precision, in_place: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let init: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+        let init: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+            .collect();
         let var = Var::from_vec(init, (10, 100), &candle_core::Device::Cpu).unwrap();
         let cfg = AdamConfig {
             lr: 1e-2,
@@ -327,7 +329,8 @@ mod tests {
             // A norm above the clip, so that the gradient is scaled.
             let norm = grad_norm(std::slice::from_ref(&g)).unwrap() * 3.0;
             if in_place {
-                adam.step(std::slice::from_ref(&var), &[g], norm, 1e-2).unwrap();
+                adam.step(std::slice::from_ref(&var), &[g], norm, 1e-2)
+                    .unwrap();
             } else {
                 adam.t += 1;
                 let (t, cfg) = (adam.t as i32, &adam.cfg);
@@ -353,13 +356,23 @@ mod tests {
     #[test]
     fn in_place_updates_equal_candles_ops() {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        let (a, b) = (three_steps(Precision::F32, true), three_steps(Precision::F32, false));
+        let (a, b) = (
+            three_steps(Precision::F32, true),
+            three_steps(Precision::F32, false),
+        );
         assert_eq!(bits(&a.0), bits(&b.0), "weights");
         assert_eq!(bits(&a.1), bits(&b.1), "first moments");
         assert_eq!(bits(&a.2), bits(&b.2), "second moments");
         // bf16 moments: the weight's pass reads them rounded.
-        let (a, b) = (three_steps(Precision::Bf16, true), three_steps(Precision::Bf16, false));
-        let gap = a.0.iter().zip(&b.0).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let (a, b) = (
+            three_steps(Precision::Bf16, true),
+            three_steps(Precision::Bf16, false),
+        );
+        let gap =
+            a.0.iter()
+                .zip(&b.0)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
         assert!(gap < 1e-4, "bf16 moments: weights differ by {gap}");
     }
 

@@ -304,14 +304,24 @@ fn chunked_head_log_probs_train_like_whole_logits() {
                 rows.into_iter().flatten().map(f32::to_bits).collect()
             };
             assert_eq!(bits(&chunked.logprobs), bits(&scoring), "{what}");
-            assert!(relative_gap(&chunked.logprobs, &whole.logprobs) < 1e-5, "{what}");
+            assert!(
+                relative_gap(&chunked.logprobs, &whole.logprobs) < 1e-5,
+                "{what}"
+            );
             let h = chunked.entropy.as_ref().expect("entropies");
             assert_eq!(h.track_op(), entropy == Entropy::Trainable, "{what}");
-            assert!(relative_gap(h, whole.entropy.as_ref().unwrap()) < 1e-5, "{what}");
+            assert!(
+                relative_gap(h, whole.entropy.as_ref().unwrap()) < 1e-5,
+                "{what}"
+            );
 
-            let grads = backprop.backward(&objective_with(&chunked, &old, coef)).unwrap();
+            let grads = backprop
+                .backward(&objective_with(&chunked, &old, coef))
+                .unwrap();
             for (name, var) in Policy::named_vars(&model) {
-                let a = whole_grads.get(var.as_tensor()).expect("a whole-graph gradient");
+                let a = whole_grads
+                    .get(var.as_tensor())
+                    .expect("a whole-graph gradient");
                 let b = grads.get(var.as_tensor());
                 let b = b.unwrap_or_else(|| panic!("{what}: {name} has no gradient"));
                 let gap = relative_gap(a, b);
