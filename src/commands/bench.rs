@@ -55,7 +55,7 @@ fn plan(args: PlanBench) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| dir.path().join("paper.yaml"));
     std::fs::write(&file, bench::paper_grid(3 * args.scale))?;
-    let store = Store::open(&dir.path().join("cache"))?;
+    let store = Store::open(dir.path().join("cache"))?;
     let registry = workspace::registry();
     let t = bench::time_plan(&file, &store, &registry, args.repeat)?;
     println!(

@@ -100,14 +100,14 @@ pub fn run(args: GenerateBench) -> Result<ExitCode> {
     // The memory model's figure for the candle engine's sampling (a trainable model).
     let estimate = |batch: usize| {
         config.as_ref().map(|c| {
-            memory::rollout_bytes(
-                c,
+            let shape = memory::SampleShape {
                 batch,
-                prompt_ids.len() + args.max_tokens,
-                compute,
-                &device,
-            )
-            .total
+                // Every sequence of a run continues the one prompt.
+                samples_per_prompt: batch,
+                prompt_tokens: prompt_ids.len(),
+                new_tokens: args.max_tokens,
+            };
+            memory::rollout_bytes(c, &shape, compute, &device).total
         })
     };
     eprintln!(

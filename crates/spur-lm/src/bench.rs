@@ -190,10 +190,9 @@ fn prefill(loaded: &LoadedModel, ids: &[u32]) -> Result<(f64, KvCache)> {
     Ok((best, cache.expect("three prefills ran")))
 }
 
-/// Aggregate tokens/s of `steps` greedy decode steps for `batch` copies of the prompt.
+/// Aggregate tokens/s of `steps` greedy decode steps for `batch` rows continuing the prompt.
 fn decode(loaded: &LoadedModel, prompt: &KvCache, batch: usize, steps: usize) -> Result<f64> {
-    let rows: Vec<&KvCache> = (0..batch).map(|_| prompt).collect();
-    let mut cache = KvCache::stack(&rows, steps)?;
+    let mut cache = KvCache::continuing(&vec![(0, prompt); batch], steps)?;
     // A newline token as the first input: every row then follows its own greedy path.
     let newline = loaded.tokenizer.encode("\n")?.first().copied().unwrap_or(0);
     let mut next = vec![newline; batch];

@@ -5,15 +5,31 @@
 //! cache; with 16–64 sequences that costs more than the weight matmuls once the cache holds a
 //! few hundred positions. Here each (sequence, head) is one task that reads only its visible
 //! cache columns. No backward pass: decoding takes no gradient.
+//!
+//! Rows that continue a shared prompt ([`crate::KvCache::continuing`]) read its columns from
+//! the prompt's own row first: the columns a row holding its prompt would read, in that order,
+//! so the result is the same to the bit.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// `softmax(q·kᵀ·scale) v` for q [b, heads, 1, hd] and k, v [b, kv_heads, len, hd], where
-/// row r sees cache columns `pad[r]..len` (left padding). Output [b, heads, 1, hd].
+/// row r sees its prompt's columns (if any), then cache columns `pad[r]..len` (left padding).
+/// Output [b, heads, 1, hd].
 pub(crate) struct DecodeAttention {
     pub pad: Vec<usize>,
     pub scale: f32,
+    pub prompts: Option<PromptColumns>,
+}
+
+/// The shared prompts of one layer: keys and values [prompts, kv_heads, width, hd], each
+/// prompt's left padding, and the prompt each row continues.
+pub(crate) struct PromptColumns {
+    pub k: Tensor,
+    pub v: Tensor,
+    pub width: usize,
+    pub pad: Vec<usize>,
+    pub of_row: Vec<usize>,
 }
 
 /// A rank-4 f32 operand as a slice with its strides (the last dimension must be contiguous).
@@ -37,6 +53,13 @@ impl<'a> View<'a> {
             offset: layout.start_offset(),
             stride: [stride[0], stride[1], stride[2]],
         })
+    }
+
+    fn of_storage(storage: &'a Storage, layout: &Layout, what: &str) -> candle_core::Result<Self> {
+        match storage {
+            Storage::Cpu(storage) => View::new(storage, layout, what),
+            _ => candle_core::bail!("decode-attention: {what} must be on the CPU"),
+        }
     }
 
     fn row(&self, i: usize, j: usize, k: usize, len: usize) -> &'a [f32] {
@@ -78,6 +101,27 @@ impl CustomOp3 for DecodeAttention {
             View::new(v_storage, v_layout, "v")?,
         );
         let n_rep = heads / kv_heads;
+        let prompt_storage = match &self.prompts {
+            Some(p) => {
+                let (k, k_layout) = p.k.storage_and_layout();
+                let (v, v_layout) = p.v.storage_and_layout();
+                if p.of_row.len() != b || k_layout.shape() != v_layout.shape() {
+                    candle_core::bail!("decode-attention: prompts of {} rows", p.of_row.len());
+                }
+                Some((k, k_layout.clone(), v, v_layout.clone(), p))
+            }
+            None => None,
+        };
+        let prompts = match &prompt_storage {
+            Some((k, k_layout, v, v_layout, p)) => {
+                let (pk, pv) = (
+                    View::of_storage(k, k_layout, "prompt k")?,
+                    View::of_storage(v, v_layout, "prompt v")?,
+                );
+                Some((pk, pv, *p))
+            }
+            None => None,
+        };
         let mut out = vec![0f32; b * heads * hd];
         // One task per (sequence, kv head): its n_rep query heads are consecutive in `out`
         // and share every key and value row, which is then read once.
@@ -85,22 +129,34 @@ impl CustomOp3 for DecodeAttention {
             .enumerate()
             .for_each(|(task, out)| {
                 let (row, kv_head) = (task / kv_heads, task % kv_heads);
-                let visible = self.pad[row].min(len)..len;
                 let queries: Vec<&[f32]> = (0..n_rep)
                     .map(|r| q.row(row, kv_head * n_rep + r, 0, hd))
                     .collect();
+                // The visible columns: the prompt's, then the row's own.
+                let mut keys = Vec::new();
+                let mut values = Vec::new();
+                if let Some((pk, pv, p)) = &prompts {
+                    let prompt = p.of_row[row];
+                    for col in p.pad[prompt].min(p.width)..p.width {
+                        keys.push(pk.row(prompt, kv_head, col, hd));
+                        values.push(pv.row(prompt, kv_head, col, hd));
+                    }
+                }
+                for col in self.pad[row].min(len)..len {
+                    keys.push(k.row(row, kv_head, col, hd));
+                    values.push(v.row(row, kv_head, col, hd));
+                }
                 // scores[r * n + j]: query r against visible column j.
-                let n = visible.len();
+                let n = keys.len();
                 let mut scores = vec![0f32; n_rep * n];
-                for (j, col) in visible.clone().enumerate() {
+                for (j, key) in keys.iter().enumerate() {
                     // The cache streams from memory (130 MB a step at batch 16): fetch the key
                     // row KEYS_AHEAD columns on, and this column's value row, which the
                     // weighted sum below reads.
-                    if col + KEYS_AHEAD < len {
-                        prefetch(k.row(row, kv_head, col + KEYS_AHEAD, hd));
+                    if let Some(ahead) = keys.get(j + KEYS_AHEAD) {
+                        prefetch(ahead);
                     }
-                    prefetch(v.row(row, kv_head, col, hd));
-                    let key = k.row(row, kv_head, col, hd);
+                    prefetch(values[j]);
                     for (r, query) in queries.iter().enumerate() {
                         scores[r * n + j] = dot(query, key) * self.scale;
                     }
@@ -116,7 +172,6 @@ impl CustomOp3 for DecodeAttention {
                         *s /= total;
                     }
                 }
-                let values: Vec<&[f32]> = visible.map(|col| v.row(row, kv_head, col, hd)).collect();
                 for (out, weights) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(n.max(1))) {
                     weighted_sum(&values, weights, out);
                 }

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::{KvCache, Transformer};
+use crate::kv_cache::KvCache;
+use crate::model::Transformer;
 use crate::tokenizer::Tokenizer;
 
 /// How to sample one request.
@@ -432,8 +433,11 @@ impl CandleEngine {
             }
         }
         if !active.is_empty() {
-            let rows: Vec<&KvCache> = active.iter().map(|q| queue.prompt(q)).collect();
-            let mut cache = KvCache::stack(&rows, 64)?;
+            // Rows continue their prompt's prefill, each prompt held once.
+            let rows: Vec<(usize, &KvCache)> = (active.iter())
+                .map(|q| (q.prompt_index, queue.prompt(q)))
+                .collect();
+            let mut cache = KvCache::continuing(&rows, 64)?;
             queue.forget_started();
             while !active.is_empty() {
                 let last: Vec<u32> = active
@@ -468,7 +472,7 @@ impl CandleEngine {
                         let Some(next) = queue.next(&mut done)? else {
                             continue;
                         };
-                        cache.replace_row(r, queue.prompt(&next))?;
+                        cache.restart_row(r, next.prompt_index, queue.prompt(&next))?;
                         done.push(std::mem::replace(row, next));
                     }
                     keep.push(r);

@@ -24,6 +24,7 @@ mod decode_silu;
 pub mod engine;
 pub mod error;
 pub mod head_logprobs;
+mod kv_cache;
 pub mod memory;
 pub mod model;
 mod quant;
@@ -47,7 +48,8 @@ pub use engine::{
 };
 pub use error::{Error, Result};
 pub use head_logprobs::{Entropy, TokenLogprobs};
-pub use model::{KvCache, LayerTape, PackedSequences, Transformer};
+pub use kv_cache::KvCache;
+pub use model::{LayerTape, PackedSequences, Transformer};
 pub use source::{default_cache_dir, resolve, ModelFiles};
 pub use template::PromptTemplate;
 pub use tokenizer::Tokenizer;
@@ -64,7 +66,10 @@ pub use tokenizer::Tokenizer;
 ///    take finished ones' rows, so batch shapes (and with them the rounding) differ.
 /// 8: passes without a cache (scoring, training): the fused packed attention on the CPU, and
 ///    the sampled tokens' log-probs from the chunked head (`head_logprobs`) on every device.
-pub const NUMERICS_VERSION: u32 = 8;
+/// 9: shared prompt KV in decoding. The CPU's f32 kernel reads the same columns in the same
+///    order (its tokens do not change); candle's composite attention (bf16, CUDA) sums the
+///    prompt's and the completion's weighted values apart, then adds them in f32.
+pub const NUMERICS_VERSION: u32 = 9;
 
 /// The device a spec names: `cpu`, `cuda` (device 0), `cuda:N`, or `auto` (CUDA device 0
 /// when this build has CUDA and the machine a GPU, else the CPU).

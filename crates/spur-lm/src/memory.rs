@@ -7,7 +7,7 @@
 //! optimizer moments; per decoder layer the activations of one micro-batch (all layers, or with
 //! checkpointing each layer's input plus one layer's graph); the vocabulary-sized tensors of
 //! the log-softmax; the transients of the backward pass and of Adam; and for sampling the KV
-//! cache of the batch. docs/performance.md compares it with measured peaks.
+//! cache of the batch, each prompt once. docs/performance.md compares it with measured peaks.
 
 use candle_core::{DType, Device};
 use serde::Serialize;
@@ -243,13 +243,34 @@ pub fn update_bytes(config: &ModelConfig, shape: &UpdateShape, device: &Device) 
     }
 }
 
-/// Peak bytes of sampling `batch` sequences of up to `sequence_tokens` tokens (prompt plus
-/// completion) from a trainable model computing in `compute`: the f32 master weights, a copy
-/// in the compute dtype when it differs, and the KV cache (grown geometrically: up to 1.5×).
+/// What a sampling pass decodes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleShape {
+    /// Sequences decoded together (the engine's batch).
+    pub batch: usize,
+    /// Completions of each prompt: rows continuing one prompt share its keys and values.
+    pub samples_per_prompt: usize,
+    /// Tokens of the longest prompt.
+    pub prompt_tokens: usize,
+    /// Most new tokens per completion.
+    pub new_tokens: usize,
+}
+
+impl SampleShape {
+    /// Prompts the engine holds at once: those of a full batch, one more whose last rows
+    /// still run while the next prompt's rows join, and the next prompt's prefill.
+    pub fn prompts_held(&self) -> usize {
+        let batch = self.batch.max(1);
+        (batch.div_ceil(self.samples_per_prompt.max(1)) + 1).min(batch) + 1
+    }
+}
+
+/// Peak bytes of sampling `shape` from a trainable model computing in `compute`: the f32
+/// master weights, a copy in the compute dtype when it differs, and the KV cache: each held
+/// prompt once, and each row's own completion (grown geometrically: up to 1.5×).
 pub fn rollout_bytes(
     config: &ModelConfig,
-    batch: usize,
-    sequence_tokens: usize,
+    shape: &SampleShape,
     compute: DType,
     device: &Device,
 ) -> MemoryEstimate {
@@ -261,11 +282,18 @@ pub fn rollout_bytes(
         } else {
             0
         };
-    let (b, t) = (batch as u64, sequence_tokens as u64);
-    let kv_width = (config.num_key_value_heads * config.head_dim) as u64;
-    let kv_cache = 2 * config.num_hidden_layers as u64 * b * t * kv_width * cs * 3 / 2;
-    // One step's activations are small; its logits (f32) and their host copy are not.
-    let activations = b * config.vocab_size as u64 * (cs + 4);
+    let b = shape.batch as u64;
+    let prompt = shape.prompt_tokens as u64;
+    let kv_token = 2 * (config.num_key_value_heads * config.head_dim) as u64 * cs;
+    let layers = config.num_hidden_layers as u64;
+    let prompts = shape.prompts_held() as u64 * prompt;
+    let kv_cache = layers * kv_token * (prompts + b * shape.new_tokens as u64 * 3 / 2);
+    // One step's logits (f32) and their host copy; outside the CPU's f32 decode kernel,
+    // attention gathers one layer's prompt columns for every row.
+    let mut activations = b * config.vocab_size as u64 * (cs + 4);
+    if !(device.is_cpu() && compute == DType::F32) {
+        activations += b * prompt * kv_token;
+    }
     let runtime = runtime_bytes(device);
     MemoryEstimate {
         weights,
@@ -389,4 +417,71 @@ fn device_sampler(device: &Device) -> Option<Inner> {
 #[cfg(not(feature = "cuda"))]
 fn device_sampler(_device: &Device) -> Option<Inner> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Qwen2.5-Math-7B's shapes.
+    fn qwen_7b() -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Qwen2,
+            vocab_size: 152_064,
+            hidden_size: 3584,
+            intermediate_size: 18_944,
+            num_hidden_layers: 28,
+            num_attention_heads: 28,
+            num_key_value_heads: 4,
+            head_dim: 128,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            rms_norm_eps: 1e-6,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        }
+    }
+
+    #[test]
+    fn prompts_held_while_sampling() {
+        let held = |batch, samples_per_prompt| {
+            SampleShape {
+                batch,
+                samples_per_prompt,
+                prompt_tokens: 1,
+                new_tokens: 1,
+            }
+            .prompts_held()
+        };
+        // A full batch's prompts, one more still finishing, and the next one's prefill.
+        assert_eq!(held(64, 16), 6);
+        assert_eq!(held(32, 16), 4);
+        assert_eq!(held(4, 8), 3);
+        // No sharing: every row its own prompt, and the next prefill.
+        assert_eq!(held(32, 1), 33);
+        assert_eq!(held(1, 1), 2);
+    }
+
+    #[test]
+    fn rows_of_one_prompt_hold_it_once() {
+        let config = qwen_7b();
+        let kv = |samples_per_prompt| {
+            let shape = SampleShape {
+                batch: 64,
+                samples_per_prompt,
+                prompt_tokens: 1024,
+                new_tokens: 3072,
+            };
+            rollout_bytes(&config, &shape, DType::BF16, &Device::Cpu).kv_cache
+        };
+        // 28 layers × keys and values × 4 heads × 128 dims × 2 bytes.
+        let per_token = 28 * 2 * 4 * 128 * 2;
+        let (alone, grouped) = (kv(1), kv(16));
+        assert_eq!(alone - grouped, (65 - 6) * 1024 * per_token);
+        // The paper's 64 rows: 0.35 GB of prompts beside 16.9 GB of completions (with room
+        // to grow); a copy of the prompt in every row made it 22.5 GB in all.
+        assert_eq!(grouped, (6 * 1024 + 64 * 3072 * 3 / 2) * per_token);
+    }
 }

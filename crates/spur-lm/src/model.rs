@@ -28,11 +28,12 @@ use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::VarMap;
 
 use crate::config::{Architecture, ModelConfig};
-use crate::decode_attention::DecodeAttention;
+use crate::decode_attention::{DecodeAttention, PromptColumns};
 use crate::decode_matmul::DecodeMatmul;
 use crate::decode_silu::SiluMul;
 use crate::error::{Error, Result};
 use crate::head_logprobs::{self, Entropy, TokenLogprobs};
+use crate::kv_cache::{KvCache, SharedPrompts};
 use crate::quant::QuantMatrix;
 use crate::train_attention;
 use crate::train_ops::{self, RopeStyle};
@@ -215,9 +216,14 @@ impl Layer {
     }
 }
 
-/// A decoding pass's view of one layer's cache: its keys and values, the column the pass writes
-/// from, and each row's left padding. `None` for a pass without a cache.
-type LayerCache<'a> = Option<(&'a mut (Tensor, Tensor), usize, &'a [usize])>;
+/// A decoding pass's view of one layer's cache: the rows' own keys and values, the column the
+/// pass writes from, each row's left padding, and the prompts the rows continue.
+struct LayerCache<'a> {
+    kv: &'a mut (Tensor, Tensor),
+    offset: usize,
+    pad: &'a [usize],
+    prompts: Option<(&'a (Tensor, Tensor), &'a SharedPrompts)>,
+}
 
 /// Which keys each query of a pass attends to.
 enum Attend {
@@ -304,186 +310,6 @@ impl PackedSequences {
     pub fn logit_rows(&self) -> &Tensor {
         &self.logit_rows
     }
-}
-
-/// Keys and values of past positions for a batch of sequences.
-///
-/// Rows are left-padded: row `i` holds nothing in columns `0..pad[i]`, and every row writes its
-/// next position at column `len`, so one decode step serves sequences of different lengths.
-pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
-    len: usize,
-    capacity: usize,
-    pad: Vec<usize>,
-}
-
-impl KvCache {
-    /// Number of rows (sequences).
-    pub fn batch_size(&self) -> usize {
-        self.pad.len()
-    }
-
-    /// Number of columns written so far (padding included).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Real tokens held for row `row`.
-    pub fn row_len(&self, row: usize) -> usize {
-        self.len - self.pad[row]
-    }
-
-    /// Stacks single-row caches into one left-padded batch with room for `extra` more columns.
-    /// `rows[i]` is the cache (of batch size 1) that row i starts from; a cache may repeat.
-    pub fn stack(rows: &[&KvCache], extra: usize) -> Result<KvCache> {
-        let first = rows
-            .first()
-            .ok_or_else(|| Error::Request("cannot stack an empty list of caches".into()))?;
-        let width = rows.iter().map(|c| c.len).max().unwrap_or(0);
-        let capacity = width + extra;
-        let mut layers = Vec::with_capacity(first.layers.len());
-        for layer in 0..first.layers.len() {
-            let mut ks = Vec::with_capacity(rows.len());
-            let mut vs = Vec::with_capacity(rows.len());
-            for cache in rows {
-                if cache.batch_size() != 1 {
-                    return Err(Error::Request(
-                        "only single-row caches can be stacked".into(),
-                    ));
-                }
-                let (k, v) = &cache.layers[layer];
-                ks.push(pad_columns(
-                    &k.narrow(2, 0, cache.len)?,
-                    width - cache.len,
-                    capacity,
-                )?);
-                vs.push(pad_columns(
-                    &v.narrow(2, 0, cache.len)?,
-                    width - cache.len,
-                    capacity,
-                )?);
-            }
-            layers.push((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
-        }
-        let pad = rows.iter().map(|c| width - c.len + c.pad[0]).collect();
-        Ok(KvCache {
-            layers,
-            len: width,
-            capacity,
-            pad,
-        })
-    }
-
-    /// Makes room for at least `additional` more columns: first by dropping the leading
-    /// columns every row pads (rows that left, or joined after others), then by growing the
-    /// buffers geometrically. So a batch whose rows come and go stays about as wide as its
-    /// longest row.
-    pub fn reserve(&mut self, additional: usize) -> Result<()> {
-        if self.len + additional > self.capacity {
-            self.trim_left()?;
-        }
-        let needed = self.len + additional;
-        if needed <= self.capacity {
-            return Ok(());
-        }
-        let capacity = needed.max(self.capacity + self.capacity / 2);
-        for (k, v) in self.layers.iter_mut() {
-            *k = pad_columns(&k.narrow(2, 0, self.len)?, 0, capacity)?;
-            *v = pad_columns(&v.narrow(2, 0, self.len)?, 0, capacity)?;
-        }
-        self.capacity = capacity;
-        Ok(())
-    }
-
-    /// Puts the single-row cache `row` in row `r`'s place, in place (continuous batching: a
-    /// waiting sequence takes the row of a finished one). A row longer than the batch widens
-    /// every row's left padding, which copies the cache; otherwise only the row is written.
-    pub fn replace_row(&mut self, r: usize, row: &KvCache) -> Result<()> {
-        if row.batch_size() != 1 || row.layers.len() != self.layers.len() || r >= self.pad.len() {
-            return Err(Error::Request(format!(
-                "cannot put a {}-row cache in row {r} of a {}-row batch",
-                row.batch_size(),
-                self.pad.len()
-            )));
-        }
-        if row.len > self.len {
-            let widen = row.len - self.len;
-            let capacity = self.capacity.max(row.len + (self.capacity - self.len));
-            for (k, v) in self.layers.iter_mut() {
-                *k = pad_columns(&k.narrow(2, 0, self.len)?, widen, capacity)?;
-                *v = pad_columns(&v.narrow(2, 0, self.len)?, widen, capacity)?;
-            }
-            self.pad.iter_mut().for_each(|p| *p += widen);
-            (self.len, self.capacity) = (row.len, capacity);
-        }
-        let left = self.len - row.len;
-        for ((k, v), (rk, rv)) in self.layers.iter_mut().zip(&row.layers) {
-            k.slice_set(
-                &pad_columns(&rk.narrow(2, 0, row.len)?, left, self.capacity)?,
-                0,
-                r,
-            )?;
-            v.slice_set(
-                &pad_columns(&rv.narrow(2, 0, row.len)?, left, self.capacity)?,
-                0,
-                r,
-            )?;
-        }
-        self.pad[r] = left + row.pad[0];
-        Ok(())
-    }
-
-    /// Drops the leading columns that every row pads. Positions do not move (each row's
-    /// length is kept), so decoding goes on as before; [`KvCache::reserve`] does it when the
-    /// buffers are full, which is when the copy it costs buys room.
-    pub fn trim_left(&mut self) -> Result<()> {
-        let drop = self.pad.iter().copied().min().unwrap_or(0);
-        if drop == 0 {
-            return Ok(());
-        }
-        let keep = self.len - drop;
-        for (k, v) in self.layers.iter_mut() {
-            *k = pad_columns(&k.narrow(2, drop, keep)?, 0, self.capacity)?;
-            *v = pad_columns(&v.narrow(2, drop, keep)?, 0, self.capacity)?;
-        }
-        self.pad.iter_mut().for_each(|p| *p -= drop);
-        self.len = keep;
-        Ok(())
-    }
-
-    /// Keeps only the given rows, in that order (drops finished sequences from a batch).
-    pub fn retain_rows(&mut self, rows: &[usize]) -> Result<()> {
-        let device = self.layers[0].0.device().clone();
-        let index = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &device)?;
-        for (k, v) in self.layers.iter_mut() {
-            *k = k.index_select(&index, 0)?;
-            *v = v.index_select(&index, 0)?;
-        }
-        self.pad = rows.iter().map(|&r| self.pad[r]).collect();
-        Ok(())
-    }
-}
-
-/// `x` ([1, kv, n, d]) shifted right by `left` zero columns inside a buffer of `capacity` columns.
-fn pad_columns(x: &Tensor, left: usize, capacity: usize) -> Result<Tensor> {
-    let (b, h, n, d) = x.dims4()?;
-    let mut parts = Vec::with_capacity(3);
-    if left > 0 {
-        parts.push(Tensor::zeros((b, h, left, d), x.dtype(), x.device())?);
-    }
-    parts.push(x.clone());
-    if capacity > left + n {
-        parts.push(Tensor::zeros(
-            (b, h, capacity - left - n, d),
-            x.dtype(),
-            x.device(),
-        )?);
-    }
-    Ok(Tensor::cat(&parts, 2)?.contiguous()?)
 }
 
 /// A decoder-only language model.
@@ -594,25 +420,28 @@ fn rope(
 }
 
 /// Softmax attention of queries `q` [b, heads, t, hd] over keys and values
-/// [b, kv_heads, keys, hd], with the additive `mask` broadcast to
-/// [b, kv_heads, heads / kv_heads, t, keys]: [b, heads, t, hd].
+/// [b, kv_heads, keys, hd] in one or more segments whose keys the additive `mask` (broadcast to
+/// [b, kv_heads, heads / kv_heads, t, all keys]) covers in order: [b, heads, t, hd].
 fn scaled_attention(
     q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    segments: &[(Tensor, Tensor)],
     mask: &Tensor,
     decoding: bool,
 ) -> Result<Tensor> {
     let (b, heads, t, hd) = q.dims4()?;
-    let (kv_heads, tk) = (k.dim(1)?, k.dim(2)?);
+    let kv_heads = segments[0].0.dim(1)?;
     let n_rep = heads / kv_heads;
     // Grouped-query attention without copying k/v: the n_rep query heads that share a
     // key/value head are stacked along the query axis.
     let q = q.contiguous()?.reshape((b, kv_heads, n_rep * t, hd))?;
+    let scores = (segments.iter())
+        .map(|(k, _)| matmul(&q, &k.t()?))
+        .collect::<Result<Vec<_>>>()?;
     // Scores, mask and softmax in f32 whatever the pass's dtype, as autocast does.
-    let scores = matmul(&q, &k.t()?)?.to_dtype(DType::F32)?;
+    let scores = Tensor::cat(&scores, 3)?.to_dtype(DType::F32)?;
+    let keys = scores.dim(3)?;
     let scores = (scores * (1.0 / (hd as f64).sqrt()))?
-        .reshape((b, kv_heads, n_rep, t, tk))?
+        .reshape((b, kv_heads, n_rep, t, keys))?
         .broadcast_add(mask)?;
     // On CUDA one kernel instead of five launches; the CPU keeps the composite softmax
     // its cached rollouts were sampled with (a fused kernel sums in another order).
@@ -621,8 +450,26 @@ fn scaled_attention(
     } else {
         candle_nn::ops::softmax(&scores, D::Minus1)?
     };
-    let probs = probs.to_dtype(v.dtype())?;
-    let out = matmul(&probs.reshape((b, kv_heads, n_rep * t, tk))?, v)?;
+    let probs = probs.reshape((b, kv_heads, n_rep * t, keys))?;
+    let out = if let [(_, v)] = segments {
+        matmul(&probs.to_dtype(v.dtype())?, v)?
+    } else {
+        // Each segment's weighted values, summed in f32.
+        let mut sum: Option<Tensor> = None;
+        let mut at = 0;
+        for (_, v) in segments {
+            let n = v.dim(2)?;
+            let p = probs.narrow(3, at, n)?.contiguous()?.to_dtype(v.dtype())?;
+            let part = matmul(&p, v)?.to_dtype(DType::F32)?;
+            sum = Some(match sum {
+                Some(s) => (s + part)?,
+                None => part,
+            });
+            at += n;
+        }
+        let v_dtype = segments[0].1.dtype();
+        sum.expect("at least one segment").to_dtype(v_dtype)?
+    };
     Ok(out.reshape((b, heads, t, hd))?)
 }
 
@@ -935,7 +782,7 @@ impl Transformer {
         x: &Tensor,
         rope_cs: &(Tensor, Tensor),
         attend: &Attend,
-        cache: LayerCache<'_>,
+        cache: Option<LayerCache<'_>>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
@@ -957,19 +804,27 @@ impl Transformer {
         let (cos, sin) = rope_cs;
         let q = rope(&q.contiguous()?, cos, sin, self.rope_style, decoding)?;
         let k = rope(&k.contiguous()?, cos, sin, self.rope_style, decoding)?.contiguous()?;
-        let (k, v, pad) = match cache {
+        let (k, v, cache) = match cache {
             None => (k, v, None),
-            Some(((ck, cv), offset, pad)) => {
-                ck.slice_set(&k, 2, offset)?;
-                cv.slice_set(&v, 2, offset)?;
-                let (k, v) = (ck.narrow(2, 0, offset + t)?, cv.narrow(2, 0, offset + t)?);
-                (k, v, Some(pad))
+            Some(cache) => {
+                let (ck, cv) = &mut *cache.kv;
+                ck.slice_set(&k, 2, cache.offset)?;
+                cv.slice_set(&v, 2, cache.offset)?;
+                let end = cache.offset + t;
+                (ck.narrow(2, 0, end)?, cv.narrow(2, 0, end)?, Some(cache))
             }
         };
-        if let (1, Some(pad), true) = (t, pad, cpu_kernels(decoding, &q)) {
+        if let (1, Some(cache), true) = (t, &cache, cpu_kernels(decoding, &q)) {
             let op = DecodeAttention {
-                pad: pad.to_vec(),
+                pad: cache.pad.to_vec(),
                 scale: 1.0 / (hd as f32).sqrt(),
+                prompts: cache.prompts.map(|((pk, pv), shared)| PromptColumns {
+                    k: pk.clone(),
+                    v: pv.clone(),
+                    width: shared.cache.len,
+                    pad: shared.cache.pad.clone(),
+                    of_row: shared.of_row.clone(),
+                }),
             };
             // [b, heads, 1, hd] has the memory order of [b, 1, heads·hd].
             let out = q
@@ -983,7 +838,18 @@ impl Transformer {
                 let out = train_attention::packed_attention(&q, &k, &v, lengths)?;
                 return layer.o.forward(&out, decoding);
             }
-            Attend::Mask(mask) => scaled_attention(&q, &k, &v, mask, decoding)?,
+            Attend::Mask(mask) => {
+                // Rows that continue shared prompts see their prompt's columns first, gathered
+                // here one layer at a time (a CUDA decode kernel would read them in place).
+                let mut segments = Vec::with_capacity(2);
+                if let Some(((pk, pv), shared)) = cache.and_then(|c| c.prompts) {
+                    let width = shared.cache.len;
+                    let gather = |x: &Tensor| x.narrow(2, 0, width)?.index_select(&shared.index, 0);
+                    segments.push((gather(pk)?, gather(pv)?));
+                }
+                segments.push((k, v));
+                scaled_attention(&q, &segments, mask, decoding)?
+            }
             Attend::Packed { lengths, causal } => {
                 let mut outs = Vec::with_capacity(lengths.len());
                 let mut offset = 0;
@@ -992,8 +858,7 @@ impl Transformer {
                     let mask = causal.narrow(3, 0, n)?.narrow(4, 0, n)?;
                     outs.push(scaled_attention(
                         &part(&q)?,
-                        &part(&k)?,
-                        &part(&v)?,
+                        &[(part(&k)?, part(&v)?)],
                         &mask,
                         decoding,
                     )?);
@@ -1037,7 +902,7 @@ impl Transformer {
         layer: &Layer,
         x: &Tensor,
         pass: &PassInputs,
-        cache: LayerCache<'_>,
+        cache: Option<LayerCache<'_>>,
     ) -> Result<Tensor> {
         let eps = self.config.rms_norm_eps;
         let decoding = cache.is_some();
@@ -1067,13 +932,12 @@ impl Transformer {
         let t = pass.tokens.dim(1)?;
         let mut x = self.embed_tokens(&pass.tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = match cache.as_deref_mut() {
-                Some(c) => {
-                    let offset = c.len;
-                    Some((&mut c.layers[i], offset, c.pad.as_slice()))
-                }
-                None => None,
-            };
+            let layer_cache = cache.as_deref_mut().map(|c| LayerCache {
+                kv: &mut c.layers[i],
+                offset: c.len,
+                pad: c.pad.as_slice(),
+                prompts: (c.prompts.as_deref()).map(|shared| (&shared.cache.layers[i], shared)),
+            });
             x = self.layer_forward(layer, &x, pass, layer_cache)?;
         }
         if let Some(c) = cache {
@@ -1325,21 +1189,15 @@ impl Transformer {
     /// An empty cache for `batch` rows with room for `capacity` positions.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
         let c = &self.config;
-        let shape = (batch, c.num_key_value_heads, capacity, c.head_dim);
-        let layers = (0..c.num_hidden_layers)
-            .map(|_| {
-                Ok((
-                    Tensor::zeros(shape, self.compute, &self.device)?,
-                    Tensor::zeros(shape, self.compute, &self.device)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache {
-            layers,
-            len: 0,
+        KvCache::empty(
+            c.num_hidden_layers,
+            batch,
+            c.num_key_value_heads,
+            c.head_dim,
             capacity,
-            pad: vec![0; batch],
-        })
+            self.compute,
+            &self.device,
+        )
     }
 
     /// Feeds `tokens` (u32 [batch, t]) after the positions held in `cache`, appends their keys
@@ -1358,15 +1216,25 @@ impl Transformer {
         }
         cache.reserve(t)?;
         let total = cache.len + t;
+        // Mask columns: the prompts' (when rows continue shared prompts), then the rows' own.
+        let (width, prompt_pads) = match cache.prompts.as_deref() {
+            Some(shared) => {
+                let pads = shared.of_row.iter().map(|&p| shared.cache.pad[p]).collect();
+                (shared.cache.len, pads)
+            }
+            None => (0, vec![0; b]),
+        };
+        let columns = width + total;
         let mut positions = Vec::with_capacity(b);
-        let mut mask = vec![0f32; b * t * total];
-        for (row, &pad) in cache.pad.iter().enumerate() {
-            positions.push((0..t).map(|j| cache.len - pad + j).collect::<Vec<_>>());
+        let mut mask = vec![0f32; b * t * columns];
+        for (row, (&pad, &prompt_pad)) in cache.pad.iter().zip(&prompt_pads).enumerate() {
+            let before = width - prompt_pad + cache.len - pad;
+            positions.push((0..t).map(|j| before + j).collect::<Vec<_>>());
             for j in 0..t {
-                let visible = pad..=cache.len + j;
-                for col in 0..total {
-                    if !visible.contains(&col) {
-                        mask[(row * t + j) * total + col] = f32::NEG_INFINITY;
+                let own = width + pad..=width + cache.len + j;
+                for col in 0..columns {
+                    if !(own.contains(&col) || (prompt_pad..width).contains(&col)) {
+                        mask[(row * t + j) * columns + col] = f32::NEG_INFINITY;
                     }
                 }
             }
@@ -1374,7 +1242,7 @@ impl Transformer {
         let pass = PassInputs {
             tokens: tokens.clone(),
             rope_cs: self.rope_tables(&positions)?,
-            attend: Attend::Mask(Tensor::from_vec(mask, (b, 1, 1, t, total), &self.device)?),
+            attend: Attend::Mask(Tensor::from_vec(mask, (b, 1, 1, t, columns), &self.device)?),
             logit_rows: None,
         };
         let x = self.run_layers(&pass, Some(cache))?;

@@ -9,8 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 use spur_lm::engine::{
     CandleEngine, Completion, Engine, FinishReason, GenerationRequest, SamplingParams,
 };
-use spur_lm::model::KvCache;
-use spur_lm::{load_model, Architecture, LoadOptions, LoadedModel, PromptTemplate};
+use spur_lm::{load_model, Architecture, KvCache, LoadOptions, LoadedModel, PromptTemplate};
 
 const ARCHS: [Architecture; 3] = [
     Architecture::Llama,
@@ -148,45 +147,81 @@ fn kv_cache_decoding_equals_full_forward() {
     }
 }
 
-/// Prompts of different lengths stacked into one left-padded batch decode exactly as they
-/// would alone.
+/// Rows continuing prompts of different lengths, two of them the same prompt, decode as they
+/// would alone: on the CPU's decode kernel (f32) and through candle's composite attention
+/// (bf16).
 #[test]
-fn left_padded_batch_decodes_like_single_rows() {
+fn rows_continuing_shared_prompts_decode_like_single_rows() {
     for arch in ARCHS {
-        let (_dir, loaded) = checkpoint(arch, DType::F32);
-        let model = &loaded.model;
-        let prompts: [&[u32]; 3] = [&[5, 6, 7], &[9, 10, 11, 12, 13, 14], &[100]];
-        let mut singles = Vec::new();
-        for p in prompts {
-            let mut c = model.new_cache(1, p.len()).unwrap();
-            model.forward_cached(&tokens(&[p]), &mut c).unwrap();
-            singles.push(c);
+        // bf16 logits of about 3 are 0.016 apart: plain bf16 decoding is 0.05 from the full pass.
+        for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 8e-2)] {
+            let (_dir, mut loaded) = checkpoint(arch, DType::F32);
+            loaded.model.set_compute_dtype(dtype).unwrap();
+            let model = &loaded.model;
+            let prompts: [&[u32]; 3] = [&[5, 6, 7], &[9, 10, 11, 12, 13, 14], &[100]];
+            let mut singles = Vec::new();
+            for p in prompts {
+                let mut c = model.new_cache(1, p.len()).unwrap();
+                model.forward_cached(&tokens(&[p]), &mut c).unwrap();
+                singles.push(c);
+            }
+            // Rows 0 and 3 continue prompt 0, held once.
+            let of_row = [0, 1, 2, 0];
+            let rows: Vec<(usize, &KvCache)> = of_row.iter().map(|&p| (p, &singles[p])).collect();
+            let mut batch = KvCache::continuing(&rows, 4).unwrap();
+            assert_eq!(batch.prompt_count(), 3);
+            let next = [[21u32], [22], [23], [24]];
+            let batched = model
+                .forward_cached(&Tensor::new(&next, &Device::Cpu).unwrap(), &mut batch)
+                .unwrap();
+            for (i, &p) in of_row.iter().enumerate() {
+                let seq = [prompts[p], &next[i]].concat();
+                let full = model.forward(&tokens(&[&seq])).unwrap().squeeze(0).unwrap();
+                let want = full.get(seq.len() - 1).unwrap();
+                let d = max_diff(&batched.get(i).unwrap(), &want);
+                assert!(d < tolerance, "{arch:?} {dtype:?}: row {i} differs by {d}");
+            }
+            // Dropping rows keeps the others intact, and the prompts they continue.
+            batch.retain_rows(&[2, 0]).unwrap();
+            assert_eq!(batch.batch_size(), 2);
+            assert_eq!((batch.row_len(0), batch.row_len(1)), (2, 4));
+            assert_eq!(batch.prompt_count(), 2);
         }
-        let refs: Vec<&KvCache> = singles.iter().collect();
-        let mut batch = KvCache::stack(&refs, 4).unwrap();
-        let next = [[21u32], [22], [23]];
-        let batched = model
-            .forward_cached(&Tensor::new(&next, &Device::Cpu).unwrap(), &mut batch)
-            .unwrap();
-        for (i, p) in prompts.iter().enumerate() {
-            let mut seq = p.to_vec();
-            seq.push(next[i][0]);
-            let full = model.forward(&tokens(&[&seq])).unwrap().squeeze(0).unwrap();
-            let want = full.get(seq.len() - 1).unwrap();
-            let d = max_diff(&batched.get(i).unwrap(), &want);
-            assert!(d < 1e-4, "{arch:?}: row {i} differs by {d}");
-        }
-        // Dropping a row keeps the others intact.
-        batch.retain_rows(&[2, 0]).unwrap();
-        assert_eq!(batch.batch_size(), 2);
-        assert_eq!(batch.row_len(0), 2);
-        assert_eq!(batch.row_len(1), 4);
     }
 }
 
-/// Rows that take finished rows' places in a running batch (continuous batching), shorter or
-/// longer than it, and the batch trimmed of the columns no row reads, decode as they would
-/// alone.
+/// The CPU decode kernel reads a shared prompt's columns in the order a row holding its own
+/// copy would: rows sharing one prompt give the same logits, to the bit, as rows with a copy
+/// each.
+#[test]
+fn shared_prompts_change_no_bit_of_the_logits() {
+    let (_dir, loaded) = checkpoint(Architecture::Qwen2, DType::F32);
+    let model = &loaded.model;
+    let mut prompt = model.new_cache(1, 5).unwrap();
+    model
+        .forward_cached(&tokens(&[&[3, 1, 4, 1, 5]]), &mut prompt)
+        .unwrap();
+    let decode = |keys: [usize; 3]| {
+        let rows: Vec<(usize, &KvCache)> = keys.iter().map(|&k| (k, &prompt)).collect();
+        let mut batch = KvCache::continuing(&rows, 2).unwrap();
+        let mut out = Vec::new();
+        for step in [[[9u32], [2], [6]], [[5], [3], [5]]] {
+            let logits = model
+                .forward_cached(&Tensor::new(&step, &Device::Cpu).unwrap(), &mut batch)
+                .unwrap();
+            out.push(logits.to_vec2::<f32>().unwrap());
+        }
+        (batch.prompt_count(), out)
+    };
+    let (shared, shared_logits) = decode([7, 7, 7]);
+    let (copies, copied_logits) = decode([0, 1, 2]);
+    assert_eq!((shared, copies), (1, 3));
+    assert_eq!(shared_logits, copied_logits);
+}
+
+/// Rows that take finished rows' places in a running batch (continuous batching), continuing
+/// shorter or longer prompts than the batch's, or one it already holds, decode as they would
+/// alone; prompts no row continues are dropped.
 #[test]
 fn rows_joining_a_running_batch_decode_like_single_rows() {
     for arch in ARCHS {
@@ -208,17 +243,20 @@ fn rows_joining_a_running_batch_decode_like_single_rows() {
             }
         };
         let (a, b, e): (&[u32], &[u32], &[u32]) = (&[5, 6, 7, 8], &[9, 10, 11], &[12, 13]);
-        let mut batch = KvCache::stack(&[&prefilled(a), &prefilled(b), &prefilled(e)], 2).unwrap();
+        let rows = [(0, &prefilled(a)), (1, &prefilled(b)), (2, &prefilled(e))];
+        let mut batch = KvCache::continuing(&rows, 2).unwrap();
         let step = Tensor::new(&[[21u32], [22], [23]], &Device::Cpu).unwrap();
         model.forward_cached(&step, &mut batch).unwrap();
-        // Rows 0 and 2 finish: a shorter prompt and a longer one than the batch take them.
+        // Rows 0 and 2 finish: a shorter prompt and a longer one than the batch's take them.
         let (c, d): (&[u32], &[u32]) = (&[100], &[1, 2, 3, 4, 5, 6, 7, 8, 9]);
-        batch.replace_row(0, &prefilled(c)).unwrap();
-        batch.replace_row(2, &prefilled(d)).unwrap();
+        batch.restart_row(0, 3, &prefilled(c)).unwrap();
+        batch.restart_row(2, 4, &prefilled(d)).unwrap();
         assert_eq!(
             (batch.row_len(0), batch.row_len(1), batch.row_len(2)),
             (1, 4, 9)
         );
+        // Prompts a and e are dropped with their last rows.
+        assert_eq!(batch.prompt_count(), 3);
         let next = Tensor::new(&[[31u32], [32], [33]], &Device::Cpu).unwrap();
         let out = model.forward_cached(&next, &mut batch).unwrap();
         let mut rows = vec![
@@ -227,15 +265,26 @@ fn rows_joining_a_running_batch_decode_like_single_rows() {
             [d, &[33]].concat(),
         ];
         check(&out, &rows);
-        // The long row leaves: the columns only it read are trimmed away.
-        batch.retain_rows(&[0, 1]).unwrap();
-        rows.pop();
-        batch.trim_left().unwrap();
-        assert_eq!(batch.len(), 5);
-        let next = Tensor::new(&[[41u32], [42]], &Device::Cpu).unwrap();
+        // Row 2 finishes and another sample of prompt c takes it: nothing new is held.
+        batch.restart_row(2, 3, &prefilled(c)).unwrap();
+        assert_eq!(batch.prompt_count(), 2);
+        rows[2] = c.to_vec();
+        let next = Tensor::new(&[[41u32], [42], [43]], &Device::Cpu).unwrap();
         let out = model.forward_cached(&next, &mut batch).unwrap();
-        rows[0].push(41);
-        rows[1].push(42);
+        for (row, token) in rows.iter_mut().zip([41, 42, 43]) {
+            row.push(token);
+        }
+        check(&out, &rows);
+        // Row 1 leaves, and with it prompt b; the columns only it read are trimmed away.
+        batch.retain_rows(&[0, 2]).unwrap();
+        rows.remove(1);
+        assert_eq!(batch.prompt_count(), 1);
+        batch.trim_left().unwrap();
+        assert_eq!(batch.len(), 2);
+        let next = Tensor::new(&[[51u32], [52]], &Device::Cpu).unwrap();
+        let out = model.forward_cached(&next, &mut batch).unwrap();
+        rows[0].push(51);
+        rows[1].push(52);
         check(&out, &rows);
     }
 }

@@ -8,7 +8,7 @@ use spur_core::node_params::{
     RolloutNodeParams, UpdateNodeParams,
 };
 use spur_core::params::{Engine, Precision};
-use spur_lm::memory::{rollout_bytes, update_bytes, MemoryEstimate, UpdateShape};
+use spur_lm::memory::{rollout_bytes, update_bytes, MemoryEstimate, SampleShape, UpdateShape};
 use spur_lm::{CandleEngine, DType, Device, ModelConfig, PromptTemplate, Tokenizer};
 use spur_plan::{External, ExternalKind, Node, Plan, Role, StageKind};
 use spur_rl::precision_dtype;
@@ -43,8 +43,7 @@ enum Work {
         reference_model: bool,
     },
     Sample {
-        batch: usize,
-        sequence_tokens: usize,
+        shape: SampleShape,
         /// Whether the session holds the trainer's moments (after a step has run).
         trainer_state: bool,
     },
@@ -255,9 +254,12 @@ pub fn estimate(
             let r = &p.rollout;
             let sequences = r.prompts_per_step as usize * r.samples_per_prompt as usize;
             let work = Work::Sample {
-                batch: sequences.min(CandleEngine::DEFAULT_MAX_BATCH),
-                sequence_tokens: prompt_tokens.unwrap_or(r.max_prompt_tokens as usize)
-                    + r.max_response_tokens as usize,
+                shape: SampleShape {
+                    batch: sequences.min(CandleEngine::DEFAULT_MAX_BATCH),
+                    samples_per_prompt: r.samples_per_prompt as usize,
+                    prompt_tokens: prompt_tokens.unwrap_or(r.max_prompt_tokens as usize),
+                    new_tokens: r.max_response_tokens as usize,
+                },
                 trainer_state: trainer.is_some(),
             };
             (work, false, 1)
@@ -268,11 +270,14 @@ pub fn estimate(
             }
             let problems = p.dataset.limit.unwrap_or(usize::MAX);
             let work = Work::Sample {
-                batch: problems
-                    .saturating_mul(p.eval.samples as usize)
-                    .min(CandleEngine::DEFAULT_MAX_BATCH),
-                sequence_tokens: prompt_tokens.unwrap_or(UNTRUNCATED_PROMPT_TOKENS)
-                    + p.eval.max_tokens as usize,
+                shape: SampleShape {
+                    batch: problems
+                        .saturating_mul(p.eval.samples as usize)
+                        .min(CandleEngine::DEFAULT_MAX_BATCH),
+                    samples_per_prompt: p.eval.samples as usize,
+                    prompt_tokens: prompt_tokens.unwrap_or(UNTRUNCATED_PROMPT_TOKENS),
+                    new_tokens: p.eval.max_tokens as usize,
+                },
                 trainer_state: trainer.is_some(),
             };
             (work, false, 1)
@@ -280,11 +285,14 @@ pub fn estimate(
         ModelNode::Label(p) => {
             let problems = p.dataset.limit.unwrap_or(usize::MAX);
             let work = Work::Sample {
-                batch: problems
-                    .saturating_mul(p.samples as usize)
-                    .min(CandleEngine::DEFAULT_MAX_BATCH),
-                sequence_tokens: prompt_tokens.unwrap_or(UNTRUNCATED_PROMPT_TOKENS)
-                    + p.max_tokens as usize,
+                shape: SampleShape {
+                    batch: problems
+                        .saturating_mul(p.samples as usize)
+                        .min(CandleEngine::DEFAULT_MAX_BATCH),
+                    samples_per_prompt: p.samples as usize,
+                    prompt_tokens: prompt_tokens.unwrap_or(UNTRUNCATED_PROMPT_TOKENS),
+                    new_tokens: p.max_tokens as usize,
+                },
                 trainer_state: false,
             };
             (work, false, 1)
@@ -293,11 +301,14 @@ pub fn estimate(
             // The base model's greedy responses, then `samples` per prompt in one batch.
             let probe = &p.probe;
             let work = Work::Sample {
-                batch: (probe.prompts as usize)
-                    .saturating_mul(probe.samples as usize)
-                    .min(CandleEngine::DEFAULT_MAX_BATCH),
-                sequence_tokens: prompt_tokens.unwrap_or(p.rollout.max_prompt_tokens as usize)
-                    + probe.max_tokens as usize,
+                shape: SampleShape {
+                    batch: (probe.prompts as usize)
+                        .saturating_mul(probe.samples as usize)
+                        .min(CandleEngine::DEFAULT_MAX_BATCH),
+                    samples_per_prompt: probe.samples as usize,
+                    prompt_tokens: prompt_tokens.unwrap_or(p.rollout.max_prompt_tokens as usize),
+                    new_tokens: probe.max_tokens as usize,
+                },
                 trainer_state: false,
             };
             (work, false, 1)
@@ -347,11 +358,10 @@ fn bytes(work: &Work, s: &Settings, config: &ModelConfig, device: &Device) -> Me
             m
         }
         Work::Sample {
-            batch,
-            sequence_tokens,
+            ref shape,
             trainer_state,
         } => {
-            let mut m = rollout_bytes(config, batch, sequence_tokens, s.compute, device);
+            let mut m = rollout_bytes(config, shape, s.compute, device);
             if trainer_state {
                 m.optimizer += moments;
                 m.total += moments;
