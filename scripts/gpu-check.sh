@@ -7,11 +7,13 @@
 #
 # 1. Environment: unpacks the binary, puts the CUDA libraries of PyTorch's wheels
 #    (site-packages/nvidia/cu13/lib) on LD_LIBRARY_PATH, checks that every library resolves.
-# 2. CPU vs CUDA: tiny random-weight Qwen2 and Llama checkpoints; `spur sample` greedy and
-#    seeded (T=1) on both devices in f32, and greedy in bf16, compared token by token and
-#    log-prob by log-prob; one update step's gradient norm on both devices.
+# 2. CPU vs CUDA: the fused training ops' CUDA kernels against their CPU kernels
+#    (`spur bench train-ops`); tiny random-weight Qwen2 and Llama checkpoints: `spur sample`
+#    greedy and seeded (T=1) on both devices in f32, and greedy in bf16, compared token by
+#    token and log-prob by log-prob; one update step's gradient norm on both devices, with
+#    candle's composite training ops and with spur's kernels (SPUR_CUDA_TRAIN_OPS=1).
 # 3. Update step, Qwen2.5-Math-1.5B shapes: `spur bench update` in bf16 (with and without
-#    activation checkpointing) and f32 against the same GRPO step in PyTorch (bf16 autocast
+#    activation checkpointing, and with spur's training kernels) and f32 against the same GRPO step in PyTorch (bf16 autocast
 #    over f32 master weights, and f32), with peak memory beside the memory model's estimate.
 # 4. Rollouts: `spur bench generate` in bf16 against transformers `generate` in bf16, batch 64
 #    and 256, 512 new tokens, greedy, the same prompt ids.
@@ -145,6 +147,7 @@ with open(sys.argv[1], "w") as f:
 EOF
 
 # Most telling steps first: a run cut short by the lease still says the most it can.
+step "train-ops" "$spur" bench train-ops --device "$device" --json
 echo "== CPU vs $device on tiny models"
 for tiny in tiny-qwen2 tiny-llama; do
     python3 "$helper" write-model "$work/$tiny" "$tiny" --dtype f32 >/dev/null
@@ -158,6 +161,7 @@ for tiny in tiny-qwen2 tiny-llama; do
     # The training path (packed attention, chunked head log-probs, Adam): the gradient norm of
     # one update step on both devices.
     step "cpu-vs-cuda-update:$tiny" compare_update "$work/$tiny"
+    SPUR_CUDA_TRAIN_OPS=1 step "cpu-vs-cuda-update-kernels:$tiny" compare_update "$work/$tiny"
 done
 
 echo "== $shape"
@@ -172,6 +176,8 @@ step "update:spur-bf16" "$spur" bench update --model "$big" --device "$device" "
     --precision bf16 --json
 step "update:spur-bf16-ckpt" "$spur" bench update --model "$big" --device "$device" \
     "${update[@]}" --precision bf16 --checkpoint-activations --json
+SPUR_CUDA_TRAIN_OPS=1 step "update:spur-bf16-kernels" "$spur" bench update --model "$big" \
+    --device "$device" "${update[@]}" --precision bf16 --json
 step "update:pytorch-bf16" python3 "$helper" torch-update "$big" --dtype bf16 "${update[@]}"
 
 # Rollouts at the paper's scale: batch 64 and 256, 512 new tokens, bf16 on both sides.

@@ -1,6 +1,6 @@
-//! `spur sample`, `spur bench generate` and `spur bench update` on the embedded default model
-//! (SmolLM2-135M-Instruct, fetched into the model cache on first use): their JSON shapes,
-//! determinism and input errors.
+//! `spur sample`, `spur bench generate`, `spur bench update` and `spur bench train-ops`, on the
+//! embedded default model (SmolLM2-135M-Instruct, fetched into the model cache on first use)
+//! where they load one: their JSON shapes, determinism and input errors.
 
 mod common;
 
@@ -305,4 +305,39 @@ fn bf16_compute_trains_close_to_f32_and_says_so() {
 
     let err = ws.fails(&["bench", "update", "--precision", "f16"]);
     assert!(err.contains("f16") && err.contains("bf16"), "{err}");
+}
+
+#[test]
+fn bench_train_ops_checks_each_op_in_both_dtypes() {
+    let ws = Workspace::new();
+    let args = [
+        "bench",
+        "train-ops",
+        "--device",
+        "cpu",
+        "--tokens",
+        "3",
+        "--json",
+    ];
+    let report: Value = serde_json::from_str(&ws.ok(&args)).unwrap();
+    assert_eq!(report["all_agree"], true, "{report}");
+    let checks = report["checks"].as_array().unwrap();
+    let seen: BTreeSet<(String, String)> = checks
+        .iter()
+        .map(|c| {
+            assert!(c["fused_ms"].as_f64().unwrap() > 0.0, "{c}");
+            assert!(c["composite_ms"].as_f64().unwrap() > 0.0, "{c}");
+            (
+                c["op"].as_str().unwrap().into(),
+                c["dtype"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(seen.len(), 8, "{seen:?}");
+    assert!(seen.contains(&("rope_interleaved".into(), "bf16".into())));
+    // The norm's rows, at Qwen2.5-Math-1.5B's width.
+    assert_eq!(checks[0]["shape"], serde_json::json!([3, 1536]));
+
+    let err = ws.fails(&["bench", "train-ops", "--tokens", "0"]);
+    assert!(err.contains("at least 1"), "{err}");
 }

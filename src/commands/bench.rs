@@ -21,6 +21,9 @@ pub enum BenchCommand {
     Generate(super::bench_generate::GenerateBench),
     /// Tokens/s and model FLOPs utilisation of one GRPO update step.
     Update(super::bench_update::UpdateBench),
+    /// The fused training ops on a device against their CPU kernels, and their speed against
+    /// candle's composite ops.
+    TrainOps(super::bench_train_ops::TrainOpsBench),
 }
 
 #[derive(clap::Args, Debug)]
@@ -45,6 +48,7 @@ pub fn run(cmd: BenchCommand, _cache: &Path) -> Result<ExitCode> {
         BenchCommand::Models(args) => super::bench_models::run(args),
         BenchCommand::Generate(args) => super::bench_generate::run(args),
         BenchCommand::Update(args) => super::bench_update::run(args),
+        BenchCommand::TrainOps(args) => super::bench_train_ops::run(args),
     }
 }
 

@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod bench_generate;
 pub mod bench_models;
+pub mod bench_train_ops;
 pub mod bench_update;
 pub mod cancel;
 pub mod exec_node;

@@ -317,3 +317,216 @@ impl Generation<'_> {
         Ok(tok_s)
     }
 }
+
+/// One of the fused training ops on a device, against its CPU kernel (agreement) and against
+/// candle's composite ops on the same device (speed): what `spur bench train-ops` prints, one
+/// per op and dtype.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainOpCheck {
+    /// `rms_norm`, `rope_half`, `rope_interleaved` or `swiglu`.
+    pub op: &'static str,
+    pub dtype: String,
+    /// The shape of the op's first input.
+    pub shape: Vec<usize>,
+    /// Largest |device − CPU| over the output, relative to the CPU output's largest magnitude.
+    pub forward_error: f64,
+    /// The same over each input's gradient, the largest of them.
+    pub gradient_error: f64,
+    /// Whether both errors are within `tolerance` (1e-5 in f32; 1e-2 in bf16, about two of
+    /// its rounding steps).
+    pub agrees: bool,
+    pub tolerance: f64,
+    /// Forward and backward pass through spur's kernel on the device, best of five, in ms.
+    pub fused_ms: f64,
+    /// The same through candle's composite ops.
+    pub composite_ms: f64,
+}
+
+/// The shapes [`check_train_ops`] uses: Qwen2.5-Math-1.5B's, over `tokens` packed tokens.
+pub struct TrainOpShapes {
+    pub tokens: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+}
+
+impl TrainOpShapes {
+    /// Qwen2.5-Math-1.5B over a micro-batch of 4 × 623 tokens (`scripts/gpu-check.sh`'s).
+    pub fn qwen_1_5b(tokens: usize) -> Self {
+        TrainOpShapes {
+            tokens,
+            hidden: 1536,
+            heads: 12,
+            head_dim: 128,
+            intermediate: 8960,
+        }
+    }
+}
+
+/// A fused training op and its composite twin, over inputs on one device.
+struct TrainOp {
+    name: &'static str,
+    fused: fn(&[Tensor]) -> Result<Tensor>,
+    composite: fn(&[Tensor]) -> Result<Tensor>,
+    /// Inputs that take a gradient (rotary tables do not).
+    trained: usize,
+}
+
+const RMS_EPS: f64 = 1e-6;
+
+fn train_op_list() -> [TrainOp; 4] {
+    use crate::train_ops::{self as ops, RopeStyle};
+    [
+        TrainOp {
+            name: "rms_norm",
+            fused: |x| ops::rms_norm_fused(&x[0], &x[1], RMS_EPS),
+            composite: |x| ops::rms_norm_composite(&x[0], &x[1], RMS_EPS),
+            trained: 2,
+        },
+        TrainOp {
+            name: "rope_half",
+            fused: |x| ops::rope_fused(&x[0], &x[1], &x[2], RopeStyle::Half),
+            composite: |x| ops::rope_composite(&x[0], &x[1], &x[2], RopeStyle::Half),
+            trained: 1,
+        },
+        TrainOp {
+            name: "rope_interleaved",
+            fused: |x| ops::rope_fused(&x[0], &x[1], &x[2], RopeStyle::Interleaved),
+            composite: |x| ops::rope_composite(&x[0], &x[1], &x[2], RopeStyle::Interleaved),
+            trained: 1,
+        },
+        TrainOp {
+            name: "swiglu",
+            fused: |x| ops::swiglu_fused(&x[0], &x[1]),
+            composite: |x| ops::swiglu_composite(&x[0], &x[1]),
+            trained: 2,
+        },
+    ]
+}
+
+/// Random inputs of `op` on the CPU (f32; the caller casts them).
+fn train_op_inputs(op: &str, s: &TrainOpShapes) -> Result<Vec<Tensor>> {
+    let cpu = Device::Cpu;
+    let normal = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, &cpu)?) };
+    let t = s.tokens;
+    Ok(match op {
+        "rms_norm" => vec![
+            normal(&[t, s.hidden])?,
+            normal(&[s.hidden])?.affine(0.1, 1.0)?,
+        ],
+        "swiglu" => vec![normal(&[t, s.intermediate])?, normal(&[t, s.intermediate])?],
+        _ => {
+            // Angles of positions 0..t, as a packed row's first sequence has.
+            let half = s.head_dim / 2;
+            let angles: Vec<f32> = (0..t * half)
+                .map(|i| (i / half) as f32 * 1e6f32.powf(-((i % half) as f32) / half as f32))
+                .collect();
+            let angles = Tensor::from_vec(angles, (1, t, half), &cpu)?;
+            vec![
+                normal(&[1, s.heads, t, s.head_dim])?,
+                angles.cos()?,
+                angles.sin()?,
+            ]
+        }
+    })
+}
+
+/// The output and the gradients of `Σ output ⊙ weights` with respect to the first `trained`
+/// inputs, all as f32 on the CPU. Random `weights` give every output element its own gradient.
+fn forward_backward(
+    f: fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    trained: usize,
+    weights: &Tensor,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars = inputs[..trained]
+        .iter()
+        .map(candle_core::Var::from_tensor)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    args.extend(inputs[trained..].iter().cloned());
+    let out = f(&args)?;
+    let loss = (out.to_dtype(DType::F32)? * weights)?.sum_all()?;
+    let grads = loss.backward()?;
+    let grads = vars
+        .iter()
+        .map(|v| {
+            let g = grads.get(v).ok_or_else(|| {
+                crate::Error::Request("an input of a training op got no gradient".into())
+            })?;
+            Ok(g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((out.to_dtype(DType::F32)?.to_device(&Device::Cpu)?, grads))
+}
+
+/// max |a − b| / max |b|.
+fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    Ok(diff as f64 / (scale as f64).max(f64::MIN_POSITIVE))
+}
+
+/// Each fused training op in f32 and bf16 on `device`: its output and gradients against the
+/// CPU kernel's on the same inputs, and its forward and backward time against candle's
+/// composite ops. On the CPU the agreement is the kernel's with itself, and the times compare
+/// the CPU kernels with candle's composite ops.
+pub fn check_train_ops(device: &Device, shapes: &TrainOpShapes) -> Result<Vec<TrainOpCheck>> {
+    let mut checks = Vec::new();
+    for op in train_op_list() {
+        let inputs = train_op_inputs(op.name, shapes)?;
+        for dtype in [DType::F32, DType::BF16] {
+            let cast = |d: &Device| -> Result<Vec<Tensor>> {
+                let mut out = Vec::with_capacity(inputs.len());
+                for (i, x) in inputs.iter().enumerate() {
+                    // The norm weight stays f32: the ops read it so (it is a master weight).
+                    let keep_f32 = op.name == "rms_norm" && i == 1;
+                    let x = if keep_f32 {
+                        x.clone()
+                    } else {
+                        x.to_dtype(dtype)?
+                    };
+                    out.push(x.to_device(d)?);
+                }
+                Ok(out)
+            };
+            let (on_cpu, on_device) = (cast(&Device::Cpu)?, cast(device)?);
+            let shape = inputs[0].dims().to_vec();
+            let weights = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)?;
+            let device_weights = weights.to_device(device)?;
+            let (want, want_grads) = forward_backward(op.fused, &on_cpu, op.trained, &weights)?;
+            let (got, got_grads) =
+                forward_backward(op.fused, &on_device, op.trained, &device_weights)?;
+            let forward_error = relative_error(&got, &want)?;
+            let mut gradient_error = 0f64;
+            for (g, w) in got_grads.iter().zip(&want_grads) {
+                gradient_error = gradient_error.max(relative_error(g, w)?);
+            }
+            let time = |f: fn(&[Tensor]) -> Result<Tensor>| -> Result<f64> {
+                let mut best = f64::INFINITY;
+                for _ in 0..5 {
+                    device.synchronize()?;
+                    let start = Instant::now();
+                    forward_backward(f, &on_device, op.trained, &device_weights)?;
+                    device.synchronize()?;
+                    best = best.min(start.elapsed().as_secs_f64() * 1e3);
+                }
+                Ok(best)
+            };
+            let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            checks.push(TrainOpCheck {
+                op: op.name,
+                dtype: format!("{dtype:?}").to_lowercase(),
+                shape,
+                forward_error,
+                gradient_error,
+                agrees: forward_error <= tolerance && gradient_error <= tolerance,
+                tolerance,
+                fused_ms: time(op.fused)?,
+                composite_ms: time(op.composite)?,
+            });
+        }
+    }
+    Ok(checks)
+}

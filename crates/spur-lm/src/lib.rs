@@ -18,6 +18,8 @@
 
 pub mod bench;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod decode_attention;
 mod decode_matmul;
 mod decode_silu;

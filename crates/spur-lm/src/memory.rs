@@ -84,17 +84,14 @@ fn size(dtype: DType) -> u64 {
 /// intermediate `model.rs` creates (views are free; casts to the same dtype are free).
 ///
 /// `emulated`: bf16 on the CPU, whose products keep f32 copies of both operands and of the
-/// result (`model.rs`'s `matmul`). `fused`: the CPU, where `train_ops`' RMS norm, rotary
-/// embedding and SwiGLU keep only their inputs and write one output each, and
-/// `train_attention`'s packed attention keeps its output and one f32 log-sum-exp per query and
-/// head instead of the scores.
+/// result (`model.rs`'s `matmul`). `fused`: which of spur's training kernels serve the pass.
 fn layer_activation_bytes(
     c: &ModelConfig,
     batch: u64,
     tokens: u64,
     compute: DType,
     emulated: bool,
-    fused: bool,
+    fused: Fused,
 ) -> u64 {
     let cs = size(compute);
     let f32s = 4;
@@ -112,7 +109,7 @@ fn layer_activation_bytes(
     // RMS norm over `width` features. Fused: its output. Composite: f32 cast, square,
     // normalised, scaled (f32), cast back.
     let norm = |width: u64| {
-        if fused {
+        if fused.ops {
             rows * width * cs
         } else {
             rows * width * (3 * f32s + if bf16 { f32s + cs } else { 0 })
@@ -136,15 +133,18 @@ fn layer_activation_bytes(
         2 * norm(d)
     };
     bytes += linear(q, d, bias) + 2 * linear(kv, d, bias) + linear(d, q, false);
-    if fused {
-        // q, k, v: contiguous copies; q and k rotated; the attention's output, already in the
-        // output projection's layout, and its log-sum-exps.
-        bytes += rows * cs * (q + 2 * kv + q + kv + q);
+    // q, k, v: contiguous copies; q and k rotated (fused: one output each; composite: four
+    // products and sums, and one concatenation).
+    bytes += rows * cs * (q + 2 * kv);
+    bytes += rows * cs * (q + kv) * if fused.ops { 1 } else { 4 };
+    if fused.attention {
+        // The attention's output, already in the output projection's layout, and its
+        // log-sum-exps.
+        bytes += rows * cs * q;
         bytes += rows * c.num_attention_heads as u64 * f32s;
     } else {
-        // q and k: contiguous copy, rotary (four products and sums, one concatenation), and
-        // k's second contiguous copy; v: one contiguous copy.
-        bytes += rows * cs * (5 * q + 6 * kv + kv);
+        // k's second contiguous copy.
+        bytes += rows * cs * kv;
         let scores = batch * c.num_attention_heads as u64 * tokens * tokens;
         // Scores: product, (f32 cast), scale, mask, softmax's shift, exp and division, (cast
         // back).
@@ -159,9 +159,20 @@ fn layer_activation_bytes(
     // The residual sums.
     bytes += rows * cs * 2 * d;
     // MLP: gate, up, the gating (fused: one output; composite: silu and the product), down.
-    let gating = if fused { 1 } else { 2 };
+    let gating = if fused.ops { 1 } else { 2 };
     bytes += linear(inter, d, false) * 2 + rows * inter * cs * gating + linear(d, inter, false);
     bytes
+}
+
+/// Which of spur's training kernels serve a pass.
+#[derive(Clone, Copy)]
+struct Fused {
+    /// `train_ops`' RMS norm, rotary embedding and SwiGLU: each keeps only its inputs and
+    /// writes one output.
+    ops: bool,
+    /// `train_attention`'s packed attention: its output and one f32 log-sum-exp per query and
+    /// head instead of the scores.
+    attention: bool,
 }
 
 /// Peak bytes of one update step (forward, backward and Adam over one micro-batch at a time).
@@ -180,20 +191,29 @@ pub fn update_bytes(config: &ModelConfig, shape: &UpdateShape, device: &Device) 
     let optimizer = 2 * size(shape.moments) * params;
 
     let emulated = bf16 && device.is_cpu();
-    let fused = crate::train_ops::has_kernels(device, shape.compute);
+    let fused = Fused {
+        ops: crate::train_ops::has_kernels(device, shape.compute),
+        attention: crate::train_attention::has_kernel(device, shape.compute),
+    };
     let layer = layer_activation_bytes(config, b, t, shape.compute, emulated, fused);
     // The backward pass adds the gradients of the activations it walks: candle creates each as
     // zeros plus a sum and frees it once consumed. With candle's composite ops that is a
     // quarter of the activations at the peak; the fused ops' backward passes write their
     // gradients directly, and the peak is the forward pass's activations (both measured on
     // SmolLM2-135M on the CPU, docs/performance.md).
-    let backward_extra = |bytes: u64| if fused { bytes } else { bytes * 5 / 4 };
+    let backward_extra = |bytes: u64| {
+        if fused.ops && fused.attention {
+            bytes
+        } else {
+            bytes * 5 / 4
+        }
+    };
     // One layer is differentiated at a time. Fused, its attention's backward pass holds f32
     // copies of q, k, v, the output and its gradient, and the gradients of q, k and v twice
     // (its tasks' and their scatter); composite, its softmax's backward pass holds about eight
     // f32 tensors of the attention scores' size (each op's gradient, its zeros and sum;
     // measured on the tiny test models, where attention dominates).
-    let attention_backward = if fused {
+    let attention_backward = if fused.attention {
         let (q, kv) = (
             (config.num_attention_heads * config.head_dim) as u64,
             (config.num_key_value_heads * config.head_dim) as u64,

@@ -990,7 +990,7 @@ impl Transformer {
     fn packed_inputs(&self, batch: &PackedSequences) -> Result<PassInputs> {
         let positions: Vec<usize> = batch.lengths.iter().flat_map(|&n| 0..n).collect();
         let lengths = batch.lengths.clone();
-        let attend = if train_ops::has_kernels(&self.device, self.compute) {
+        let attend = if train_attention::has_kernel(&self.device, self.compute) {
             Attend::PackedFused { lengths }
         } else {
             let longest = lengths.iter().copied().max().unwrap_or(0);

@@ -270,8 +270,7 @@ impl CustomOp1 for RowEntropy {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    //! One block of 256 threads per row; compiled with NVRTC at first use (no headers: bf16
-    //! is read and written as its 16 bits).
+    //! One block of 256 threads per row; compiled with NVRTC at first use (`crate::cuda`).
 
     use std::sync::OnceLock;
 
@@ -279,51 +278,9 @@ mod cuda {
     use candle_core::cuda_backend::{cudarc, CudaStorage, CudaStorageSlice, WrapErr};
     use candle_core::Layout;
 
-    const SOURCE: &str = r#"
-typedef unsigned short bf16_t;
-__device__ __forceinline__ float ld(const float* p, long i) { return p[i]; }
-__device__ __forceinline__ float ld(const bf16_t* p, long i) {
-    return __uint_as_float(((unsigned int)p[i]) << 16);
-}
-__device__ __forceinline__ void st(float* p, long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t* p, long i, float v) {
-    unsigned int u = __float_as_uint(v);
-    u += 0x7FFFu + ((u >> 16) & 1u);  // round to nearest even
-    p[i] = (bf16_t)(u >> 16);
-}
-
-#define THREADS 256
-#define NEG_INF __int_as_float(0xff800000)
-// Block-wide reductions: each warp reduces, warp 0 reduces the warps' results, and thread 0
-// hands the total to every thread through shared memory.
-__device__ float block_max(float v, float* shared) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-    if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        v = threadIdx.x < THREADS / 32 ? shared[threadIdx.x] : NEG_INF;
-        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-        if (threadIdx.x == 0) shared[32] = v;
-    }
-    __syncthreads();
-    v = shared[32];
-    __syncthreads();
-    return v;
-}
-__device__ float block_sum(float v, float* shared) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-    if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        v = threadIdx.x < THREADS / 32 ? shared[threadIdx.x] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-        if (threadIdx.x == 0) shared[32] = v;
-    }
-    __syncthreads();
-    v = shared[32];
-    __syncthreads();
-    return v;
-}
+    const SOURCE: &str = concat!(
+        crate::cuda::prelude!(),
+        r#"
 // max and Σ exp(x − max) of row x (every thread gets both).
 template <typename T>
 __device__ void stats(const T* x, int vocab, float* shared, float* max, float* sum) {
@@ -390,19 +347,12 @@ extern "C" __global__ void row_entropy_##SUFFIX(const T* l, float* o, int v) {  
 }
 INSTANTIATE(float, f32)
 INSTANTIATE(bf16_t, bf16)
-"#;
+"#
+    );
 
     fn ptx() -> candle_core::Result<&'static str> {
         static PTX: OnceLock<Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            cudarc::nvrtc::compile_ptx(SOURCE)
-                .map(|p| p.to_src())
-                .map_err(|e| e.to_string())
-        })
-        .as_deref()
-        .map_err(|e| {
-            candle_core::Error::Msg(format!("compiling spur's token-logprob kernels: {e}"))
-        })
+        crate::cuda::ptx(&PTX, SOURCE, "token-logprob")
     }
 
     fn contiguous<'a, T>(
@@ -410,10 +360,7 @@ INSTANTIATE(bf16_t, bf16)
         layout: &Layout,
         what: &str,
     ) -> candle_core::Result<cudarc::driver::CudaView<'a, T>> {
-        match layout.contiguous_offsets() {
-            Some((start, end)) => Ok(slice.slice(start..end)),
-            None => candle_core::bail!("token-logprob kernels: {what} must be contiguous"),
-        }
+        crate::cuda::contiguous(slice, layout, "token-logprob kernels", what)
     }
 
     /// Launches kernel `name` (suffixed by the logits' dtype) over `rows` rows of `vocab`

@@ -20,12 +20,18 @@ use std::borrow::Cow;
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::Result;
+
+/// Whether [`packed_attention`] serves passes on `device` in `dtype`: on the CPU, in f32, bf16
+/// and f16. CUDA passes keep candle's composite attention: a CUDA kernel is not written yet.
+pub(crate) fn has_kernel(device: &Device, dtype: DType) -> bool {
+    device.is_cpu() && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+}
 
 /// Queries per block: a block's scores are `QUERY_BLOCK × n` f32 (1 MiB at n = 4,096).
 const QUERY_BLOCK: usize = 64;
@@ -34,8 +40,7 @@ const QUERY_BLOCK: usize = 64;
 /// of the batch holds sequences of `lengths` back to back (summing to t): each query attends
 /// causally within its own sequence. Query head h reads key/value head h / (heads / kv_heads).
 /// Returns [b, t, heads · hd] (the layout the output projection reads) in q's dtype.
-/// Differentiable with respect to q, k and v. CPU only, f32, bf16 or f16 (where
-/// `train_ops::has_kernels`).
+/// Differentiable with respect to q, k and v. CPU only, f32, bf16 or f16 ([`has_kernel`]).
 pub fn packed_attention(q: &Tensor, k: &Tensor, v: &Tensor, lengths: &[usize]) -> Result<Tensor> {
     let op = PackedAttention {
         lengths: lengths.to_vec(),

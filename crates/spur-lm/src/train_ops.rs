@@ -9,8 +9,10 @@
 //! The CPU kernels read f32, bf16 and f16 and compute in f32. They split the work by rows over
 //! rayon's pool, each output element written by one thread, and the one sum across rows (the
 //! norm weight's gradient) adds fixed blocks of rows in a fixed order, so results do not depend
-//! on the number of threads. Other devices and dtypes use candle's composite ops: CUDA kernels
-//! for these ops are not written (nor checked on a GPU) yet.
+//! on the number of threads. The CUDA kernels (`train_ops_cuda.rs`, f32 and bf16) follow the
+//! same semantics; they serve CUDA passes only with `SPUR_CUDA_TRAIN_OPS=1` until a lent GPU has
+//! checked them against these (`spur bench train-ops`). Other devices and dtypes use candle's
+//! composite ops.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, D};
@@ -18,6 +20,10 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::Result;
+
+#[cfg(feature = "cuda")]
+#[path = "train_ops_cuda.rs"]
+mod cuda;
 
 /// How rotary embeddings pair up head dimensions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,11 +41,17 @@ pub enum RopeStyle {
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     // The weight in f32 (a no-op for the f32 master weights): its gradient is an f32 sum.
     let weight = weight.to_dtype(DType::F32)?;
-    if !has_cpu_kernel(x) {
+    if !has_kernel(x) {
         return rms_norm_composite(x, &weight, eps);
     }
+    rms_norm_fused(x, &weight, eps)
+}
+
+/// [`rms_norm`] through spur's kernel on any device that has one.
+pub(crate) fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let op = RmsNorm { eps: eps as f32 };
-    Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?)
+    let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+    Ok(x.contiguous()?.apply_op2(&weight, op)?)
 }
 
 /// Rotary embedding of `x` `[b, heads, t, head_dim]` by the angles whose cosines and sines are
@@ -47,9 +59,20 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// are cast to `x`'s dtype. Differentiable with respect to `x`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Result<Tensor> {
     let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-    if !has_cpu_kernel(x) {
+    if !has_kernel(x) {
         return rope_composite(x, &cos, &sin, style);
     }
+    rope_fused(x, &cos, &sin, style)
+}
+
+/// [`rope`] through spur's kernel on any device that has one.
+pub(crate) fn rope_fused(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    style: RopeStyle,
+) -> Result<Tensor> {
+    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
     let op = Rope {
         style,
         inverse: false,
@@ -61,27 +84,42 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Result<
 /// `silu(gate) · up`, the gated activation of a SwiGLU MLP, for `gate` and `up` of one shape
 /// and dtype. Differentiable with respect to both.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if !has_cpu_kernel(gate) {
-        return Ok((gate.silu()? * up)?);
+    if !has_kernel(gate) {
+        return swiglu_composite(gate, up);
     }
+    swiglu_fused(gate, up)
+}
+
+/// [`swiglu`] through spur's kernel on any device that has one.
+pub(crate) fn swiglu_fused(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?)
 }
 
 /// Whether spur's kernels serve `x`.
-fn has_cpu_kernel(x: &Tensor) -> bool {
+fn has_kernel(x: &Tensor) -> bool {
     has_kernels(x.device(), x.dtype())
 }
 
 /// Whether these ops run spur's own kernels on `device` in `dtype` (the memory model counts
-/// their activations by this too). On CUDA the training passes keep candle's composite ops:
-/// kernels for these ops are not written and verified on a GPU yet.
+/// their activations by this too): on the CPU in f32, bf16 and f16; on CUDA in f32 and bf16
+/// when `SPUR_CUDA_TRAIN_OPS=1` asks for the kernels, not yet checked on a GPU.
 pub(crate) fn has_kernels(device: &Device, dtype: DType) -> bool {
-    device.is_cpu() && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+    match device {
+        Device::Cpu => matches!(dtype, DType::F32 | DType::BF16 | DType::F16),
+        Device::Cuda(_) => cuda_kernels_asked() && matches!(dtype, DType::F32 | DType::BF16),
+        _ => false,
+    }
+}
+
+/// Whether `SPUR_CUDA_TRAIN_OPS=1` (read once).
+fn cuda_kernels_asked() -> bool {
+    static ASKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ASKED.get_or_init(|| std::env::var("SPUR_CUDA_TRAIN_OPS").is_ok_and(|v| v == "1"))
 }
 
 /// [`rms_norm`] from candle's elementwise ops, in f32 whatever `x`'s dtype (a bf16 mean of
 /// squares over thousands of features loses most of its digits).
-fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+pub(crate) fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -92,7 +130,12 @@ fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// [`rope`] from candle's elementwise ops.
-fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Result<Tensor> {
+pub(crate) fn rope_composite(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    style: RopeStyle,
+) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
     let half = d / 2;
     // [b, 1, t, d/2]: one table for every head.
@@ -116,6 +159,11 @@ fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> R
             Ok(Tensor::cat(&[a, b2], D::Minus1)?.reshape((b, h, t, d))?)
         }
     }
+}
+
+/// [`swiglu`] from candle's elementwise ops.
+pub(crate) fn swiglu_composite(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok((gate.silu()? * up)?)
 }
 
 /// Rows per rayon task: enough work per task to outweigh scheduling it.
@@ -226,19 +274,25 @@ struct RmsNormGradWeight {
     eps: f32,
 }
 
+/// The norm's row length, checked against the weight's shape.
+fn norm_hidden(op: &str, x: &Layout, weight: &Layout) -> candle_core::Result<usize> {
+    let hidden = row_len(x, op)?;
+    if weight.shape().dims() != [hidden] {
+        candle_core::bail!(
+            "{op}: weight of shape {:?} for rows of {hidden}",
+            weight.shape().dims()
+        );
+    }
+    Ok(hidden)
+}
+
 /// The norm's `x` and f32 weight, checked: (hidden, x, weight).
 fn norm_operands<'a, T: Element>(
     op: &str,
     x: (&'a CpuStorage, &Layout),
     weight: (&'a CpuStorage, &Layout),
 ) -> candle_core::Result<(usize, &'a [T], &'a [f32])> {
-    let hidden = row_len(x.1, op)?;
-    if weight.1.shape().dims() != [hidden] {
-        candle_core::bail!(
-            "{op}: weight of shape {:?} for rows of {hidden}",
-            weight.1.shape().dims()
-        );
-    }
+    let hidden = norm_hidden(op, x.1, weight.1)?;
     Ok((
         hidden,
         values::<T>(x.0, x.1, op, "x")?,
@@ -352,6 +406,32 @@ impl CustomOp2 for RmsNorm {
         )
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let hidden = norm_hidden(self.name(), l1, l2)?;
+        let rows = l1.shape().elem_count() / hidden;
+        let scalars = [
+            cuda::Scalar::I32(hidden as i32),
+            cuda::Scalar::F32(self.eps),
+        ];
+        let out = cuda::launch(
+            self.name(),
+            "rms_norm",
+            &[(s1, l1), (s2, l2)],
+            &[1],
+            rows * hidden,
+            (rows as u32, 1),
+            &scalars,
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -387,6 +467,35 @@ impl CustomOp3 for RmsNormGradInput {
             rms_norm_grad_input_cpu(self.name(), self.eps, (s1, l1), (s2, l2), (s3, l3))
         )
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let hidden = norm_hidden(self.name(), l1, l2)?;
+        same_shape(l1, l3, self.name())?;
+        let rows = l1.shape().elem_count() / hidden;
+        let scalars = [
+            cuda::Scalar::I32(hidden as i32),
+            cuda::Scalar::F32(self.eps),
+        ];
+        let out = cuda::launch(
+            self.name(),
+            "rms_norm_grad_input",
+            &[(s1, l1), (s2, l2), (s3, l3)],
+            &[1],
+            rows * hidden,
+            (rows as u32, 1),
+            &scalars,
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
 }
 
 impl CustomOp2 for RmsNormGradWeight {
@@ -407,6 +516,26 @@ impl CustomOp2 for RmsNormGradWeight {
             rms_norm_grad_weight_cpu(self.name(), self.eps, (s1, l1), (s2, l2))
         )
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let hidden = row_len(l1, self.name())?;
+        same_shape(l1, l2, self.name())?;
+        cuda::rms_norm_grad_weight(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            hidden,
+            WEIGHT_GRAD_BLOCK,
+            self.eps,
+        )
+    }
 }
 
 /// `(x, cos, sin)` → `x` rotated by the tables' angles, or by their negatives (`inverse`: the
@@ -423,20 +552,8 @@ fn rope_cpu<T: Element>(
     sin: (&CpuStorage, &Layout),
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let name = op.name();
-    let (b, h, t, d) = x.1.shape().dims4()?;
-    if d == 0 || d % 2 != 0 {
-        candle_core::bail!("{name}: head dimension {d} is not even");
-    }
-    let half = d / 2;
-    for table in [cos.1, sin.1] {
-        if table.shape().dims() != [b, t, half] {
-            candle_core::bail!(
-                "{name}: tables of shape {:?} for x of shape {:?} (expected [{b}, {t}, {half}])",
-                table.shape().dims(),
-                x.1.shape().dims()
-            );
-        }
-    }
+    let (_, h, t, half) = rope_dims(name, x.1, cos.1, sin.1)?;
+    let d = 2 * half;
     let xs = values::<T>(x.0, x.1, name, "x")?;
     let cos = values::<T>(cos.0, cos.1, name, "cos")?;
     let sin = values::<T>(sin.0, sin.1, name, "sin")?;
@@ -464,6 +581,30 @@ fn rope_cpu<T: Element>(
     Ok((T::to_cpu_storage_owned(out), x.1.shape().clone()))
 }
 
+/// `x`'s [b, heads, t, head_dim / 2], checked against the tables' shapes.
+fn rope_dims(
+    name: &str,
+    x: &Layout,
+    cos: &Layout,
+    sin: &Layout,
+) -> candle_core::Result<(usize, usize, usize, usize)> {
+    let (b, h, t, d) = x.shape().dims4()?;
+    if d == 0 || d % 2 != 0 {
+        candle_core::bail!("{name}: head dimension {d} is not even");
+    }
+    let half = d / 2;
+    for table in [cos, sin] {
+        if table.shape().dims() != [b, t, half] {
+            candle_core::bail!(
+                "{name}: tables of shape {:?} for x of shape {:?} (expected [{b}, {t}, {half}])",
+                table.shape().dims(),
+                x.shape().dims()
+            );
+        }
+    }
+    Ok((b, h, t, half))
+}
+
 impl CustomOp3 for Rope {
     fn name(&self) -> &'static str {
         "spur-rope"
@@ -483,6 +624,39 @@ impl CustomOp3 for Rope {
             s1,
             rope_cpu(self, (s1, l1), (s2, l2), (s3, l3))
         )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use cuda::Scalar;
+        let (b, h, t, half) = rope_dims(self.name(), l1, l2, l3)?;
+        let pairs = b * h * t * half;
+        let scalars = [
+            Scalar::I32(h as i32),
+            Scalar::I32(t as i32),
+            Scalar::I32(half as i32),
+            Scalar::I32((self.style == RopeStyle::Interleaved) as i32),
+            Scalar::F32(if self.inverse { -1.0 } else { 1.0 }),
+            Scalar::I64(pairs as i64),
+        ];
+        let out = cuda::launch(
+            self.name(),
+            "rope",
+            &[(s1, l1), (s2, l2), (s3, l3)],
+            &[],
+            2 * pairs,
+            (crate::cuda::blocks_for(pairs), 1),
+            &scalars,
+        )?;
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
@@ -586,6 +760,29 @@ impl CustomOp2 for SwiGlu {
         by_dtype!(self.name(), s1, swiglu_cpu(self.name(), (s1, l1), (s2, l2)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        row_len(l1, self.name())?;
+        same_shape(l1, l2, self.name())?;
+        let n = l1.shape().elem_count();
+        let out = cuda::launch(
+            self.name(),
+            "swiglu",
+            &[(s1, l1), (s2, l2)],
+            &[],
+            n,
+            (crate::cuda::blocks_for(n), 1),
+            &[cuda::Scalar::I64(n as i64)],
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         gate: &Tensor,
@@ -618,6 +815,34 @@ impl CustomOp3 for SwiGluGrad {
             s1,
             swiglu_grad_cpu(self.name(), (s1, l1), (s2, l2), (s3, l3))
         )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        row_len(l1, self.name())?;
+        same_shape(l1, l2, self.name())?;
+        same_shape(l1, l3, self.name())?;
+        let n = l1.shape().elem_count();
+        let out = cuda::launch(
+            self.name(),
+            "swiglu_grad",
+            &[(s1, l1), (s2, l2), (s3, l3)],
+            &[],
+            2 * n,
+            (crate::cuda::blocks_for(n), 1),
+            &[cuda::Scalar::I64(n as i64)],
+        )?;
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.shape().dims());
+        Ok((out, Shape::from(dims)))
     }
 }
 
