@@ -317,6 +317,8 @@ fn bench_train_ops_checks_each_op_in_both_dtypes() {
         "cpu",
         "--tokens",
         "3",
+        "--adam-elements",
+        "1000",
         "--json",
     ];
     let report: Value = serde_json::from_str(&ws.ok(&args)).unwrap();
@@ -333,8 +335,9 @@ fn bench_train_ops_checks_each_op_in_both_dtypes() {
             )
         })
         .collect();
-    assert_eq!(seen.len(), 8, "{seen:?}");
+    assert_eq!(seen.len(), 10, "{seen:?}");
     assert!(seen.contains(&("rope_interleaved".into(), "bf16".into())));
+    assert!(seen.contains(&("adam".into(), "bf16".into())));
     // The norm's rows, at Qwen2.5-Math-1.5B's width.
     assert_eq!(checks[0]["shape"], serde_json::json!([3, 1536]));
 

@@ -1,6 +1,7 @@
-//! `spur bench train-ops`: each fused training op (RMS norm, rotary embedding, SwiGLU) on a
-//! device against its CPU kernel, and timed against candle's composite ops
-//! (`spur_lm::bench::check_train_ops` measures; this file parses arguments and prints).
+//! `spur bench train-ops`: each fused training op (RMS norm, rotary embedding, SwiGLU, and
+//! Adam's in-place update) on a device against its CPU kernel, and timed against candle's
+//! composite ops (`spur_lm::bench::check_train_ops` and `spur_rl::optim::check_adam` measure;
+//! this file parses arguments and prints).
 //! `scripts/gpu-check.sh` runs it on a lent GPU, where it is the CUDA kernels' test.
 
 use std::process::ExitCode;
@@ -17,6 +18,10 @@ pub struct TrainOpsBench {
     /// the widths are Qwen2.5-Math-1.5B's. 2,492 is a micro-batch of 4 × 623 tokens.
     #[arg(long, default_value_t = 2492)]
     pub tokens: usize,
+    /// Weights of the var Adam updates: by default one MLP projection of Qwen2.5-Math-1.5B
+    /// (1,536 × 8,960).
+    #[arg(long, default_value_t = 1536 * 8960)]
+    pub adam_elements: usize,
     /// Print one JSON object (`device`, `tokens`, `all_agree`, `checks`: one per op and dtype)
     /// instead of a table.
     #[arg(long)]
@@ -25,11 +30,15 @@ pub struct TrainOpsBench {
 
 pub fn run(args: TrainOpsBench) -> Result<ExitCode> {
     let device = spur_lm::device(&args.device)?;
-    if args.tokens == 0 {
-        anyhow::bail!("--tokens must be at least 1");
+    if args.tokens == 0 || args.adam_elements == 0 {
+        anyhow::bail!("--tokens and --adam-elements must be at least 1");
     }
-    let checks = check_train_ops(&device, &TrainOpShapes::qwen_1_5b(args.tokens))
+    let mut checks = check_train_ops(&device, &TrainOpShapes::qwen_1_5b(args.tokens))
         .with_context(|| format!("checking the fused training ops on {}", args.device))?;
+    checks.extend(
+        spur_rl::optim::check_adam(&device, args.adam_elements)
+            .with_context(|| format!("checking Adam's in-place update on {}", args.device))?,
+    );
     let all_agree = checks.iter().all(|c| c.agrees);
     if args.json {
         let report = serde_json::json!({

@@ -318,12 +318,22 @@ impl Generation<'_> {
     }
 }
 
+/// How far a kernel on one device may be from the CPU's in `dtype`: 1e-5 in f32 (another
+/// order of sums); 1e-2 in 16-bit floats, about two rounding steps of bf16.
+pub fn tolerance(dtype: DType) -> f64 {
+    if dtype == DType::F32 {
+        1e-5
+    } else {
+        1e-2
+    }
+}
+
 /// One of the fused training ops on a device, against its CPU kernel (agreement) and against
 /// candle's composite ops on the same device (speed): what `spur bench train-ops` prints, one
 /// per op and dtype.
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainOpCheck {
-    /// `rms_norm`, `rope_half`, `rope_interleaved` or `swiglu`.
+    /// `rms_norm`, `rope_half`, `rope_interleaved`, `swiglu`, or spur-rl's `adam`.
     pub op: &'static str,
     pub dtype: String,
     /// The shape of the op's first input.
@@ -332,8 +342,7 @@ pub struct TrainOpCheck {
     pub forward_error: f64,
     /// The same over each input's gradient, the largest of them.
     pub gradient_error: f64,
-    /// Whether both errors are within `tolerance` (1e-5 in f32; 1e-2 in bf16, about two of
-    /// its rounding steps).
+    /// Whether both errors are within `tolerance` ([`tolerance`]).
     pub agrees: bool,
     pub tolerance: f64,
     /// Forward and backward pass through spur's kernel on the device, best of five, in ms.
@@ -462,7 +471,7 @@ fn forward_backward(
 }
 
 /// max |a − b| / max |b|.
-fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
+pub fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
     let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     Ok(diff as f64 / (scale as f64).max(f64::MIN_POSITIVE))
@@ -514,7 +523,7 @@ pub fn check_train_ops(device: &Device, shapes: &TrainOpShapes) -> Result<Vec<Tr
                 }
                 Ok(best)
             };
-            let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            let tolerance = tolerance(dtype);
             checks.push(TrainOpCheck {
                 op: op.name,
                 dtype: format!("{dtype:?}").to_lowercase(),

@@ -7,11 +7,10 @@ use std::sync::OnceLock;
 use candle_core::cuda_backend::cudarc;
 use candle_core::Layout;
 
-/// The kernels' common CUDA source. bf16 is read and written as its 16 bits (no `cuda_bf16.h`,
-/// which NVRTC would need headers for); all arithmetic is f32. Blocks are `THREADS` wide.
-macro_rules! prelude {
-    () => {
-        r#"
+/// The kernels' common CUDA source, put before each kernel source. bf16 is read and written as
+/// its 16 bits (no `cuda_bf16.h`, which NVRTC would need headers for); all arithmetic is f32.
+/// Blocks are `THREADS` wide.
+pub const PRELUDE: &str = r#"
 typedef unsigned short bf16_t;
 __device__ __forceinline__ float ld(const float* p, long i) { return p[i]; }
 __device__ __forceinline__ float ld(const bf16_t* p, long i) {
@@ -56,22 +55,20 @@ __device__ float block_sum(float v, float* shared) {
     __syncthreads();
     return v;
 }
-"#
-    };
-}
-pub(crate) use prelude;
+"#;
 
 /// Threads per block, as the prelude's `THREADS`.
-pub(crate) const THREADS: u32 = 256;
+pub const THREADS: u32 = 256;
 
-/// The PTX of `source`, compiled once per process into `cell`; errors name `what`.
-pub(crate) fn ptx(
+/// The PTX of [`PRELUDE`] followed by `source`, compiled once per process into `cell`; errors
+/// name `what`.
+pub fn ptx(
     cell: &'static OnceLock<Result<String, String>>,
     source: &str,
     what: &str,
 ) -> candle_core::Result<&'static str> {
     cell.get_or_init(|| {
-        cudarc::nvrtc::compile_ptx(source)
+        cudarc::nvrtc::compile_ptx(format!("{PRELUDE}{source}"))
             .map(|p| p.to_src())
             .map_err(|e| e.to_string())
     })
@@ -80,7 +77,7 @@ pub(crate) fn ptx(
 }
 
 /// `slice` as the contiguous elements `layout` spans; the error names the op and the operand.
-pub(crate) fn contiguous<'a, T>(
+pub fn contiguous<'a, T>(
     slice: &'a cudarc::driver::CudaSlice<T>,
     layout: &Layout,
     op: &str,
@@ -93,6 +90,6 @@ pub(crate) fn contiguous<'a, T>(
 }
 
 /// Blocks of [`THREADS`] that cover `n` elements, one thread each.
-pub(crate) fn blocks_for(n: usize) -> u32 {
+pub fn blocks_for(n: usize) -> u32 {
     n.div_ceil(THREADS as usize).max(1) as u32
 }

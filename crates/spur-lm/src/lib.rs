@@ -19,7 +19,7 @@
 pub mod bench;
 pub mod config;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub mod cuda;
 mod decode_attention;
 mod decode_matmul;
 mod decode_silu;

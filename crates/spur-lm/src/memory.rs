@@ -247,9 +247,10 @@ pub fn update_bytes(config: &ModelConfig, shape: &UpdateShape, device: &Device) 
 
     // Peak of the backward pass: everything above at once. Peak of Adam: weights, gradients,
     // moments, and on GPUs about six temporaries of the tensor being updated (the CPU updates
-    // in place, spur-rl's `adam_cpu`).
+    // in place, spur-rl's `adam_in_place`).
     let backward_peak = weights + gradients + optimizer + activations;
-    let adam_transients = if device.is_cpu() { 0 } else { 6 * 4 * largest };
+    let in_place = device.is_cpu() || (device.is_cuda() && crate::train_ops::cuda_kernels_asked());
+    let adam_transients = if in_place { 0 } else { 6 * 4 * largest };
     let adam_peak = weights + gradients + optimizer + adam_transients;
     let runtime = runtime_bytes(device);
     MemoryEstimate {

@@ -278,9 +278,7 @@ mod cuda {
     use candle_core::cuda_backend::{cudarc, CudaStorage, CudaStorageSlice, WrapErr};
     use candle_core::Layout;
 
-    const SOURCE: &str = concat!(
-        crate::cuda::prelude!(),
-        r#"
+    const SOURCE: &str = r#"
 // max and Σ exp(x − max) of row x (every thread gets both).
 template <typename T>
 __device__ void stats(const T* x, int vocab, float* shared, float* max, float* sum) {
@@ -347,8 +345,7 @@ extern "C" __global__ void row_entropy_##SUFFIX(const T* l, float* o, int v) {  
 }
 INSTANTIATE(float, f32)
 INSTANTIATE(bf16_t, bf16)
-"#
-    );
+"#;
 
     fn ptx() -> candle_core::Result<&'static str> {
         static PTX: OnceLock<Result<String, String>> = OnceLock::new();

@@ -111,8 +111,9 @@ pub(crate) fn has_kernels(device: &Device, dtype: DType) -> bool {
     }
 }
 
-/// Whether `SPUR_CUDA_TRAIN_OPS=1` (read once).
-fn cuda_kernels_asked() -> bool {
+/// Whether `SPUR_CUDA_TRAIN_OPS=1` asks for spur's training kernels on CUDA (read once): these
+/// ops' and spur-rl's in-place Adam, until a lent GPU has checked them.
+pub fn cuda_kernels_asked() -> bool {
     static ASKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ASKED.get_or_init(|| std::env::var("SPUR_CUDA_TRAIN_OPS").is_ok_and(|v| v == "1"))
 }

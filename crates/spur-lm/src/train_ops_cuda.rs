@@ -12,9 +12,7 @@ use candle_core::{Layout, Shape};
 
 use crate::cuda::{blocks_for, contiguous, THREADS};
 
-const SOURCE: &str = concat!(
-    crate::cuda::prelude!(),
-    r#"
+const SOURCE: &str = r#"
 // 1 / sqrt(mean(x²) + eps) of a row of n, in every thread of the block.
 template <typename T>
 __device__ float inv_rms(const T* x, int n, float eps, float* shared) {
@@ -147,8 +145,7 @@ extern "C" __global__ void sum_partials(const float* partial, float* out, int n,
     for (int b = 0; b < blocks; b++) s += partial[(long)b * n + j];
     out[j] = s;
 }
-"#
-);
+"#;
 
 fn ptx() -> candle_core::Result<&'static str> {
     static PTX: OnceLock<Result<String, String>> = OnceLock::new();

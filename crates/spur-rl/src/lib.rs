@@ -8,12 +8,12 @@
 //! - [`policy`]: the small trait a trainable model implements, and per-token log-probs from logits
 //!   ([`lm`] implements it for spur-lm's transformer);
 //! - [`optim`]: Adam(W) with f32 or bf16 moments, gradient-norm clipping and learning-rate
-//!   schedules (on the CPU updated in place, `adam_cpu`);
+//!   schedules (updated in place, `adam_in_place`);
 //! - [`trainer`]: one GRPO step over a scored rollout (mini-batches, micro-batches, metrics),
 //!   on one worker or data-parallel over several ([`collective`] sums their gradients);
 //! - [`checkpoint`]: weights, optimiser moments, RNG state and step on disk.
 
-mod adam_cpu;
+mod adam_in_place;
 pub mod bench;
 pub mod checkpoint;
 pub mod collective;

@@ -6,11 +6,12 @@
 //! computed in f32 either way). Weights that are not f32 get an f32 master copy that the update
 //! is applied to, then cast back into the `Var`.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use spur_core::params::{LrSchedule as ScheduleKind, Precision, UpdateParams};
+use spur_lm::bench::TrainOpCheck;
 
-use crate::adam_cpu::{self, AdamStep};
+use crate::adam_in_place::{self, AdamStep};
 use crate::{Error, Result};
 
 /// Adam's ε (the paper's; not an experiment setting).
@@ -227,6 +228,22 @@ impl Adam {
             )));
         }
         self.t += 1;
+        let step = self.step_constants(norm, lr);
+        for (i, var) in vars.iter().enumerate() {
+            let (weight, grad) = (var.as_tensor(), &grads[i]);
+            // f32 weights, the only ones the passes take, have no master copy.
+            if adam_in_place::applies(weight, grad, &self.m[i], &self.v[i]) {
+                adam_in_place::step(weight, grad, &self.m[i], &self.v[i], &step)?;
+            } else {
+                self.composite_update(i, var, grad, &step)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The constants of update `self.t` at learning rate `lr`, for gradients of global norm
+    /// `norm`.
+    fn step_constants(&self, norm: f64, lr: f64) -> AdamStep {
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         // torch.nn.utils.clip_grad_norm_: scale by min(1, max / (norm + 1e-6)).
         let max = self.cfg.max_grad_norm;
@@ -237,7 +254,7 @@ impl Adam {
         };
         let bias1 = 1.0 - b1.powi(self.t as i32);
         let wd = self.cfg.weight_decay;
-        let step = AdamStep {
+        AdamStep {
             clip: (clip < 1.0).then_some(clip),
             beta1: b1,
             beta2: b2,
@@ -245,17 +262,7 @@ impl Adam {
             bias2_sqrt: (1.0 - b2.powi(self.t as i32)).sqrt(),
             eps: self.cfg.eps,
             step_size: lr / bias1,
-        };
-        for (i, var) in vars.iter().enumerate() {
-            let (weight, grad) = (var.as_tensor(), &grads[i]);
-            // f32 weights, the only ones the passes take, have no master copy.
-            if adam_cpu::applies(weight, grad, &self.m[i], &self.v[i]) {
-                adam_cpu::step(weight, grad, &self.m[i], &self.v[i], &step)?;
-            } else {
-                self.composite_update(i, var, grad, &step)?;
-            }
         }
-        Ok(())
     }
 
     /// Var `i`'s update through candle's ops (devices and dtypes without the in-place passes).
@@ -289,6 +296,85 @@ impl Adam {
         self.v[i] = v.to_dtype(moments)?;
         Ok(())
     }
+}
+
+/// Adam's in-place passes on `device` against the CPU's: the second update of one var of
+/// `elements` f32 weights, from random moments and a clipped random gradient, with f32 and with
+/// bf16 moments. `forward_error` is the largest relative error of the weight's change and the
+/// two moments (Adam has no backward pass: `gradient_error` is 0); the times compare the
+/// in-place passes with candle's composite update on `device`.
+pub fn check_adam(device: &Device, elements: usize) -> Result<Vec<TrainOpCheck>> {
+    let cpu = Device::Cpu;
+    let random =
+        |scale: f64| -> Result<Tensor> { Ok((Tensor::randn(0f32, 1.0, elements, &cpu)? * scale)?) };
+    let (weight, grad, m, v) = (random(0.02)?, random(1e-3)?, random(1e-4)?, random(1e-3)?);
+    let v = v.abs()?;
+    let mut checks = Vec::new();
+    for moments in [Precision::F32, Precision::Bf16] {
+        let dtype = precision_dtype(moments);
+        let cfg = AdamConfig {
+            lr: 5e-7,
+            weight_decay: 0.1,
+            max_grad_norm: 1.0,
+            moments,
+            ..AdamConfig::default()
+        };
+        // One update from the moments above, after a first one; returns the weight's change
+        // and the moments, on the CPU in f32, and the update's time in ms.
+        type Updated = ((Tensor, Tensor, Tensor), f64);
+        let update = |on: &Device, in_place: bool| -> Result<Updated> {
+            // Copies: the passes write in place, and a cast or move to where a tensor already
+            // is would share its storage.
+            let var = Var::from_tensor(&weight.to_device(on)?.copy()?)?;
+            let mut adam = Adam::new(cfg.clone(), std::slice::from_ref(&var))?;
+            adam.m[0] = m.to_dtype(dtype)?.to_device(on)?.copy()?;
+            adam.v[0] = v.to_dtype(dtype)?.to_device(on)?.copy()?;
+            adam.t = 2;
+            let g = grad.to_device(on)?;
+            // A norm above the clip, so that the gradient is scaled.
+            let s = adam.step_constants(3.0 * grad_norm(std::slice::from_ref(&g))?, cfg.lr);
+            on.synchronize()?;
+            let start = std::time::Instant::now();
+            if in_place {
+                adam_in_place::step(var.as_tensor(), &g, &adam.m[0], &adam.v[0], &s)?;
+            } else {
+                adam.composite_update(0, &var, &g, &s)?;
+            }
+            on.synchronize()?;
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            let f32_cpu = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+            };
+            let change = (f32_cpu(var.as_tensor())? - &weight)?;
+            Ok(((change, f32_cpu(&adam.m[0])?, f32_cpu(&adam.v[0])?), ms))
+        };
+        let (want, _) = update(&cpu, true)?;
+        let (got, _) = update(device, true)?;
+        let mut error = 0f64;
+        for (g, w) in [(&got.0, &want.0), (&got.1, &want.1), (&got.2, &want.2)] {
+            error = error.max(spur_lm::bench::relative_error(g, w)?);
+        }
+        let time = |in_place: bool| -> Result<f64> {
+            let mut best = f64::INFINITY;
+            for _ in 0..5 {
+                best = best.min(update(device, in_place)?.1);
+            }
+            Ok(best)
+        };
+        let tolerance = spur_lm::bench::tolerance(dtype);
+        checks.push(TrainOpCheck {
+            op: "adam",
+            dtype: format!("{dtype:?}").to_lowercase(),
+            shape: vec![elements],
+            forward_error: error,
+            gradient_error: 0.0,
+            agrees: error <= tolerance,
+            tolerance,
+            fused_ms: time(true)?,
+            composite_ms: time(false)?,
+        });
+    }
+    Ok(checks)
 }
 
 #[cfg(test)]
