@@ -10,13 +10,15 @@
 # 2. CPU vs CUDA: the fused training ops' CUDA kernels against their CPU kernels
 #    (`spur bench train-ops`); tiny random-weight Qwen2 and Llama checkpoints: `spur sample`
 #    greedy and seeded (T=1) on both devices in f32, and greedy in bf16, compared token by
-#    token and log-prob by log-prob; one update step's gradient norm on both devices, with
-#    candle's composite training ops and with spur's kernels (SPUR_CUDA_TRAIN_OPS=1).
+#    token and log-prob by log-prob, also with spur's unchecked CUDA kernels on the device
+#    (SPUR_CUDA_KERNELS=1: decode attention); one update step's gradient norm on both devices,
+#    with candle's composite training ops and with spur's kernels.
 # 3. Update step, Qwen2.5-Math-1.5B shapes: `spur bench update` in bf16 (with and without
 #    activation checkpointing, and with spur's training kernels) and f32 against the same GRPO step in PyTorch (bf16 autocast
 #    over f32 master weights, and f32), with peak memory beside the memory model's estimate.
-# 4. Rollouts: `spur bench generate` in bf16 against transformers `generate` in bf16, batch 64
-#    and 256, 512 new tokens, greedy, the same prompt ids.
+# 4. Rollouts: `spur bench generate` in bf16 (with candle's attention and with spur's decode
+#    attention kernel) against transformers `generate` in bf16, batch 64 and 256, 512 new
+#    tokens, greedy, the same prompt ids.
 # 5. Qwen2.5-Math-7B shapes: an update step of 4 x 2,048 tokens (bf16, checkpointing, bf16 Adam
 #    moments unless GPU_CHECK_7B_MOMENTS=f32) and a 64-sequence rollout, peak device memory
 #    beside the estimate.
@@ -160,8 +162,13 @@ for tiny in tiny-qwen2 tiny-llama; do
         "$device" candle --temperature 0
     # The training path (packed attention, chunked head log-probs, Adam): the gradient norm of
     # one update step on both devices.
+    # spur's unchecked CUDA kernels (decode attention; training ops and Adam) on the device side.
+    SPUR_CUDA_KERNELS=1 step "cpu-vs-cuda-kernels:$tiny:seeded" compare "$work/$tiny" cpu \
+        candle "$device" candle --temperature 1 --n 4 --seed 7
+    SPUR_CUDA_KERNELS=1 precision=bf16 step "cpu-vs-cuda-kernels-bf16:$tiny:greedy" compare \
+        "$work/$tiny" cpu candle "$device" candle --temperature 0
     step "cpu-vs-cuda-update:$tiny" compare_update "$work/$tiny"
-    SPUR_CUDA_TRAIN_OPS=1 step "cpu-vs-cuda-update-kernels:$tiny" compare_update "$work/$tiny"
+    SPUR_CUDA_KERNELS=1 step "cpu-vs-cuda-update-kernels:$tiny" compare_update "$work/$tiny"
 done
 
 echo "== $shape"
@@ -176,7 +183,7 @@ step "update:spur-bf16" "$spur" bench update --model "$big" --device "$device" "
     --precision bf16 --json
 step "update:spur-bf16-ckpt" "$spur" bench update --model "$big" --device "$device" \
     "${update[@]}" --precision bf16 --checkpoint-activations --json
-SPUR_CUDA_TRAIN_OPS=1 step "update:spur-bf16-kernels" "$spur" bench update --model "$big" \
+SPUR_CUDA_KERNELS=1 step "update:spur-bf16-kernels" "$spur" bench update --model "$big" \
     --device "$device" "${update[@]}" --precision bf16 --json
 step "update:pytorch-bf16" python3 "$helper" torch-update "$big" --dtype bf16 "${update[@]}"
 
@@ -186,6 +193,8 @@ prompt='Express the quotient $413_5 \div 2_5$ in base 5. Then check the answer b
 rollout=(--model "$big" --device "$device" --batches 64,256 --max-tokens 512 --prompt "$prompt")
 step "rollout:candle-bf16" "$spur" bench generate --engine candle "${rollout[@]}" \
     --precision bf16 --json
+SPUR_CUDA_KERNELS=1 step "rollout:candle-bf16-kernels" "$spur" bench generate --engine candle \
+    "${rollout[@]}" --precision bf16 --json
 step "rollout:transformers-bf16" python3 "$helper" hf-generate "$big" --dtype bf16 \
     --batches 64,256 --max-tokens 512 --prompt "$prompt"
 

@@ -82,19 +82,13 @@ impl CustomOp3 for DecodeAttention {
         v_storage: &CpuStorage,
         v_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, heads, t, hd) = q_layout.shape().dims4()?;
-        let (kb, kv_heads, len, khd) = k_layout.shape().dims4()?;
-        if t != 1 || kb != b || khd != hd || v_layout.shape() != k_layout.shape() {
-            candle_core::bail!(
-                "decode-attention: q {:?}, k {:?}, v {:?}",
-                q_layout.shape(),
-                k_layout.shape(),
-                v_layout.shape()
-            );
-        }
-        if self.pad.len() != b || heads % kv_heads != 0 {
-            candle_core::bail!("decode-attention: {b} rows, {} pads", self.pad.len());
-        }
+        let Dims {
+            b,
+            heads,
+            kv_heads,
+            len,
+            hd,
+        } = self.dims(q_layout, k_layout, v_layout)?;
         let (q, k, v) = (
             View::new(q_storage, q_layout, "q")?,
             View::new(k_storage, k_layout, "k")?,
@@ -177,6 +171,280 @@ impl CustomOp3 for DecodeAttention {
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from((b, heads, 1, hd))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q_storage: &candle_core::CudaStorage,
+        q_layout: &Layout,
+        k_storage: &candle_core::CudaStorage,
+        k_layout: &Layout,
+        v_storage: &candle_core::CudaStorage,
+        v_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dims = self.dims(q_layout, k_layout, v_layout)?;
+        let out = cuda::forward(
+            self,
+            (q_storage, q_layout),
+            (k_storage, k_layout),
+            (v_storage, v_layout),
+            &dims,
+        )?;
+        Ok((out, Shape::from((dims.b, dims.heads, 1, dims.hd))))
+    }
+}
+
+/// The checked sizes of one decode-attention call.
+struct Dims {
+    b: usize,
+    heads: usize,
+    kv_heads: usize,
+    len: usize,
+    hd: usize,
+}
+
+impl DecodeAttention {
+    fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> candle_core::Result<Dims> {
+        let (b, heads, t, hd) = q.shape().dims4()?;
+        let (kb, kv_heads, len, khd) = k.shape().dims4()?;
+        if t != 1 || kb != b || khd != hd || v.shape() != k.shape() {
+            candle_core::bail!(
+                "decode-attention: q {:?}, k {:?}, v {:?}",
+                q.shape(),
+                k.shape(),
+                v.shape()
+            );
+        }
+        if self.pad.len() != b || heads % kv_heads != 0 {
+            candle_core::bail!("decode-attention: {b} rows, {} pads", self.pad.len());
+        }
+        Ok(Dims {
+            b,
+            heads,
+            kv_heads,
+            len,
+            hd,
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! The op on CUDA: one block per (row, kv head) computes its query heads' scores over the
+    //! visible columns (the prompt's, then the row's own) into a scratch buffer, their softmax,
+    //! and the weighted values, in one launch where candle's ops take about ten. Not yet run on
+    //! a GPU: used only with `SPUR_CUDA_KERNELS=1` (`crate::unchecked_cuda_kernels`).
+
+    use std::sync::OnceLock;
+
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{cudarc, CudaDType, CudaStorage, CudaStorageSlice, WrapErr};
+    use candle_core::{Layout, Storage};
+
+    use super::{DecodeAttention, Dims};
+    use crate::cuda::THREADS;
+
+    const SOURCE: &str = r#"
+// meta[row] = (own pad, prompt row, prompt pad). Scores of the block's n_rep heads go to
+// scratch rows of `columns` floats.
+template <typename T>
+__device__ void decode_attention(const T* q, long qs0, long qs1,
+                                 const T* k, const T* v, long ks0, long ks1, long ks2,
+                                 const T* pk, const T* pv, long ps0, long ps1, long ps2,
+                                 const unsigned int* meta, float* scratch, T* out,
+                                 int heads, int kv_heads, int hd, int len, int width,
+                                 int columns, float scale) {
+    __shared__ float shared[33];
+    const int row = blockIdx.x / kv_heads, kvh = blockIdx.x % kv_heads;
+    const int n_rep = heads / kv_heads;
+    const int pad = meta[3 * row], prow = meta[3 * row + 1], ppad = meta[3 * row + 2];
+    const int np = width > ppad ? width - ppad : 0;
+    const int n = np + (len > pad ? len - pad : 0);
+    float* sc = scratch + ((long)row * heads + kvh * n_rep) * columns;
+    for (int j = threadIdx.x; j < n; j += THREADS) {
+        const T* key = j < np ? pk + prow * ps0 + kvh * ps1 + (long)(ppad + j) * ps2
+                              : k + row * ks0 + kvh * ks1 + (long)(pad + j - np) * ks2;
+        for (int r = 0; r < n_rep; r++) {
+            const T* qr = q + row * qs0 + (long)(kvh * n_rep + r) * qs1;
+            float s = 0.0f;
+            for (int d = 0; d < hd; d++) s += ld(qr, d) * ld(key, d);
+            sc[(long)r * columns + j] = s * scale;
+        }
+    }
+    __syncthreads();
+    for (int r = 0; r < n_rep; r++) {
+        float* s = sc + (long)r * columns;
+        float m = NEG_INF;
+        for (int j = threadIdx.x; j < n; j += THREADS) m = fmaxf(m, s[j]);
+        m = block_max(m, shared);
+        float total = 0.0f;
+        for (int j = threadIdx.x; j < n; j += THREADS) {
+            const float e = expf(s[j] - m);
+            s[j] = e;
+            total += e;
+        }
+        total = block_sum(total, shared);
+        const float inv = 1.0f / total;
+        for (int j = threadIdx.x; j < n; j += THREADS) s[j] *= inv;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n_rep * hd; i += THREADS) {
+        const int r = i / hd, d = i % hd;
+        const float* p = sc + (long)r * columns;
+        float acc = 0.0f;
+        for (int j = 0; j < n; j++) {
+            const T* value = j < np ? pv + prow * ps0 + kvh * ps1 + (long)(ppad + j) * ps2
+                                    : v + row * ks0 + kvh * ks1 + (long)(pad + j - np) * ks2;
+            acc += p[j] * ld(value, d);
+        }
+        st(out, ((long)row * heads + kvh * n_rep + r) * hd + d, acc);
+    }
+}
+
+#define INSTANTIATE(T, SUFFIX)                                                                 \
+extern "C" __global__ void decode_attention_##SUFFIX(                                          \
+    const T* q, long qs0, long qs1, const T* k, const T* v, long ks0, long ks1, long ks2,      \
+    const T* pk, const T* pv, long ps0, long ps1, long ps2, const unsigned int* meta,          \
+    float* scratch, T* out, int heads, int kv_heads, int hd, int len, int width, int columns,  \
+    float scale) {                                                                             \
+    decode_attention(q, qs0, qs1, k, v, ks0, ks1, ks2, pk, pv, ps0, ps1, ps2, meta, scratch,   \
+                     out, heads, kv_heads, hd, len, width, columns, scale);                    \
+}
+INSTANTIATE(float, f32)
+INSTANTIATE(bf16_t, bf16)
+"#;
+
+    fn ptx() -> candle_core::Result<&'static str> {
+        static PTX: OnceLock<Result<String, String>> = OnceLock::new();
+        crate::cuda::ptx(&PTX, SOURCE, "decode-attention")
+    }
+
+    /// `s`'s elements from `l`'s start.
+    fn view<'a, T: CudaDType>(
+        s: &'a CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<cudarc::driver::CudaView<'a, T>> {
+        Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+    }
+
+    fn on_gpu(s: &Storage) -> candle_core::Result<&CudaStorage> {
+        match s {
+            Storage::Cuda(s) => Ok(s),
+            _ => candle_core::bail!("decode-attention: prompts must be on the GPU"),
+        }
+    }
+
+    /// Strides of dims 0..3 of a rank-4 layout whose last dimension is contiguous.
+    fn strides(layout: &Layout, what: &str) -> candle_core::Result<[i64; 3]> {
+        match layout.stride() {
+            [s0, s1, s2, 1] => Ok([*s0 as i64, *s1 as i64, *s2 as i64]),
+            _ => candle_core::bail!("decode-attention: {what} must be rank 4 with contiguous rows"),
+        }
+    }
+
+    pub(super) fn forward(
+        op: &DecodeAttention,
+        (q, q_layout): (&CudaStorage, &Layout),
+        (k, k_layout): (&CudaStorage, &Layout),
+        (v, v_layout): (&CudaStorage, &Layout),
+        dims: &Dims,
+    ) -> candle_core::Result<CudaStorage> {
+        let Dims {
+            b,
+            heads,
+            kv_heads,
+            len,
+            hd,
+        } = *dims;
+        let [qs0, qs1, _] = strides(q_layout, "q")?;
+        let [ks0, ks1, ks2] = strides(k_layout, "k")?;
+        if strides(v_layout, "v")? != [ks0, ks1, ks2] {
+            candle_core::bail!("decode-attention: k and v must share a layout");
+        }
+        // The prompts' storage, read-locked until the launch is queued.
+        let guards = op.prompts.as_ref().map(|p| {
+            let (k, k_layout) = p.k.storage_and_layout();
+            let (v, v_layout) = p.v.storage_and_layout();
+            (k, k_layout.clone(), v, v_layout.clone(), p)
+        });
+        let mut meta = Vec::with_capacity(3 * b);
+        let mut width = 0usize;
+        let mut prompt_strides = [0i64; 3];
+        for (row, &pad) in op.pad.iter().enumerate() {
+            let (prompt, prompt_pad) = match &guards {
+                Some((_, _, _, _, p)) => (p.of_row[row], p.pad[p.of_row[row]]),
+                None => (0, 0),
+            };
+            meta.extend([pad as u32, prompt as u32, prompt_pad as u32]);
+        }
+        if let Some((_, k_layout, _, v_layout, p)) = &guards {
+            width = p.width;
+            prompt_strides = strides(k_layout, "prompt k")?;
+            if strides(v_layout, "prompt v")? != prompt_strides {
+                candle_core::bail!("decode-attention: prompt k and v must share a layout");
+            }
+        }
+        let columns = width + len;
+        let dev = q.device.clone();
+        let suffix = match &q.slice {
+            CudaStorageSlice::F32(_) => "f32",
+            CudaStorageSlice::BF16(_) => "bf16",
+            _ => candle_core::bail!("decode-attention: q must be f32 or bf16"),
+        };
+        let func = dev.get_or_load_custom_func(
+            &format!("decode_attention_{suffix}"),
+            "spur_decode_attention",
+            ptx()?,
+        )?;
+        let meta = dev.clone_htod(&meta)?;
+        // SAFETY: every score a block reads it has written first.
+        let scratch = unsafe { dev.alloc::<f32>((b * heads * columns).max(1))? };
+        let cfg = LaunchConfig {
+            grid_dim: ((b * kv_heads) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let ints = [
+            heads as i32,
+            kv_heads as i32,
+            hd as i32,
+            len as i32,
+            width as i32,
+        ];
+        let (columns_arg, scale) = (columns as i32, op.scale);
+        let [ps0, ps1, ps2] = prompt_strides;
+        macro_rules! run {
+            ($ty:ty) => {{
+                let from = view::<$ty>;
+                let (qv, kv, vv) = (from(q, q_layout)?, from(k, k_layout)?, from(v, v_layout)?);
+                // Without prompts the kernel reads no prompt column: k and v stand in.
+                let (pk, pv) = match &guards {
+                    Some((pk, pk_layout, pv, pv_layout, _)) => {
+                        (from(on_gpu(pk)?, pk_layout)?, from(on_gpu(pv)?, pv_layout)?)
+                    }
+                    None => (from(k, k_layout)?, from(v, v_layout)?),
+                };
+                // SAFETY: every element is written by the kernel.
+                let out = unsafe { dev.alloc::<$ty>(b * heads * hd)? };
+                let mut builder = func.builder();
+                builder.arg(&qv).arg(&qs0).arg(&qs1);
+                builder.arg(&kv).arg(&vv).arg(&ks0).arg(&ks1).arg(&ks2);
+                builder.arg(&pk).arg(&pv).arg(&ps0).arg(&ps1).arg(&ps2);
+                builder.arg(&meta).arg(&scratch).arg(&out);
+                for i in &ints {
+                    builder.arg(i);
+                }
+                builder.arg(&columns_arg).arg(&scale);
+                // SAFETY: the arguments match the kernel's signature.
+                unsafe { builder.launch(cfg) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match &q.slice {
+            CudaStorageSlice::F32(_) => run!(f32),
+            _ => run!(half::bf16),
+        })
     }
 }
 

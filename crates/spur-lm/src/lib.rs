@@ -73,6 +73,14 @@ pub use tokenizer::Tokenizer;
 ///    prompt's and the completion's weighted values apart, then adds them in f32.
 pub const NUMERICS_VERSION: u32 = 9;
 
+/// Whether `SPUR_CUDA_KERNELS=1` asks for spur's CUDA kernels that no lent GPU has checked yet:
+/// the training ops', Adam's in-place update and the decode attention (read once). Without it,
+/// CUDA passes use candle's ops. `spur bench train-ops` and `scripts/gpu-check.sh` check them.
+pub fn unchecked_cuda_kernels() -> bool {
+    static ASKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ASKED.get_or_init(|| std::env::var("SPUR_CUDA_KERNELS").is_ok_and(|v| v == "1"))
+}
+
 /// The device a spec names: `cpu`, `cuda` (device 0), `cuda:N`, or `auto` (CUDA device 0
 /// when this build has CUDA and the machine a GPU, else the CPU).
 pub fn device(spec: &str) -> Result<Device> {

@@ -249,7 +249,7 @@ pub fn update_bytes(config: &ModelConfig, shape: &UpdateShape, device: &Device) 
     // moments, and on GPUs about six temporaries of the tensor being updated (the CPU updates
     // in place, spur-rl's `adam_in_place`).
     let backward_peak = weights + gradients + optimizer + activations;
-    let in_place = device.is_cpu() || (device.is_cuda() && crate::train_ops::cuda_kernels_asked());
+    let in_place = device.is_cpu() || (device.is_cuda() && crate::unchecked_cuda_kernels());
     let adam_transients = if in_place { 0 } else { 6 * 4 * largest };
     let adam_peak = weights + gradients + optimizer + adam_transients;
     let runtime = runtime_bytes(device);
@@ -309,10 +309,14 @@ pub fn rollout_bytes(
     let layers = config.num_hidden_layers as u64;
     let prompts = shape.prompts_held() as u64 * prompt;
     let kv_cache = layers * kv_token * (prompts + b * shape.new_tokens as u64 * 3 / 2);
-    // One step's logits (f32) and their host copy; outside the CPU's f32 decode kernel,
-    // attention gathers one layer's prompt columns for every row.
+    // One step's logits (f32) and their host copy. Without spur's decode attention, candle's
+    // gathers one layer's prompt columns for every row; its CUDA kernel keeps one layer's
+    // scores (f32) instead.
     let mut activations = b * config.vocab_size as u64 * (cs + 4);
-    if !(device.is_cpu() && compute == DType::F32) {
+    if device.is_cuda() && crate::unchecked_cuda_kernels() {
+        let columns = prompt + shape.new_tokens as u64;
+        activations += b * config.num_attention_heads as u64 * columns * 4;
+    } else if !(device.is_cpu() && compute == DType::F32) {
         activations += b * prompt * kv_token;
     }
     let runtime = runtime_bytes(device);

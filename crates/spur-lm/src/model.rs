@@ -386,6 +386,16 @@ fn cpu_kernels(decoding: bool, x: &Tensor) -> bool {
     decoding && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
+/// Whether spur's decode attention serves a one-position cache pass over `q`: on the CPU in
+/// f32, and on CUDA in f32 or bf16 when its unchecked kernel is asked for
+/// ([`crate::unchecked_cuda_kernels`]).
+fn decode_attention_kernel(decoding: bool, q: &Tensor) -> bool {
+    let cuda = q.device().is_cuda()
+        && matches!(q.dtype(), DType::F32 | DType::BF16)
+        && crate::unchecked_cuda_kernels();
+    cpu_kernels(decoding, q) || (decoding && cuda)
+}
+
 /// RMS norm of the last dimension. `decoding`: no gradient will be taken.
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, decoding: bool) -> Result<Tensor> {
     if fused(decoding) {
@@ -814,7 +824,7 @@ impl Transformer {
                 (ck.narrow(2, 0, end)?, cv.narrow(2, 0, end)?, Some(cache))
             }
         };
-        if let (1, Some(cache), true) = (t, &cache, cpu_kernels(decoding, &q)) {
+        if let (1, Some(cache), true) = (t, &cache, decode_attention_kernel(decoding, &q)) {
             let op = DecodeAttention {
                 pad: cache.pad.to_vec(),
                 scale: 1.0 / (hd as f32).sqrt(),

@@ -10,7 +10,7 @@
 //! rayon's pool, each output element written by one thread, and the one sum across rows (the
 //! norm weight's gradient) adds fixed blocks of rows in a fixed order, so results do not depend
 //! on the number of threads. The CUDA kernels (`train_ops_cuda.rs`, f32 and bf16) follow the
-//! same semantics; they serve CUDA passes only with `SPUR_CUDA_TRAIN_OPS=1` until a lent GPU has
+//! same semantics; they serve CUDA passes only with `SPUR_CUDA_KERNELS=1` until a lent GPU has
 //! checked them against these (`spur bench train-ops`). Other devices and dtypes use candle's
 //! composite ops.
 
@@ -102,20 +102,15 @@ fn has_kernel(x: &Tensor) -> bool {
 
 /// Whether these ops run spur's own kernels on `device` in `dtype` (the memory model counts
 /// their activations by this too): on the CPU in f32, bf16 and f16; on CUDA in f32 and bf16
-/// when `SPUR_CUDA_TRAIN_OPS=1` asks for the kernels, not yet checked on a GPU.
+/// when `SPUR_CUDA_KERNELS=1` asks for the kernels, not yet checked on a GPU.
 pub(crate) fn has_kernels(device: &Device, dtype: DType) -> bool {
     match device {
         Device::Cpu => matches!(dtype, DType::F32 | DType::BF16 | DType::F16),
-        Device::Cuda(_) => cuda_kernels_asked() && matches!(dtype, DType::F32 | DType::BF16),
+        Device::Cuda(_) => {
+            crate::unchecked_cuda_kernels() && matches!(dtype, DType::F32 | DType::BF16)
+        }
         _ => false,
     }
-}
-
-/// Whether `SPUR_CUDA_TRAIN_OPS=1` asks for spur's training kernels on CUDA (read once): these
-/// ops' and spur-rl's in-place Adam, until a lent GPU has checked them.
-pub fn cuda_kernels_asked() -> bool {
-    static ASKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ASKED.get_or_init(|| std::env::var("SPUR_CUDA_TRAIN_OPS").is_ok_and(|v| v == "1"))
 }
 
 /// [`rms_norm`] from candle's elementwise ops, in f32 whatever `x`'s dtype (a bf16 mean of

@@ -11,7 +11,7 @@
 //! them over rayon's pool without changing any result.
 //!
 //! The CUDA kernels round every product and sum on its own (no fused multiply-adds), so they
-//! compute the CPU's bits too. They serve CUDA updates only with `SPUR_CUDA_TRAIN_OPS=1` until a
+//! compute the CPU's bits too. They serve CUDA updates only with `SPUR_CUDA_KERNELS=1` until a
 //! lent GPU has checked them (`spur bench train-ops`).
 
 use candle_core::backend::BackendStorage;
@@ -41,7 +41,7 @@ pub(crate) struct AdamStep {
 /// (or on CUDA, when asked for), the gradient f32, the moments f32 or bf16.
 pub(crate) fn applies(weight: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor) -> bool {
     let device = weight.device();
-    let here = device.is_cpu() || (device.is_cuda() && spur_lm::train_ops::cuda_kernels_asked());
+    let here = device.is_cpu() || (device.is_cuda() && spur_lm::unchecked_cuda_kernels());
     let whole = |t: &Tensor| {
         t.device().same_device(device) && matches!(t.layout().contiguous_offsets(), Some((0, _)))
     };
