@@ -12,6 +12,7 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::choose_tokens::choose_tokens;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
@@ -282,6 +283,22 @@ impl Sequence {
     }
 }
 
+/// Whether a decode step's tokens are chosen where its `logits` are, without copying them to
+/// the host: on CUDA with `SPUR_CUDA_KERNELS=1` (the kernel is unchecked), when no active
+/// request truncates its distribution (top-k, top-p), as the paper's sampling does not.
+fn chooses_on_device<'a>(
+    logits: &Tensor,
+    active: &'a [Sequence],
+    params: impl Fn(&'a Sequence) -> &'a SamplingParams,
+) -> bool {
+    logits.device().is_cuda()
+        && crate::unchecked_cuda_kernels()
+        && active.iter().all(|q| {
+            let p = params(q);
+            p.top_k == 0 && p.top_p >= 1.0
+        })
+}
+
 /// How many trailing tokens can hold a stop string of `params` (decoded after each token).
 fn stop_window(params: &SamplingParams) -> usize {
     params
@@ -445,19 +462,23 @@ impl CandleEngine {
                     .map(|q| q.tokens[q.tokens.len() - 1])
                     .collect();
                 let input = Tensor::new(last, model.device())?.unsqueeze(1)?;
-                let logits = model
-                    .forward_cached(&input, &mut cache)?
-                    .to_dtype(DType::F32)?
-                    .to_vec2::<f32>()?;
+                let logits = model.forward_cached(&input, &mut cache)?;
                 // Each sequence's uniform draw, from its own stream (greedy choices ignore
-                // it); then the softmaxes over the vocabulary in parallel, which on one
-                // thread cost a tenth of a batch-64 step.
+                // it).
                 let draws: Vec<f64> = active.iter_mut().map(|q| q.rng.next_f64()).collect();
-                let choices: Vec<(u32, f32)> = (active.par_iter().zip(&logits).zip(draws))
-                    .map(|((q, row), draw)| {
-                        choose_token(row, &requests[q.prompt_index].params, || draw)
-                    })
-                    .collect();
+                let params = |q: &Sequence| &requests[q.prompt_index].params;
+                let choices: Vec<(u32, f32)> = if chooses_on_device(&logits, &active, params) {
+                    let temperatures: Vec<f64> =
+                        active.iter().map(|q| params(q).temperature).collect();
+                    choose_tokens(&logits, &draws, &temperatures)?
+                } else {
+                    // The softmaxes over the vocabulary on the host, in parallel: on one
+                    // thread they cost a tenth of a batch-64 step.
+                    let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                    (active.par_iter().zip(&logits).zip(draws))
+                        .map(|((q, row), draw)| choose_token(row, params(q), || draw))
+                        .collect()
+                };
                 for (q, (token, logprob)) in active.iter_mut().zip(choices) {
                     let params = &requests[q.prompt_index].params;
                     q.push(token, logprob, params, tokenizer, stop_window(params))?;

@@ -17,6 +17,7 @@
 //! - [`engine`]: the generation trait and the candle implementation.
 
 pub mod bench;
+mod choose_tokens;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
