@@ -335,7 +335,8 @@ fn bench_train_ops_checks_each_op_in_both_dtypes() {
             )
         })
         .collect();
-    assert_eq!(seen.len(), 10, "{seen:?}");
+    assert_eq!(seen.len(), 12, "{seen:?}");
+    assert!(seen.contains(&("attention".into(), "f32".into())));
     assert!(seen.contains(&("rope_interleaved".into(), "bf16".into())));
     assert!(seen.contains(&("adam".into(), "bf16".into())));
     // The norm's rows, at Qwen2.5-Math-1.5B's width.

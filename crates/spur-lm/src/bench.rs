@@ -333,7 +333,8 @@ pub fn tolerance(dtype: DType) -> f64 {
 /// per op and dtype.
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainOpCheck {
-    /// `rms_norm`, `rope_half`, `rope_interleaved`, `swiglu`, or spur-rl's `adam`.
+    /// `rms_norm`, `rope_half`, `rope_interleaved`, `swiglu`, `attention` (causal, over four
+    /// packed sequences), or spur-rl's `adam`.
     pub op: &'static str,
     pub dtype: String,
     /// The shape of the op's first input.
@@ -356,6 +357,7 @@ pub struct TrainOpShapes {
     pub tokens: usize,
     pub hidden: usize,
     pub heads: usize,
+    pub kv_heads: usize,
     pub head_dim: usize,
     pub intermediate: usize,
 }
@@ -367,6 +369,7 @@ impl TrainOpShapes {
             tokens,
             hidden: 1536,
             heads: 12,
+            kv_heads: 2,
             head_dim: 128,
             intermediate: 8960,
         }
@@ -384,7 +387,16 @@ struct TrainOp {
 
 const RMS_EPS: f64 = 1e-6;
 
-fn train_op_list() -> [TrainOp; 4] {
+/// Four sequences of about equal length in `t` tokens, as a packed micro-batch holds them.
+fn four_sequences(t: usize) -> Vec<usize> {
+    (0..4)
+        .map(|i| (i + 1) * t / 4 - i * t / 4)
+        .filter(|&n| n > 0)
+        .collect()
+}
+
+fn train_op_list() -> [TrainOp; 5] {
+    use crate::train_attention::{packed_attention, packed_attention_composite};
     use crate::train_ops::{self as ops, RopeStyle};
     [
         TrainOp {
@@ -411,6 +423,14 @@ fn train_op_list() -> [TrainOp; 4] {
             composite: |x| ops::swiglu_composite(&x[0], &x[1]),
             trained: 2,
         },
+        TrainOp {
+            name: "attention",
+            fused: |x| packed_attention(&x[0], &x[1], &x[2], &four_sequences(x[0].dim(2)?)),
+            composite: |x| {
+                packed_attention_composite(&x[0], &x[1], &x[2], &four_sequences(x[0].dim(2)?))
+            },
+            trained: 3,
+        },
     ]
 }
 
@@ -425,6 +445,14 @@ fn train_op_inputs(op: &str, s: &TrainOpShapes) -> Result<Vec<Tensor>> {
             normal(&[s.hidden])?.affine(0.1, 1.0)?,
         ],
         "swiglu" => vec![normal(&[t, s.intermediate])?, normal(&[t, s.intermediate])?],
+        "attention" => {
+            let kv = [1, s.kv_heads, t, s.head_dim];
+            vec![
+                normal(&[1, s.heads, t, s.head_dim])?,
+                normal(&kv)?,
+                normal(&kv)?,
+            ]
+        }
         _ => {
             // Angles of positions 0..t, as a packed row's first sequence has.
             let half = s.head_dim / 2;
@@ -502,7 +530,8 @@ pub fn check_train_ops(device: &Device, shapes: &TrainOpShapes) -> Result<Vec<Tr
             };
             let (on_cpu, on_device) = (cast(&Device::Cpu)?, cast(device)?);
             let shape = inputs[0].dims().to_vec();
-            let weights = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)?;
+            let out_shape = (op.fused)(&on_cpu)?.dims().to_vec();
+            let weights = Tensor::randn(0f32, 1.0, out_shape.as_slice(), &Device::Cpu)?;
             let device_weights = weights.to_device(device)?;
             let (want, want_grads) = forward_backward(op.fused, &on_cpu, op.trained, &weights)?;
             let (got, got_grads) =

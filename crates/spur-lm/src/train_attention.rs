@@ -13,8 +13,10 @@
 //! keys and values. Each task writes its own outputs in a fixed order and runs its products on
 //! its own thread, so results do not depend on the number of threads. The products are `gemm`'s,
 //! the crate behind candle's CPU matmul; everything is computed in f32 whatever the operands'
-//! dtype (scores and softmax in f32, as autocast does). CUDA keeps candle's composite
-//! attention: a kernel for this op is not written and verified on a GPU yet.
+//! dtype (scores and softmax in f32, as autocast does). The CUDA kernels
+//! (`train_attention_cuda.rs`) keep the semantics with a warp per query; they have not run on a
+//! GPU yet, so CUDA passes use them only with `SPUR_CUDA_KERNELS=1`, and candle's composite
+//! attention otherwise.
 
 use std::borrow::Cow;
 use std::sync::Mutex;
@@ -27,10 +29,20 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 
+#[cfg(feature = "cuda")]
+#[path = "train_attention_cuda.rs"]
+mod cuda;
+
 /// Whether [`packed_attention`] serves passes on `device` in `dtype`: on the CPU, in f32, bf16
-/// and f16. CUDA passes keep candle's composite attention: a CUDA kernel is not written yet.
+/// and f16; on CUDA in f32 and bf16 with `SPUR_CUDA_KERNELS=1` (its kernels are unchecked).
 pub(crate) fn has_kernel(device: &Device, dtype: DType) -> bool {
-    device.is_cpu() && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+    match device {
+        Device::Cpu => matches!(dtype, DType::F32 | DType::BF16 | DType::F16),
+        Device::Cuda(_) => {
+            crate::unchecked_cuda_kernels() && matches!(dtype, DType::F32 | DType::BF16)
+        }
+        _ => false,
+    }
 }
 
 /// Queries per block: a block's scores are `QUERY_BLOCK × n` f32 (1 MiB at n = 4,096).
@@ -40,7 +52,7 @@ const QUERY_BLOCK: usize = 64;
 /// of the batch holds sequences of `lengths` back to back (summing to t): each query attends
 /// causally within its own sequence. Query head h reads key/value head h / (heads / kv_heads).
 /// Returns [b, t, heads · hd] (the layout the output projection reads) in q's dtype.
-/// Differentiable with respect to q, k and v. CPU only, f32, bf16 or f16 ([`has_kernel`]).
+/// Differentiable with respect to q, k and v. Where [`has_kernel`] says.
 pub fn packed_attention(q: &Tensor, k: &Tensor, v: &Tensor, lengths: &[usize]) -> Result<Tensor> {
     let op = PackedAttention {
         lengths: lengths.to_vec(),
@@ -48,6 +60,52 @@ pub fn packed_attention(q: &Tensor, k: &Tensor, v: &Tensor, lengths: &[usize]) -
     };
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// The same attention from candle's ops, as the model's composite path computes it: each
+/// sequence sliced out, its scores masked and soft-maxed in f32, the outputs joined,
+/// [b, t, heads · hd] in q's dtype. The reference the kernels are tested and timed against.
+pub(crate) fn packed_attention_composite(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lengths: &[usize],
+) -> Result<Tensor> {
+    let (b, heads, t, hd) = q.dims4()?;
+    let (kb, kv_heads, kt, khd) = k.dims4()?;
+    let group = heads / kv_heads;
+    // Each key/value head `group` times in a row: [b, heads, t, hd].
+    let repeat = |x: &Tensor| -> Result<Tensor> {
+        Ok(x.unsqueeze(2)?
+            .broadcast_as((kb, kv_heads, group, kt, khd))?
+            .reshape((kb, heads, kt, khd))?)
+    };
+    let (k, v) = (repeat(k)?, repeat(v)?);
+    let mut outs = Vec::with_capacity(lengths.len());
+    let mut start = 0;
+    for &n in lengths {
+        let part =
+            |x: &Tensor| -> Result<Tensor> { Ok(x.narrow(2, start, n)?.to_dtype(DType::F32)?) };
+        let (qs, ks, vs) = (part(q)?, part(&k)?, part(&v)?);
+        let scores = (qs.matmul(&ks.t()?)? / (hd as f64).sqrt())?;
+        let mask: Vec<f32> = (0..n * n)
+            .map(|i| {
+                if i % n > i / n {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (n, n), q.device())?;
+        let probs = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, candle_core::D::Minus1)?;
+        outs.push(probs.matmul(&vs)?);
+        start += n;
+    }
+    Ok(Tensor::cat(&outs, 2)?
+        .transpose(1, 2)?
+        .reshape((b, t, heads * hd))?
+        .to_dtype(q.dtype())?)
 }
 
 /// The op. `lse` keeps each query's log-sum-exp of its scaled scores, [b, heads, t], from the
@@ -99,6 +157,24 @@ impl Dims {
 
     fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn sizes(&self) -> candle_core::Result<cuda::Sizes> {
+        if self.head_dim > cuda::MAX_HEAD_DIM {
+            candle_core::bail!(
+                "packed-attention: the CUDA kernels hold heads of up to {} dimensions, not {}",
+                cuda::MAX_HEAD_DIM,
+                self.head_dim
+            );
+        }
+        Ok(cuda::Sizes {
+            batch: self.batch,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            tokens: self.tokens,
+            head_dim: self.head_dim,
+        })
     }
 
     /// Offset of (row, head, position 0) in q-shaped data.
@@ -539,6 +615,22 @@ impl CustomOp3 for PackedAttention {
         Ok((storage_of(out, s1.dtype())?, shape))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dims = Dims::new(&self.lengths, l1.shape(), l2.shape(), l3.shape())?;
+        let out = cuda::forward((s1, l1), (s2, l2), (s3, l3), &self.lengths, &dims.sizes()?)?;
+        let shape = Shape::from((dims.batch, dims.tokens, dims.out_stride()));
+        Ok((out, shape))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -548,6 +640,20 @@ impl CustomOp3 for PackedAttention {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = Dims::new(&self.lengths, q.shape(), k.shape(), v.shape())?;
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            let op = PackedAttentionGrad {
+                lengths: self.lengths.clone(),
+                out: out.contiguous()?,
+                grad: grad.to_dtype(q.dtype())?.contiguous()?,
+            };
+            let flat = q.apply_op3_no_bwd(k, v, &op)?;
+            let (nq, nkv) = (q.elem_count(), k.elem_count());
+            let dq = flat.narrow(0, 0, nq)?.reshape(q.shape())?;
+            let dk = flat.narrow(0, nq, nkv)?.reshape(k.shape())?;
+            let dv = flat.narrow(0, nq + nkv, nkv)?.reshape(v.shape())?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner());
         let Some(lse) = lse.as_deref() else {
             candle_core::bail!("packed-attention: backward pass without a forward pass on the CPU");
@@ -570,67 +676,64 @@ impl CustomOp3 for PackedAttention {
     }
 }
 
+/// The CUDA backward pass: `(q, k, v)` with the forward output and its gradient → the
+/// gradients of q, k and v back to back, flat. The CPU's backward pass runs on the host from
+/// the forward pass's saved log-sum-exps instead.
+#[cfg(feature = "cuda")]
+struct PackedAttentionGrad {
+    lengths: Vec<usize>,
+    out: Tensor,
+    grad: Tensor,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for PackedAttentionGrad {
+    fn name(&self) -> &'static str {
+        "packed-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("packed-attention-grad: the CPU's backward pass runs from the op")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dims = Dims::new(&self.lengths, l1.shape(), l2.shape(), l3.shape())?;
+        let flat = cuda::backward(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            &self.out,
+            &self.grad,
+            &self.lengths,
+            &dims.sizes()?,
+        )?;
+        let total = l1.shape().elem_count() + 2 * l2.shape().elem_count();
+        Ok((flat, Shape::from(total)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Var, D};
+    use candle_core::Var;
 
     use super::*;
     use crate::test_util::{assert_central_differences, random, rel_diff, to_vec};
-
-    /// The same attention from candle's ops: each sequence sliced out, its scores masked and
-    /// soft-maxed in f32, the outputs joined, [b, t, heads · hd].
-    fn composite(q: &Tensor, k: &Tensor, v: &Tensor, lengths: &[usize]) -> Tensor {
-        let (b, heads, t, hd) = q.dims4().unwrap();
-        let group = heads / k.dim(1).unwrap();
-        let k = k.repeat_interleave_heads(group);
-        let v = v.repeat_interleave_heads(group);
-        let mut outs = Vec::new();
-        let mut start = 0;
-        for &n in lengths {
-            let part = |x: &Tensor| x.narrow(2, start, n).unwrap().to_dtype(DType::F32).unwrap();
-            let (qs, ks, vs) = (part(q), part(&k), part(&v));
-            let scores = (qs.matmul(&ks.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
-            let mask: Vec<f32> = (0..n * n)
-                .map(|i| {
-                    if i % n > i / n {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (n, n), &Device::Cpu).unwrap();
-            let probs =
-                candle_nn::ops::softmax(&scores.broadcast_add(&mask).unwrap(), D::Minus1).unwrap();
-            outs.push(probs.matmul(&vs).unwrap());
-            start += n;
-        }
-        Tensor::cat(&outs, 2)
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .reshape((b, t, heads * hd))
-            .unwrap()
-            .to_dtype(q.dtype())
-            .unwrap()
-    }
-
-    trait RepeatHeads {
-        fn repeat_interleave_heads(&self, n: usize) -> Tensor;
-    }
-
-    impl RepeatHeads for Tensor {
-        /// [b, kv, t, hd] → [b, kv · n, t, hd], each head n times in a row.
-        fn repeat_interleave_heads(&self, n: usize) -> Tensor {
-            let (b, kv, t, hd) = self.dims4().unwrap();
-            self.unsqueeze(2)
-                .unwrap()
-                .broadcast_as((b, kv, n, t, hd))
-                .unwrap()
-                .reshape((b, kv * n, t, hd))
-                .unwrap()
-        }
-    }
 
     /// q [2, 4, t, 8] over k, v [2, 2, t, 8]; sequences longer and shorter than a query block.
     const LENGTHS: [usize; 4] = [5, 1, 70, 3];
@@ -651,7 +754,7 @@ mod tests {
         let out = if fused {
             packed_attention(&q, &k, &v, &LENGTHS).unwrap()
         } else {
-            composite(&q, &k, &v, &LENGTHS)
+            packed_attention_composite(&q, &k, &v, &LENGTHS).unwrap()
         };
         out.to_dtype(DType::F32).unwrap()
     }
