@@ -21,6 +21,8 @@ mod choose_tokens;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(any(test, feature = "cuda-emulation"))]
+pub mod cuda_emulation;
 mod decode_attention;
 mod decode_matmul;
 mod decode_silu;

@@ -263,38 +263,7 @@ mod cuda {
 
     use super::{Moment, Weight};
 
-    const SOURCE: &str = r#"
-__device__ __forceinline__ float next_moment(float m, float g, float keep, float take,
-                                             float clip, int has_clip, int squared) {
-    if (has_clip) g = __fadd_rn(__fmul_rn(g, clip), 0.0f);
-    if (squared) g = __fmul_rn(g, g);
-    return __fadd_rn(__fadd_rn(__fmul_rn(m, keep), 0.0f), __fadd_rn(__fmul_rn(g, take), 0.0f));
-}
-
-template <typename T>
-__device__ void adam_moment(T* m, const float* g, float keep, float take, float clip,
-                            int has_clip, int squared, long n) {
-    const long i = (long)blockIdx.x * THREADS + threadIdx.x;
-    if (i >= n) return;
-    st(m, i, next_moment(ld(m, i), g[i], keep, take, clip, has_clip, squared));
-}
-
-template <typename T>
-__device__ void adam_weight(float* w, const T* m, const T* v, float decay, int has_decay,
-                            float inv_bias2_sqrt, float eps, float step_size, long n) {
-    const long i = (long)blockIdx.x * THREADS + threadIdx.x;
-    if (i >= n) return;
-    float x = w[i];
-    if (has_decay) x = __fadd_rn(__fmul_rn(x, decay), 0.0f);
-    const float denom = __fadd_rn(__fadd_rn(__fmul_rn(__fsqrt_rn(ld(v, i)), inv_bias2_sqrt), 0.0f),
-                                  eps);
-    w[i] = __fsub_rn(x, __fadd_rn(__fmul_rn(__fdiv_rn(ld(m, i), denom), step_size), 0.0f));
-}
-
-#define INSTANTIATE(T, SUFFIX)                                                                extern "C" __global__ void adam_moment_##SUFFIX(T* m, const float* g, float keep, float take,                                                 float clip, int has_clip, int squared,                                                        long n) {                                         adam_moment(m, g, keep, take, clip, has_clip, squared, n);                               }                                                                                             extern "C" __global__ void adam_weight_##SUFFIX(float* w, const T* m, const T* v,                                                             float decay, int has_decay,                                                                   float inv_bias2_sqrt, float eps,                                                              float step_size, long n) {                        adam_weight(w, m, v, decay, has_decay, inv_bias2_sqrt, eps, step_size, n);                }
-INSTANTIATE(float, f32)
-INSTANTIATE(bf16_t, bf16)
-"#;
+    const SOURCE: &str = include_str!("../kernels/adam.cu");
 
     fn ptx() -> candle_core::Result<&'static str> {
         static PTX: OnceLock<Result<String, String>> = OnceLock::new();
@@ -404,5 +373,86 @@ INSTANTIATE(bf16_t, bf16)
             _ => run!(half::bf16),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use candle_core::{Device, Tensor};
+    use spur_lm::cuda_emulation::{bytes, emulator, run};
+
+    use super::*;
+
+    /// The CUDA passes, run on the CPU by spur-lm's emulator, compute the CPU passes' bits
+    /// (f32 moments, clipped gradient, weight decay).
+    #[test]
+    fn cuda_kernels_compute_the_cpu_passes_bits() {
+        let n = 1000;
+        let values = |seed: u32, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    (((i as u32).wrapping_mul(2654435761) ^ seed) % 10007) as f32 / 10007.0 - 0.5
+                })
+                .map(|x| x * scale)
+                .collect()
+        };
+        let (w, g, m) = (values(1, 0.1), values(2, 1e-2), values(3, 1e-3));
+        let v: Vec<f32> = values(4, 1e-4).iter().map(|x| x.abs()).collect();
+        let s = AdamStep {
+            clip: Some(0.37),
+            beta1: 0.9,
+            beta2: 0.95,
+            decay: Some(1.0 - 5e-7 * 0.1),
+            bias2_sqrt: (1.0f64 - 0.95f64.powi(3)).sqrt(),
+            eps: 1e-8,
+            step_size: 5e-7 / (1.0 - 0.9f64.powi(3)),
+        };
+        let tensor = |x: &[f32]| Tensor::from_vec(x.to_vec(), n, &Device::Cpu).unwrap();
+        let (wt, gt, mt, vt) = (tensor(&w), tensor(&g), tensor(&m), tensor(&v));
+        step(&wt, &gt, &mt, &vt, &s).unwrap();
+
+        let inputs = [
+            ("w", bytes(&w)),
+            ("g", bytes(&g)),
+            ("m", bytes(&m)),
+            ("v", bytes(&v)),
+        ];
+        let f = |x: f64| x as f32 as f64;
+        let params = [
+            ("clip", f(s.clip.unwrap())),
+            ("has_clip", 1.0),
+            ("keep1", f(s.beta1)),
+            ("take1", f(1.0 - s.beta1)),
+            ("keep2", f(s.beta2)),
+            ("take2", f(1.0 - s.beta2)),
+            ("decay", f(s.decay.unwrap())),
+            ("has_decay", 1.0),
+            ("inv_bias2_sqrt", f(1.0 / s.bias2_sqrt)),
+            ("eps", f(s.eps)),
+            ("step_size", f(s.step_size)),
+        ];
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emulation/adam.cpp");
+        let kernels = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let got = run(
+            &emulator(&source, &kernels),
+            "adam",
+            &inputs,
+            &params,
+            &["w", "m", "v"],
+        );
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for (what, (emulated, cpu)) in ["weights", "m", "v"]
+            .iter()
+            .zip(got.iter().zip([&wt, &mt, &vt]))
+        {
+            assert_eq!(
+                bits(emulated),
+                bits(&cpu.to_vec1::<f32>().unwrap()),
+                "{what}"
+            );
+        }
+        assert_ne!(bits(&got[0]), bits(&w), "the weights moved");
     }
 }
