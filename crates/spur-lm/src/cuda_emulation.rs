@@ -17,7 +17,8 @@ pub fn kernel_dir() -> PathBuf {
 }
 
 /// Compiles the scenario program `source` (which includes `shim.h`, `prelude.cuh` and its
-/// kernel file, found in `kernels` or spur-lm's directories) once per process.
+/// kernel file, found in `kernels` or spur-lm's directories), once per content: the binary is
+/// named by a hash of every file it can include, so reruns reuse it and nothing piles up.
 pub fn emulator(source: &Path, kernels: &Path) -> PathBuf {
     static BUILT: Mutex<Option<HashMap<PathBuf, PathBuf>>> = Mutex::new(None);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
@@ -26,26 +27,51 @@ pub fn emulator(source: &Path, kernels: &Path) -> PathBuf {
         return path.clone();
     }
     let shim = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emulation");
-    let dir = std::env::temp_dir().join(format!("spur-cuda-emulation-{}", std::process::id()));
+    let includes = [shim.clone(), kernels.to_path_buf(), kernel_dir()];
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(
+        &std::fs::read(source).expect("the scenario file"),
+        &mut hasher,
+    );
+    for dir in &includes {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .expect("an include directory")
+            .map(|e| e.expect("a directory entry").path())
+            .collect();
+        files.sort();
+        for file in files {
+            std::hash::Hash::hash(&std::fs::read(&file).unwrap_or_default(), &mut hasher);
+        }
+    }
+    let dir = std::env::temp_dir().join("spur-cuda-emulation");
     std::fs::create_dir_all(&dir).expect("a temporary directory");
-    let name = source.file_stem().expect("a scenario file");
-    let out = dir.join(name);
-    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let status = Command::new(&compiler)
-        .args(["-std=c++20", "-O1", "-pthread", "-ffp-contract=off"])
-        .args([
-            "-I".as_ref(),
-            shim.as_os_str(),
-            "-I".as_ref(),
-            kernels.as_os_str(),
-        ])
-        .args(["-I".as_ref(), kernel_dir().as_os_str()])
-        .arg(source)
-        .arg("-o")
-        .arg(&out)
-        .status()
-        .unwrap_or_else(|e| panic!("running {compiler} (a C++20 compiler; install g++): {e}"));
-    assert!(status.success(), "compiling {} failed", source.display());
+    let name = source
+        .file_stem()
+        .expect("a scenario file")
+        .to_string_lossy();
+    let out = dir.join(format!(
+        "{name}-{:016x}",
+        std::hash::Hasher::finish(&hasher)
+    ));
+    if !out.exists() {
+        // Built under a name of this process's, then renamed: concurrent test processes
+        // never run a half-written binary.
+        let partial = dir.join(format!("{name}.{}.partial", std::process::id()));
+        let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let mut command = Command::new(&compiler);
+        command.args(["-std=c++20", "-O1", "-pthread", "-ffp-contract=off"]);
+        for include in &includes {
+            command.arg("-I").arg(include);
+        }
+        let status = command
+            .arg(source)
+            .arg("-o")
+            .arg(&partial)
+            .status()
+            .unwrap_or_else(|e| panic!("running {compiler} (a C++20 compiler; install g++): {e}"));
+        assert!(status.success(), "compiling {} failed", source.display());
+        std::fs::rename(&partial, &out).expect("renaming the emulator into place");
+    }
     built.insert(source.to_path_buf(), out.clone());
     out
 }
