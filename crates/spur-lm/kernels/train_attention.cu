@@ -13,20 +13,38 @@ __device__ __forceinline__ bool warp_item(long items, long* item, int* lane) {
     return *item < items;
 }
 
-// q [b, heads, t, hd], k and v [b, kv, t, hd], out and its gradient [b, t, heads, hd];
-// start[i]: where position i's sequence starts, end[i]: where it ends.
+// A warp's query: its lane, position i and item, and where its q row, its key/value head's
+// keys and values, and its output row start (q [b, heads, t, hd], k and v [b, kv, t, hd], out
+// and its gradient [b, t, heads, hd]).
+struct Query {
+    int lane, i;
+    long item, q, kv, out;
+};
+
+// The warp's query; false past the last one.
+__device__ __forceinline__ bool warp_query(long items, int heads, int kv_heads, int t, int hd,
+                                           Query* w) {
+    if (!warp_item(items, &w->item, &w->lane)) return false;
+    w->i = w->item % t;
+    const int h = (w->item / t) % heads, kvh = h / (heads / kv_heads);
+    const long row = w->item / ((long)t * heads);
+    w->q = ((row * heads + h) * t + w->i) * hd;
+    w->kv = (row * kv_heads + kvh) * (long)t * hd;
+    w->out = ((row * t + w->i) * heads + h) * hd;
+    return true;
+}
+
+// start[i]: where position i's sequence starts.
 template <typename T>
 __device__ void attention_forward(const T* q, const T* k, const T* v, T* out,
                                   const unsigned int* start, int heads, int kv_heads, int t,
                                   int hd, float scale, long items) {
-    long item; int lane;
-    if (!warp_item(items, &item, &lane)) return;
-    const int i = item % t, h = (item / t) % heads;
-    const long row = item / ((long)t * heads);
-    const int kvh = h / (heads / kv_heads);
-    const T* qi = q + ((row * heads + h) * t + i) * hd;
-    const T* kb = k + (row * kv_heads + kvh) * (long)t * hd;
-    const T* vb = v + (row * kv_heads + kvh) * (long)t * hd;
+    Query w;
+    if (!warp_query(items, heads, kv_heads, t, hd, &w)) return;
+    const int lane = w.lane, i = w.i;
+    const T* qi = q + w.q;
+    const T* kb = k + w.kv;
+    const T* vb = v + w.kv;
     float qd[MAX_DIMS], acc[MAX_DIMS];
     int n = 0;
     for (int d = lane; d < hd; d += 32) { qd[n] = ld(qi, d); acc[n] = 0.0f; n++; }
@@ -43,7 +61,7 @@ __device__ void attention_forward(const T* q, const T* k, const T* v, T* out,
         for (int d = lane; d < hd; d += 32) { acc[c] = acc[c] * keep + p * ld(vb, (long)j * hd + d); c++; }
         m = m_new;
     }
-    T* o = out + ((row * t + i) * heads + h) * hd;
+    T* o = out + w.out;
     int c = 0;
     for (int d = lane; d < hd; d += 32) st(o, d, acc[c++] / l);
 }
@@ -54,13 +72,11 @@ template <typename T>
 __device__ void attention_stats(const T* q, const T* k, const T* out, const T* grad,
                                 float* stats, const unsigned int* start, int heads,
                                 int kv_heads, int t, int hd, float scale, long items) {
-    long item; int lane;
-    if (!warp_item(items, &item, &lane)) return;
-    const int i = item % t, h = (item / t) % heads;
-    const long row = item / ((long)t * heads);
-    const int kvh = h / (heads / kv_heads);
-    const T* qi = q + ((row * heads + h) * t + i) * hd;
-    const T* kb = k + (row * kv_heads + kvh) * (long)t * hd;
+    Query w;
+    if (!warp_query(items, heads, kv_heads, t, hd, &w)) return;
+    const int lane = w.lane, i = w.i;
+    const T* qi = q + w.q;
+    const T* kb = k + w.kv;
     float m = NEG_INF, l = 0.0f;
     for (int j = start[i]; j <= i; j++) {
         float s = 0.0f;
@@ -70,11 +86,11 @@ __device__ void attention_stats(const T* q, const T* k, const T* out, const T* g
         l = l * expf(m - m_new) + expf(s - m_new);
         m = m_new;
     }
-    const long o = ((row * t + i) * heads + h) * hd;
+    const long o = w.out;
     float dot = 0.0f;
     for (int d = lane; d < hd; d += 32) dot += ld(out, o + d) * ld(grad, o + d);
     dot = warp_sum(dot);
-    if (lane == 0) { stats[2 * item] = m + logf(l); stats[2 * item + 1] = dot; }
+    if (lane == 0) { stats[2 * w.item] = m + logf(l); stats[2 * w.item + 1] = dot; }
 }
 
 // dq_i = scale · Σ_j p_ij (dP_ij − D_i) k_j, dP_ij = dO_i · v_j.
@@ -83,16 +99,14 @@ __device__ void attention_grad_q(const T* q, const T* k, const T* v, const T* gr
                                  const float* stats, T* dq, const unsigned int* start,
                                  int heads, int kv_heads, int t, int hd, float scale,
                                  long items) {
-    long item; int lane;
-    if (!warp_item(items, &item, &lane)) return;
-    const int i = item % t, h = (item / t) % heads;
-    const long row = item / ((long)t * heads);
-    const int kvh = h / (heads / kv_heads);
-    const T* qi = q + ((row * heads + h) * t + i) * hd;
-    const T* kb = k + (row * kv_heads + kvh) * (long)t * hd;
-    const T* vb = v + (row * kv_heads + kvh) * (long)t * hd;
-    const T* gi = grad + ((row * t + i) * heads + h) * hd;
-    const float lse = stats[2 * item], big_d = stats[2 * item + 1];
+    Query w;
+    if (!warp_query(items, heads, kv_heads, t, hd, &w)) return;
+    const int lane = w.lane, i = w.i;
+    const T* qi = q + w.q;
+    const T* kb = k + w.kv;
+    const T* vb = v + w.kv;
+    const T* gi = grad + w.out;
+    const float lse = stats[2 * w.item], big_d = stats[2 * w.item + 1];
     float acc[MAX_DIMS];
     for (int c = 0; c < MAX_DIMS; c++) acc[c] = 0.0f;
     for (int j = start[i]; j <= i; j++) {
@@ -107,7 +121,7 @@ __device__ void attention_grad_q(const T* q, const T* k, const T* v, const T* gr
         int c = 0;
         for (int d = lane; d < hd; d += 32) acc[c++] += ds * ld(kb, (long)j * hd + d);
     }
-    T* o = dq + ((row * heads + h) * t + i) * hd;
+    T* o = dq + w.q;
     int c = 0;
     for (int d = lane; d < hd; d += 32) st(o, d, acc[c++] * scale);
 }

@@ -105,11 +105,11 @@ mod cuda {
 
     use std::sync::OnceLock;
 
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
     use candle_core::Layout;
 
-    use crate::cuda::{contiguous, THREADS};
+    use crate::cuda::contiguous;
 
     const SOURCE: &str = include_str!("../kernels/choose_tokens.cu");
 
@@ -136,11 +136,7 @@ mod cuda {
         let vocab_arg = vocab as i32;
         let mut builder = func.builder();
         builder.arg(&x).arg(&r).arg(&out).arg(&vocab_arg);
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::cuda::blocks((n as u32, 1));
         // SAFETY: the arguments match the kernel's signature.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))

@@ -4,7 +4,9 @@
 
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::cuda_backend::{cudarc, CudaStorage, CudaStorageSlice};
 use candle_core::Layout;
 
 /// The kernels' common CUDA source, put before each kernel source. bf16 is read and written as
@@ -41,6 +43,27 @@ pub fn contiguous<'a, T>(
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(slice.slice(start..end)),
         None => candle_core::bail!("{op}: {what} must be contiguous"),
+    }
+}
+
+/// The kernel-name suffix of `storage`'s dtype: every kernel is instantiated for f32 and bf16.
+pub fn dtype_suffix(op: &str, storage: &CudaStorage) -> candle_core::Result<&'static str> {
+    match &storage.slice {
+        CudaStorageSlice::F32(_) => Ok("f32"),
+        CudaStorageSlice::BF16(_) => Ok("bf16"),
+        _ => candle_core::bail!(
+            "{op}: CUDA kernels take f32 or bf16, not {:?}",
+            storage.dtype()
+        ),
+    }
+}
+
+/// A launch of (x, y) blocks of [`THREADS`] threads.
+pub fn blocks(grid: (u32, u32)) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 

@@ -314,6 +314,7 @@ mod tests {
                 pad: prompt_pad.to_vec(),
                 of_row: of_row.to_vec(),
             }),
+            rows_on_device: None,
         };
         let want = q.apply_op3_no_bwd(&k, &v, &op).unwrap();
         let meta: Vec<u32> = (0..b)

@@ -20,6 +20,10 @@ pub(crate) struct DecodeAttention {
     pub pad: Vec<usize>,
     pub scale: f32,
     pub prompts: Option<PromptColumns>,
+    /// On CUDA: each row's (pad, prompt, prompt pad), u32 [b, 3] on the device, as the kernel
+    /// reads them (uploaded once per decode step, not per layer). Read by CUDA builds only.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub rows_on_device: Option<Tensor>,
 }
 
 /// The shared prompts of one layer: keys and values [prompts, kv_heads, width, hd], each
@@ -238,12 +242,11 @@ mod cuda {
 
     use std::sync::OnceLock;
 
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::{cudarc, CudaDType, CudaStorage, CudaStorageSlice, WrapErr};
     use candle_core::{Layout, Storage};
 
     use super::{DecodeAttention, Dims};
-    use crate::cuda::THREADS;
 
     const SOURCE: &str = include_str!("../kernels/decode_attention.cu");
 
@@ -263,7 +266,7 @@ mod cuda {
     fn on_gpu(s: &Storage) -> candle_core::Result<&CudaStorage> {
         match s {
             Storage::Cuda(s) => Ok(s),
-            _ => candle_core::bail!("decode-attention: prompts must be on the GPU"),
+            _ => candle_core::bail!("decode-attention: prompts and rows must be on the GPU"),
         }
     }
 
@@ -300,16 +303,18 @@ mod cuda {
             let (v, v_layout) = p.v.storage_and_layout();
             (k, k_layout.clone(), v, v_layout.clone(), p)
         });
-        let mut meta = Vec::with_capacity(3 * b);
+        let Some(rows) = &op.rows_on_device else {
+            candle_core::bail!("decode-attention: on CUDA the rows' pads must be on the device");
+        };
+        if rows.dims() != [b, 3] {
+            candle_core::bail!(
+                "decode-attention: rows of shape {:?} for {b} rows",
+                rows.dims()
+            );
+        }
+        let (rows_guard, rows_layout) = rows.storage_and_layout();
         let mut width = 0usize;
         let mut prompt_strides = [0i64; 3];
-        for (row, &pad) in op.pad.iter().enumerate() {
-            let (prompt, prompt_pad) = match &guards {
-                Some((_, _, _, _, p)) => (p.of_row[row], p.pad[p.of_row[row]]),
-                None => (0, 0),
-            };
-            meta.extend([pad as u32, prompt as u32, prompt_pad as u32]);
-        }
         if let Some((_, k_layout, _, v_layout, p)) = &guards {
             width = p.width;
             prompt_strides = strides(k_layout, "prompt k")?;
@@ -319,24 +324,21 @@ mod cuda {
         }
         let columns = width + len;
         let dev = q.device.clone();
-        let suffix = match &q.slice {
-            CudaStorageSlice::F32(_) => "f32",
-            CudaStorageSlice::BF16(_) => "bf16",
-            _ => candle_core::bail!("decode-attention: q must be f32 or bf16"),
-        };
+        let suffix = crate::cuda::dtype_suffix("decode-attention", q)?;
         let func = dev.get_or_load_custom_func(
             &format!("decode_attention_{suffix}"),
             "spur_decode_attention",
             ptx()?,
         )?;
-        let meta = dev.clone_htod(&meta)?;
+        let meta = crate::cuda::contiguous(
+            on_gpu(&rows_guard)?.as_cuda_slice::<u32>()?,
+            rows_layout,
+            "decode-attention",
+            "the rows",
+        )?;
         // SAFETY: every score a block reads it has written first.
         let scratch = unsafe { dev.alloc::<f32>((b * heads * columns).max(1))? };
-        let cfg = LaunchConfig {
-            grid_dim: ((b * kv_heads) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::cuda::blocks(((b * kv_heads) as u32, 1));
         let ints = [
             heads as i32,
             kv_heads as i32,

@@ -49,7 +49,8 @@ impl SharedPrompts {
         })
     }
 
-    /// Drops the prompts no row continues, row `restarting` (if any) not counted.
+    /// Drops the prompts no row continues, row `restarting` (if any) not counted; the caller
+    /// then calls [`SharedPrompts::reindex`].
     fn prune(&mut self, restarting: Option<usize>) -> Result<()> {
         let continues = |p: usize| {
             (self.of_row.iter().enumerate()).any(|(r, &q)| q == p && Some(r) != restarting)
@@ -63,6 +64,11 @@ impl SharedPrompts {
                 *p = used.iter().position(|u| u == p).unwrap_or(0);
             }
         }
+        Ok(())
+    }
+
+    /// Rebuilds `index` from `of_row`.
+    fn reindex(&mut self) -> Result<()> {
         self.index = row_index(&self.of_row, &self.cache)?;
         Ok(())
     }
@@ -72,19 +78,19 @@ impl SharedPrompts {
     fn restart(&mut self, r: usize, key: usize, prompt: &KvCache) -> Result<()> {
         if let Some(p) = self.keys.iter().position(|&k| k == key) {
             self.of_row[r] = p;
-            return self.prune(None);
+            self.prune(None)?;
+        } else {
+            self.prune(Some(r))?;
+            let held: Vec<KvCache> = (0..self.keys.len())
+                .map(|p| self.cache.row(p))
+                .collect::<Result<_>>()?;
+            let mut rows: Vec<&KvCache> = held.iter().collect();
+            rows.push(prompt);
+            self.cache = KvCache::stack(&rows, 0)?;
+            self.keys.push(key);
+            self.of_row[r] = self.keys.len() - 1;
         }
-        self.prune(Some(r))?;
-        let held: Vec<KvCache> = (0..self.keys.len())
-            .map(|p| self.cache.row(p))
-            .collect::<Result<_>>()?;
-        let mut rows: Vec<&KvCache> = held.iter().collect();
-        rows.push(prompt);
-        self.cache = KvCache::stack(&rows, 0)?;
-        self.keys.push(key);
-        self.of_row[r] = self.keys.len() - 1;
-        self.index = row_index(&self.of_row, &self.cache)?;
-        Ok(())
+        self.reindex()
     }
 }
 
@@ -329,6 +335,7 @@ impl KvCache {
         if let Some(shared) = self.prompts.as_mut() {
             shared.of_row = rows.iter().map(|&r| shared.of_row[r]).collect();
             shared.prune(None)?;
+            shared.reindex()?;
         }
         Ok(())
     }

@@ -223,6 +223,7 @@ struct LayerCache<'a> {
     offset: usize,
     pad: &'a [usize],
     prompts: Option<(&'a (Tensor, Tensor), &'a SharedPrompts)>,
+    rows_on_device: Option<&'a Tensor>,
 }
 
 /// Which keys each query of a pass attends to.
@@ -245,6 +246,9 @@ struct PassInputs {
     rope_cs: (Tensor, Tensor),
     attend: Attend,
     logit_rows: Option<Tensor>,
+    /// For spur's CUDA decode attention: each row's own left padding, prompt and prompt
+    /// padding, u32 [b, 3] on the device, uploaded once per step for every layer.
+    decode_rows: Option<Tensor>,
 }
 
 /// Sequences laid back to back in one row, for a training or scoring pass without padding:
@@ -835,6 +839,7 @@ impl Transformer {
                     pad: shared.cache.pad.clone(),
                     of_row: shared.of_row.clone(),
                 }),
+                rows_on_device: cache.rows_on_device.cloned(),
             };
             // [b, heads, 1, hd] has the memory order of [b, 1, heads·hd].
             let out = q
@@ -947,6 +952,7 @@ impl Transformer {
                 offset: c.len,
                 pad: c.pad.as_slice(),
                 prompts: (c.prompts.as_deref()).map(|shared| (&shared.cache.layers[i], shared)),
+                rows_on_device: pass.decode_rows.as_ref(),
             });
             x = self.layer_forward(layer, &x, pass, layer_cache)?;
         }
@@ -992,6 +998,7 @@ impl Transformer {
             rope_cs: self.rope_tables(&vec![(0..t).collect(); b])?,
             attend: Attend::Mask(self.causal_mask(t)?),
             logit_rows: None,
+            decode_rows: None,
         })
     }
 
@@ -1014,6 +1021,7 @@ impl Transformer {
             rope_cs: self.rope_tables(&[positions])?,
             attend,
             logit_rows: Some(batch.logit_rows.clone()),
+            decode_rows: None,
         })
     }
 
@@ -1249,11 +1257,21 @@ impl Transformer {
                 }
             }
         }
+        let decode_rows = if t == 1 && self.device.is_cuda() && crate::unchecked_cuda_kernels() {
+            let of_row = |row: usize| cache.prompts.as_deref().map_or(0, |s| s.of_row[row]);
+            let rows: Vec<u32> = (0..b)
+                .flat_map(|row| [cache.pad[row], of_row(row), prompt_pads[row]].map(|x| x as u32))
+                .collect();
+            Some(Tensor::from_vec(rows, (b, 3), &self.device)?)
+        } else {
+            None
+        };
         let pass = PassInputs {
             tokens: tokens.clone(),
             rope_cs: self.rope_tables(&positions)?,
             attend: Attend::Mask(Tensor::from_vec(mask, (b, 1, 1, t, columns), &self.device)?),
             logit_rows: None,
+            decode_rows,
         };
         let x = self.run_layers(&pass, Some(cache))?;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;

@@ -274,7 +274,7 @@ mod cuda {
 
     use std::sync::OnceLock;
 
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::{cudarc, CudaStorage, CudaStorageSlice, WrapErr};
     use candle_core::Layout;
 
@@ -306,17 +306,9 @@ mod cuda {
         vocab: usize,
     ) -> candle_core::Result<CudaStorage> {
         let dev = &logits.device;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::cuda::blocks((rows as u32, 1));
         let vocab_arg = vocab as i32;
-        let suffix = match &logits.slice {
-            CudaStorageSlice::F32(_) => "f32",
-            CudaStorageSlice::BF16(_) => "bf16",
-            _ => candle_core::bail!("token-logprob kernels: logits must be f32 or bf16"),
-        };
+        let suffix = crate::cuda::dtype_suffix("token-logprob kernels", logits)?;
         let func = dev.get_or_load_custom_func(
             &format!("{name}_{suffix}"),
             "spur_token_logprobs",

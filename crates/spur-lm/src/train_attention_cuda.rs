@@ -13,7 +13,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKer
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{Layout, Storage, Tensor};
 
-use crate::cuda::contiguous;
+use crate::cuda::{contiguous, dtype_suffix};
 
 const SOURCE: &str = include_str!("../kernels/train_attention.cu");
 
@@ -45,21 +45,10 @@ fn starts(lengths: &[usize]) -> Vec<u32> {
     out
 }
 
-fn config(items: usize) -> LaunchConfig {
+/// A warp per item.
+fn warps_for(items: usize) -> LaunchConfig {
     let warps = (crate::cuda::THREADS / 32) as usize;
-    LaunchConfig {
-        grid_dim: (items.div_ceil(warps).max(1) as u32, 1, 1),
-        block_dim: (crate::cuda::THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-fn suffix(s: &CudaStorage) -> candle_core::Result<&'static str> {
-    match &s.slice {
-        CudaStorageSlice::F32(_) => Ok("f32"),
-        CudaStorageSlice::BF16(_) => Ok("bf16"),
-        _ => candle_core::bail!("packed-attention: CUDA kernels take f32 or bf16"),
-    }
+    crate::cuda::blocks((items.div_ceil(warps).max(1) as u32, 1))
 }
 
 type Operand<'a> = (&'a CudaStorage, &'a Layout);
@@ -75,7 +64,7 @@ pub(super) fn forward(
     let op = "packed-attention";
     let dev = q.0.device.clone();
     let func = dev.get_or_load_custom_func(
-        &format!("attention_forward_{}", suffix(q.0)?),
+        &format!("attention_forward_{}", dtype_suffix(op, q.0)?),
         "spur_packed_attention",
         ptx()?,
     )?;
@@ -102,7 +91,7 @@ pub(super) fn forward(
             }
             b.arg(&scale).arg(&count);
             // SAFETY: the arguments match the kernel's signature.
-            unsafe { b.launch(config(items)) }.w()?;
+            unsafe { b.launch(warps_for(items)) }.w()?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
@@ -124,7 +113,7 @@ pub(super) fn backward(
 ) -> candle_core::Result<CudaStorage> {
     let op = "packed-attention backward";
     let dev = q.0.device.clone();
-    let sfx = suffix(q.0)?;
+    let sfx = dtype_suffix(op, q.0)?;
     let load = |name: &str| {
         dev.get_or_load_custom_func(&format!("{name}_{sfx}"), "spur_packed_attention", ptx()?)
     };
@@ -175,7 +164,7 @@ pub(super) fn backward(
             }
             b.arg(&scale).arg(&q_count);
             // SAFETY: the arguments match the kernel's signature.
-            unsafe { b.launch(config(q_items)) }.w()?;
+            unsafe { b.launch(warps_for(q_items)) }.w()?;
             {
                 let mut dq = grads.slice_mut(0..nq);
                 let f = load("attention_grad_q")?;
@@ -192,7 +181,7 @@ pub(super) fn backward(
                 }
                 b.arg(&scale).arg(&q_count);
                 // SAFETY: the arguments match the kernel's signature.
-                unsafe { b.launch(config(q_items)) }.w()?;
+                unsafe { b.launch(warps_for(q_items)) }.w()?;
             }
             {
                 let (_, mut rest) = grads.split_at_mut(nq);
@@ -206,7 +195,7 @@ pub(super) fn backward(
                 }
                 b.arg(&scale).arg(&kv_count);
                 // SAFETY: the arguments match the kernel's signature.
-                unsafe { b.launch(config(kv_items)) }.w()?;
+                unsafe { b.launch(warps_for(kv_items)) }.w()?;
             }
             CudaStorage::wrap_cuda_slice(grads, dev.clone())
         }};

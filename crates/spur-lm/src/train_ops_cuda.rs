@@ -5,12 +5,11 @@
 
 use std::sync::OnceLock;
 
-use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
 use candle_core::{Layout, Shape};
 
-use crate::cuda::{blocks_for, contiguous, THREADS};
+use crate::cuda::{blocks, blocks_for, contiguous, dtype_suffix};
 
 const SOURCE: &str = include_str!("../kernels/train_ops.cu");
 
@@ -91,7 +90,7 @@ pub(super) fn launch(
                 };
             }
             // SAFETY: the operands, output and scalars match the kernel's signature.
-            unsafe { builder.launch(config(grid)) }.w()?;
+            unsafe { builder.launch(blocks(grid)) }.w()?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
@@ -118,17 +117,17 @@ pub(super) fn rms_norm_grad_weight(
     let dev = &x.0.device;
     let suffix = dtype_suffix(op, x.0)?;
     let load = |name: &str| dev.get_or_load_custom_func(name, "spur_train_ops", ptx()?);
-    let blocks = rows.div_ceil(block_rows);
+    let row_blocks = rows.div_ceil(block_rows);
     // SAFETY: every element of the three buffers is written by the kernels below.
     let (r, partial, dw) = unsafe {
         (
             dev.alloc::<f32>(rows)?,
-            dev.alloc::<f32>(blocks * hidden)?,
+            dev.alloc::<f32>(row_blocks * hidden)?,
             dev.alloc::<f32>(hidden)?,
         )
     };
     let (n, rows_arg) = (hidden as i32, rows as i64);
-    let (block_rows_arg, blocks_arg) = (block_rows as i32, blocks as i32);
+    let (block_rows_arg, blocks_arg) = (block_rows as i32, row_blocks as i32);
     macro_rules! run {
         ($ty:ty) => {{
             let xs = contiguous(x.0.as_cuda_slice::<$ty>()?, x.1, op, "x")?;
@@ -137,13 +136,13 @@ pub(super) fn rms_norm_grad_weight(
             let mut b = f.builder();
             b.arg(&xs).arg(&r).arg(&n).arg(&eps);
             // SAFETY: arguments match the kernel's signature.
-            unsafe { b.launch(config((rows as u32, 1))) }.w()?;
+            unsafe { b.launch(blocks((rows as u32, 1))) }.w()?;
             let f = load(&format!("rms_norm_grad_weight_partial_{suffix}"))?;
             let mut b = f.builder();
             b.arg(&xs).arg(&gs).arg(&r).arg(&partial);
             b.arg(&n).arg(&rows_arg).arg(&block_rows_arg);
             // SAFETY: arguments match the kernel's signature.
-            unsafe { b.launch(config((blocks_for(hidden), blocks as u32))) }.w()?;
+            unsafe { b.launch(blocks((blocks_for(hidden), row_blocks as u32))) }.w()?;
         }};
     }
     match &x.0.slice {
@@ -154,29 +153,9 @@ pub(super) fn rms_norm_grad_weight(
     let mut b = f.builder();
     b.arg(&partial).arg(&dw).arg(&n).arg(&blocks_arg);
     // SAFETY: arguments match the kernel's signature.
-    unsafe { b.launch(config((blocks_for(hidden), 1))) }.w()?;
+    unsafe { b.launch(blocks((blocks_for(hidden), 1))) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(dw, dev.clone()),
         Shape::from(hidden),
     ))
-}
-
-fn config(grid: (u32, u32)) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (grid.0, grid.1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// The kernel-name suffix of `storage`'s dtype.
-fn dtype_suffix(op: &str, storage: &CudaStorage) -> candle_core::Result<&'static str> {
-    match &storage.slice {
-        CudaStorageSlice::F32(_) => Ok("f32"),
-        CudaStorageSlice::BF16(_) => Ok("bf16"),
-        _ => candle_core::bail!(
-            "{op}: CUDA kernels take f32 or bf16, not {:?}",
-            storage.dtype()
-        ),
-    }
 }

@@ -259,7 +259,7 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
     use candle_core::Layout;
-    use spur_lm::cuda::{blocks_for, contiguous, THREADS};
+    use spur_lm::cuda::{blocks, blocks_for, contiguous, dtype_suffix};
 
     use super::{Moment, Weight};
 
@@ -271,19 +271,7 @@ mod cuda {
     }
 
     fn config(n: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (blocks_for(n), 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
-    fn suffix(op: &str, s: &CudaStorage) -> candle_core::Result<&'static str> {
-        match &s.slice {
-            CudaStorageSlice::F32(_) => Ok("f32"),
-            CudaStorageSlice::BF16(_) => Ok("bf16"),
-            _ => candle_core::bail!("{op}: moments must be f32 or bf16"),
-        }
+        blocks((blocks_for(n), 1))
     }
 
     fn range(layout: &Layout, op: &str, what: &str) -> candle_core::Result<(usize, usize)> {
@@ -311,7 +299,7 @@ mod cuda {
         }
         let dev = moment.device.clone();
         let func = dev.get_or_load_custom_func(
-            &format!("adam_moment_{}", suffix(name, moment)?),
+            &format!("adam_moment_{}", dtype_suffix(name, moment)?),
             "spur_adam",
             ptx()?,
         )?;
@@ -346,7 +334,7 @@ mod cuda {
         let n = end - start;
         let dev = weight.device.clone();
         let func = dev.get_or_load_custom_func(
-            &format!("adam_weight_{}", suffix(name, m)?),
+            &format!("adam_weight_{}", dtype_suffix(name, m)?),
             "spur_adam",
             ptx()?,
         )?;
